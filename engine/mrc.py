@@ -104,10 +104,10 @@ def write_volume(path, data: np.ndarray, voxel_size_a: float, origin_a=(0.0, 0.0
 
 
 def write_labels(path, labels: np.ndarray, voxel_size_a: float, origin_a=(0.0, 0.0, 0.0)) -> Path:
-    """Write a label volume atomically in the smallest unsigned type MRC can hold (uint8, uint16).
+    """Write a label volume atomically as uint16, the smallest unsigned type MRC holds (mode 6).
 
-    MRC has no 32-bit integer mode, so more than 65,535 labels are stored as float32, which
-    represents every integer label exactly up to 2**24.
+    mrcfile stores uint8 as uint16 anyway, and MRC has no 32-bit integer mode, so more than 65,535
+    labels are stored as float32, which represents every integer label exactly up to 2**24.
     """
     labels = np.asarray(labels)
     if labels.size and labels.min() < 0:
@@ -115,7 +115,7 @@ def write_labels(path, labels: np.ndarray, voxel_size_a: float, origin_a=(0.0, 0
     top = int(labels.max()) if labels.size else 0
     if top > 2**24:
         raise CryovesError(f"{path}: {top} labels cannot be stored exactly in an MRC file")
-    dtype = np.uint8 if top <= np.iinfo(np.uint8).max else np.uint16 if top <= np.iinfo(np.uint16).max else np.float32
+    dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.float32
     return _write(Path(path), labels.astype(dtype, copy=False), voxel_size_a, origin_a)
 
 

@@ -1,0 +1,117 @@
+import mrcfile
+import numpy as np
+import pytest
+
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.mrc import inspect_volume, read_volume, write_labels, write_volume
+
+
+def test_float_round_trip_keeps_data_voxel_size_and_origin(tmp_path, rng):
+    data = rng.normal(size=(5, 6, 7)).astype(np.float32)
+    path = write_volume(tmp_path / "out.mrc", data, 14.69, origin_a=(10.0, 20.0, 30.0))
+    volume = read_volume(path)
+    np.testing.assert_array_equal(volume.data, data)
+    assert volume.voxel_size_a == pytest.approx(14.69, rel=1e-6)
+    assert volume.origin_a == (10.0, 20.0, 30.0)
+    with mrcfile.open(path) as mrc:
+        assert tuple(mrc.header.origin.item()) == (30.0, 20.0, 10.0)  # MRC stores x, y, z
+
+
+def test_float16_on_request(tmp_path, rng):
+    data = rng.normal(size=(4, 4, 4))
+    volume = read_volume(write_volume(tmp_path / "h.mrc", data, 22.0, float16=True))
+    assert volume.data.dtype == np.float16
+    np.testing.assert_allclose(volume.data, data, atol=2e-3)
+
+
+@pytest.mark.parametrize(("top", "dtype"), [(3, np.uint16), (65535, np.uint16), (70000, np.float32)])
+def test_labels_use_smallest_type_that_holds_them(tmp_path, top, dtype):
+    labels = np.zeros((3, 4, 5), dtype=np.int64)
+    labels[1, 2, 3] = top
+    volume = read_volume(write_labels(tmp_path / "l.mrc", labels, 22.0, (1.0, 2.0, 3.0)))
+    assert volume.data.dtype == dtype
+    np.testing.assert_array_equal(volume.data, labels)
+    assert volume.origin_a == (1.0, 2.0, 3.0)
+
+
+def test_write_is_atomic_and_leaves_no_temporary_file(tmp_path):
+    target = tmp_path / "sub" / "x.mrc"
+    write_volume(target, np.zeros((2, 2, 2)), 22.0)
+    with pytest.raises(ValueError):
+        write_volume(tmp_path / "sub" / "bad.mrc", np.zeros((2, 2)), 22.0)
+    assert sorted(p.name for p in target.parent.iterdir()) == ["x.mrc"]
+
+
+def test_read_is_memory_mapped(write_mrc):
+    volume = read_volume(write_mrc(np.ones((4, 4, 4), dtype=np.float32)))
+    assert isinstance(volume.data, np.memmap)
+    assert not volume.data.flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("voxel_xyz", "message"),
+    [
+        ((0.0, 0.0, 0.0), r"voxel size is 0 Å in the header \(unset\)"),
+        ((1.0, 1.0, 1.0), r"voxel size 1.0 Å looks unset"),
+        ((0.5, 0.5, 0.5), r"voxel size 0.5 Å is outside the plausible range 1-100 Å"),
+        ((150.0, 150.0, 150.0), r"voxel size 150 Å is outside the plausible range"),
+        ((14.0, 14.0, 28.0), r"anisotropic voxel size x=14 y=14 z=28 Å"),
+    ],
+)
+def test_implausible_voxel_sizes_are_refused_unless_overridden(write_mrc, voxel_xyz, message):
+    path = write_mrc(np.zeros((4, 4, 4), dtype=np.float32), voxel_xyz)
+    with pytest.raises(CryovesError, match=message):
+        read_volume(path)
+    assert read_volume(path, voxel_size_a=17.5).voxel_size_a == 17.5
+
+
+def test_bad_override_is_refused(write_mrc):
+    with pytest.raises(CryovesError, match="--voxel-size must be a positive number"):
+        read_volume(write_mrc(np.zeros((4, 4, 4), dtype=np.float32)), voxel_size_a=-3.0)
+
+
+@pytest.mark.filterwarnings("ignore:Data array contains NaN values:RuntimeWarning")
+def test_nonfinite_voxels_are_counted(write_mrc):
+    data = np.zeros((4, 5, 6), dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    data[3, 4, 5] = np.inf
+    data[2, 2, 2] = -np.inf
+    with pytest.raises(CryovesError, match="3 voxels are NaN or Inf"):
+        read_volume(write_mrc(data))
+
+
+def test_two_dimensional_data_is_refused(write_mrc):
+    with pytest.raises(CryovesError, match="expected a 3-D tomogram, got 2-D data"):
+        read_volume(write_mrc(np.zeros((8, 8), dtype=np.float32)))
+
+
+def test_complex_data_is_refused(write_mrc):
+    with pytest.raises(CryovesError, match="unsupported data type complex64"):
+        read_volume(write_mrc(np.zeros((2, 4, 4), dtype=np.complex64)))
+
+
+def test_missing_file_folder_and_garbage_are_refused(tmp_path):
+    with pytest.raises(CryovesError, match="no such file"):
+        read_volume(tmp_path / "absent.mrc")
+    with pytest.raises(CryovesError, match="is a folder"):
+        read_volume(tmp_path)
+    garbage = tmp_path / "notes.mrc"
+    garbage.write_text("this is not a tomogram\n" * 100)
+    with pytest.raises(CryovesError, match="not a valid MRC file"):
+        read_volume(garbage)
+
+
+def test_truncated_file_is_refused(write_mrc):
+    path = write_mrc(np.zeros((8, 16, 16), dtype=np.float32))
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(CryovesError, match="not a valid MRC file or truncated data"):
+        read_volume(path)
+
+
+def test_inspect_reports_facts_and_verdict(write_mrc):
+    data = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    facts = inspect_volume(write_mrc(data, (1.0, 1.0, 1.0), (4.0, 5.0, 6.0)))
+    assert facts["shape"] == (2, 3, 4)
+    assert facts["origin_a"] == (6.0, 5.0, 4.0)
+    assert facts["value_range"] == (0.0, 23.0)
+    assert facts["verdict"].startswith("refused:") and "looks unset" in facts["verdict"]
