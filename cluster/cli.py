@@ -7,6 +7,7 @@ Exit codes: 0 done; 2 for what the user can fix (usage errors and every CryovesE
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from cryoves.engine.errors import CryovesError
 
@@ -60,6 +61,43 @@ def cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cryoves.engine.atomic import atomic_output
+    from cryoves.engine.evaluation import evaluate, load_spheres
+    from cryoves.engine.mrc import read_volume
+
+    if len(args.files) < 2:
+        raise CryovesError("evaluate needs at least one prediction and the ground truth: cryoves evaluate PRED... GT")
+    *predictions, truth_path = args.files
+    truth = load_spheres(truth_path, args.voxel_size)
+    probability = None
+    if args.probability:
+        probability = read_volume(args.probability, args.voxel_size).data
+    rows = []
+    for path in predictions:
+        row = {"prediction": str(path), "ground_truth": str(truth_path)}
+        row |= evaluate(load_spheres(path, args.voxel_size), truth, probability)
+        rows.append(row)
+    columns = ["n_true_positive", "n_false_positive", "n_false_negative", "precision", "recall", "f1",
+               "diameter_error", "center_residual_nm", "dice", "probability_dice"]
+    shown = [c for c in columns if any(c in row for row in rows)]
+    print("prediction".ljust(32) + "".join(f"{c.replace('n_', '').replace('_', ' '):>14s}" for c in shown))
+    for row in rows:
+        print(Path(row["prediction"]).name[:31].ljust(32)
+              + "".join(f"{row.get(c, float('nan')):>14.4g}" for c in shown))
+    table = pa.Table.from_pylist(rows)
+    out = Path(args.out)
+    if out.exists():
+        table = pa.concat_tables([pq.read_table(out), table], promote_options="permissive")
+    with atomic_output(out) as tmp:
+        pq.write_table(table, tmp)
+    print(f"metrics appended to {out}")
+    return 0
+
+
 def _format(value) -> str:
     if isinstance(value, tuple):
         return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
@@ -99,6 +137,20 @@ def build_parser() -> argparse.ArgumentParser:
     phantom.add_argument("--preset", default="default", help="scene preset (default: default)")
     phantom.add_argument("--name", default="phantom", help="file name stem (default: phantom)")
     phantom.set_defaults(run=cmd_phantom)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score predicted vesicles against ground truth (F1, Dice, diameter and centre errors)",
+        description="Match predictions to ground truth one-to-one (a prediction is a true positive when its "
+                    "centre lies inside a true vesicle) and report precision, recall, F1, Dice, the diameter "
+                    "error and the centre residual in nm. PRED and GT are label MRCs or vesicle tables "
+                    "(.parquet); give several PREDs (e.g. one per stage) to compare them.",
+        epilog="example: cryoves evaluate out/tomo.labels.mrc phantom.labels.mrc --probability out/tomo.prob.mrc",
+    )
+    evaluate.add_argument("files", nargs="+", metavar="PRED... GT")
+    evaluate.add_argument("--probability", metavar="PROB.mrc", help="probability map on the GT grid: adds its Dice")
+    evaluate.add_argument("--out", default="metrics.parquet", help="metrics table to append to (default: metrics.parquet)")
+    _add_voxel_size(evaluate)
+    evaluate.set_defaults(run=cmd_evaluate)
     return parser
 
 
