@@ -1,0 +1,300 @@
+"""Segments of the probability map: connected components (method.md §2.10), adaptive local
+thresholding (§2.11) and the discarding rules (§2.12).
+
+Per-segment work runs on the segment's sub-box only; the full volume is passed over a fixed number
+of times (statistics before and after, one relabelling), never once per segment or per threshold.
+"""
+
+import math
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from scipy import ndimage
+
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.units import nm_to_vox
+
+_STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
+
+# The local threshold passes of the split step: (start, step); each runs while t < 1.
+_SPLIT_PASSES = ((None, 0.01), (0.99, 0.001), (0.999, 0.0001))
+
+
+def label_segments(probability: np.ndarray, threshold: float, connectivity: int = 6) -> np.ndarray:
+    """Connected components of ``{P > threshold}`` (float64 comparison), ids 1..n in raster order.
+
+    ``connectivity`` is 6 (faces; current code) or 26 (faces, edges, corners; paper-era code).
+    """
+    probability = np.asarray(probability)
+    if probability.ndim != 3:
+        raise ValueError(f"probability must be 3-D (z, y, x), got shape {probability.shape}")
+    structure = _structure(connectivity)
+    labels, _ = ndimage.label(probability > np.float64(threshold), structure=structure, output=np.uint32)
+    return labels
+
+
+def segment_stats(labels: np.ndarray) -> pa.Table:
+    """One row per segment present in ``labels`` (ascending id).
+
+    Columns: ``label``, ``volume_vox``, ``bbox_volume_vox``, ``extent`` (= volume / bbox volume),
+    ``bbox_lo_{z,y,x}_vox`` (inclusive), ``bbox_hi_{z,y,x}_vox`` (exclusive), ``centroid_{z,y,x}_vox``.
+    """
+    s = _stats(_check_labels(labels))
+    columns = {
+        "label": pa.array(s.ids, pa.uint32()),
+        "volume_vox": pa.array(s.volume, pa.int64()),
+        "bbox_volume_vox": pa.array(s.bbox_volume, pa.int64()),
+        "extent": pa.array(s.extent, pa.float64()),
+    }
+    for a, axis in enumerate("zyx"):
+        columns[f"bbox_lo_{axis}_vox"] = pa.array(s.lo[:, a], pa.int64())
+    for a, axis in enumerate("zyx"):
+        columns[f"bbox_hi_{axis}_vox"] = pa.array(s.hi[:, a], pa.int64())
+    for a, axis in enumerate("zyx"):
+        columns[f"centroid_{axis}_vox"] = pa.array(s.centroid[:, a], pa.float64())
+    return pa.table(columns)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalizeParams:
+    """Adaptive local thresholding and discarding rules (method.md §2.10-2.12, §2.23)."""
+
+    connectivity: int = 6  # global labelling (label_segments): 6 current code, 26 paper-era
+    split: bool = True
+    split_max_extent: float = 0.5  # candidates have extent below this: code 0.5, paper text 0.25
+    split_min_volume_z: float = 1.0  # ... and a volume z-score above this
+    grow: bool = False  # paper-era on, current off
+    grow_small_factor: float = 1.0  # p: segments with V < p * V_min are small
+    grow_target_factor: float = 4.0  # q: a component is taken if its volume >= q * V_min
+    grow_step: float = 0.025  # t = t* - step, t* - 2 step, ... while t > grow_min_threshold
+    grow_min_threshold: float = 0.80
+    min_extent: float = 0.25
+    max_extent: float = 0.75
+    min_radius_nm: float = 12.0  # V_min = 4/3 pi r_min^3
+
+    def __post_init__(self) -> None:
+        if self.connectivity not in (6, 26) or isinstance(self.connectivity, bool):
+            raise CryovesError(f"connectivity must be 6 or 26, got {self.connectivity!r}")
+        for name in ("split", "grow"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise CryovesError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        numbers_ = ("split_max_extent", "split_min_volume_z", "grow_small_factor", "grow_target_factor",
+                    "grow_step", "grow_min_threshold", "min_extent", "max_extent", "min_radius_nm")
+        for name in numbers_:
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+                raise CryovesError(f"{name} must be a finite number, got {value!r}")
+        if not 0 < self.split_max_extent <= 1:
+            raise CryovesError(f"split_max_extent must be in (0, 1], got {self.split_max_extent}")
+        if not 0 <= self.min_extent <= self.max_extent <= 1:
+            raise CryovesError(
+                f"extent limits must satisfy 0 <= min_extent <= max_extent <= 1, "
+                f"got {self.min_extent} and {self.max_extent}"
+            )
+        for name in ("grow_small_factor", "grow_target_factor", "grow_step"):
+            if getattr(self, name) <= 0:
+                raise CryovesError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.grow_min_threshold < 1:
+            raise CryovesError(f"grow_min_threshold must be in [0, 1), got {self.grow_min_threshold}")
+        if self.min_radius_nm < 0:
+            raise CryovesError(f"min_radius_nm must be >= 0 nm, got {self.min_radius_nm}")
+
+
+def localize(probability: np.ndarray, labels: np.ndarray, threshold: float, voxel_size_a: float,
+             params: LocalizeParams, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Split merged segments by raising the threshold locally, optionally grow small ones, then
+    discard by extent and volume; returns uint32 labels numbered 1..n (ascending former id).
+
+    ``labels`` are the global labels of ``{P > threshold}`` (`label_segments`); ``progress(done, total)``
+    is called after each split candidate.
+    """
+    probability = np.asarray(probability)
+    labels = _check_labels(labels)
+    if probability.shape != labels.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from probability shape {probability.shape}")
+    if not (isinstance(voxel_size_a, numbers.Real) and math.isfinite(voxel_size_a) and voxel_size_a > 0):
+        raise CryovesError(f"voxel size must be a positive number of Å, got {voxel_size_a!r}")
+    r_min_vox = nm_to_vox(params.min_radius_nm, voxel_size_a)
+    v_min_vox = 4.0 / 3.0 * math.pi * r_min_vox**3
+
+    out = np.array(labels, dtype=np.uint32, order="C", copy=True)
+    stats = _stats(out)
+    if params.split:
+        _split(probability, out, stats, float(threshold), params, progress)
+    if params.grow:
+        _grow(probability, out, _stats(out), float(threshold), v_min_vox, params)
+    stats = _stats(out)
+    keep = ((stats.extent >= params.min_extent) & (stats.extent <= params.max_extent)
+            & (stats.volume >= v_min_vox))
+    return _relabel(out, stats.ids[keep], int(stats.ids[-1]) if stats.ids.shape[0] else 0)
+
+
+def split_thresholds(threshold: float) -> np.ndarray:
+    """The local thresholds tried, in order: t* + 0.01 k, then 0.99 + 0.001 k, then 0.999 + 0.0001 k, all < 1."""
+    values = []
+    for start, step in _SPLIT_PASSES:
+        start = threshold if start is None else start
+        n = max(0, math.ceil((1.0 - start) / step - 1e-9))
+        ts = np.round(start + step * np.arange(n), 10)
+        values.append(ts[ts < 1.0])
+    return np.concatenate(values)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Stats:
+    ids: np.ndarray  # (n,) uint32, ascending
+    volume: np.ndarray  # (n,) int64
+    lo: np.ndarray  # (n, 3) int64 inclusive
+    hi: np.ndarray  # (n, 3) int64 exclusive
+    centroid: np.ndarray  # (n, 3) float64
+
+    @property
+    def bbox_volume(self) -> np.ndarray:
+        return np.prod(self.hi - self.lo, axis=1)
+
+    @property
+    def extent(self) -> np.ndarray:
+        return self.volume / np.maximum(self.bbox_volume, 1)
+
+
+def _stats(labels: np.ndarray) -> _Stats:
+    """Volumes and centroids by bincount over the foreground; boxes by find_objects."""
+    objects = ndimage.find_objects(labels)
+    ids = np.array([i + 1 for i, sl in enumerate(objects) if sl is not None], dtype=np.uint32)
+    n = ids.shape[0]
+    lo = np.zeros((n, 3), np.int64)
+    hi = np.zeros((n, 3), np.int64)
+    for k, i in enumerate(ids):
+        sl = objects[i - 1]
+        lo[k] = [s.start for s in sl]
+        hi[k] = [s.stop for s in sl]
+    if n == 0:
+        return _Stats(ids, np.zeros(0, np.int64), lo, hi, np.zeros((0, 3)))
+    flat = labels.reshape(-1)
+    index = np.flatnonzero(flat)
+    lab = flat[index]
+    size = int(ids[-1]) + 1
+    volume = np.bincount(lab, minlength=size)
+    _, ny, nx = labels.shape
+    z, rest = np.divmod(index, ny * nx)
+    y, x = np.divmod(rest, nx)
+    centroid = np.stack([np.bincount(lab, weights=c, minlength=size)[ids] for c in (z, y, x)], axis=1)
+    volume = volume[ids].astype(np.int64)
+    return _Stats(ids, volume, lo, hi, centroid / volume[:, None])
+
+
+def _split(probability, out, stats: _Stats, threshold: float, params: LocalizeParams, progress) -> None:
+    """Split step in place on ``out``: pieces get fresh ids above every id present."""
+    n = stats.ids.shape[0]
+    if n < 2:
+        return
+    volume = stats.volume.astype(np.float64)
+    std = volume.std()
+    if std == 0:
+        return  # all volumes equal: no outlier
+    z = (volume - volume.mean()) / std
+    candidates = np.flatnonzero((z > params.split_min_volume_z) & (stats.extent < params.split_max_extent))
+    schedule = split_thresholds(threshold)
+    schedule = schedule[np.r_[True, np.diff(schedule) != 0]]  # 0.99 and 0.999 start two passes each
+    structure26 = _STRUCTURE[26]
+    next_id = int(stats.ids[-1]) + 1
+    for done, k in enumerate(candidates, start=1):
+        seg = stats.ids[k]
+        # The candidate's own bounding box: the reference widens it by a margin (10, paper-era 1)
+        # and wraps at index 0, but outside the candidate P is zeroed, so a margin changes nothing.
+        box = tuple(slice(a, b) for a, b in zip(stats.lo[k], stats.hi[k]))
+        lab_box = out[box]  # a view: pieces are written straight into `out`
+        own = lab_box == seg
+        sub = np.where(own, probability[box], 0)
+        n0 = ndimage.label(sub > np.float64(threshold), structure=structure26)[1]
+        sub_max = float(sub.max())
+        # t >= max gives an empty mask, t <= t* the whole candidate: neither can split it
+        for t in schedule[(schedule < sub_max) & (schedule > threshold)]:
+            mask = sub > t
+            if ndimage.label(mask, structure=structure26)[1] > n0:
+                pieces, n_pieces = ndimage.label(mask, structure=_STRUCTURE[6])
+                lab_box[own] = 0
+                lab_box[mask] = pieces[mask].astype(np.uint32) + np.uint32(next_id - 1)
+                next_id += n_pieces
+                break
+        if progress is not None:
+            progress(done, candidates.shape[0])
+
+
+def _grow(probability, out, stats: _Stats, threshold: float, v_min_vox: float, params: LocalizeParams) -> None:
+    """Grow step in place on ``out`` (method.md §2.11): small segments take the component of a lower
+    threshold under their centroid if it is large enough; small segments never grown are deleted.
+
+    Components at lower thresholds nest, so the component at the lowest threshold that holds a
+    centroid bounds every later one: one full-volume labelling, then boxes only.
+    """
+    small = np.flatnonzero(stats.volume < params.grow_small_factor * v_min_vox)
+    if small.shape[0] == 0:
+        return
+    n_steps = max(0, math.ceil((threshold - params.grow_min_threshold) / params.grow_step - 1e-9))
+    ts = np.round(threshold - params.grow_step * np.arange(1, n_steps + 1), 10)
+    ts = ts[ts > params.grow_min_threshold]
+    fixed = np.zeros(small.shape[0], bool)
+    if ts.shape[0]:
+        structure26 = _STRUCTURE[26]
+        lowest, _ = ndimage.label(probability > ts[-1], structure=structure26, output=np.int32)
+        centres = stats.centroid[small].astype(np.int64)  # truncated, as the reference does
+        comp = lowest[centres[:, 0], centres[:, 1], centres[:, 2]]
+        boxes = ndimage.find_objects(lowest)
+        del lowest
+        target = params.grow_target_factor * v_min_vox
+        for t in ts:
+            labelled = {}  # component box -> labels of {P > t} in it, computed once per threshold
+            for j in np.flatnonzero(~fixed):
+                if comp[j] == 0:
+                    continue  # background at the lowest threshold: background at every higher one
+                box = boxes[comp[j] - 1]
+                if comp[j] not in labelled:
+                    labelled[comp[j]] = ndimage.label(probability[box] > t, structure=structure26)[0]
+                local = labelled[comp[j]]
+                c = tuple(centres[j] - [s.start for s in box])
+                cid = local[c]
+                if cid == 0:
+                    continue
+                component = local == cid
+                if np.count_nonzero(component) >= target:
+                    out[box][component] = stats.ids[small[j]]
+                    fixed[j] = True
+            if fixed.all():
+                break
+    for j in np.flatnonzero(~fixed):
+        box = tuple(slice(a, b) for a, b in zip(stats.lo[small[j]], stats.hi[small[j]]))
+        view = out[box]
+        view[view == stats.ids[small[j]]] = 0
+
+
+def _relabel(labels: np.ndarray, keep: np.ndarray, max_id: int) -> np.ndarray:
+    """Keep the ids in ``keep`` (ascending), renumbered 1..n; everything else becomes 0."""
+    if keep.shape[0] == 0:
+        return np.zeros(labels.shape, np.uint32)
+    lut = np.zeros(max_id + 1, np.uint32)
+    lut[keep] = np.arange(1, keep.shape[0] + 1, dtype=np.uint32)
+    return lut[labels]
+
+
+def _structure(connectivity) -> np.ndarray:
+    if isinstance(connectivity, bool) or connectivity not in _STRUCTURE:
+        raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
+    return _STRUCTURE[connectivity]
+
+
+def _check_labels(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array, got {labels.dtype}")
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise ValueError("labels must be >= 0")
+    return labels
