@@ -171,6 +171,8 @@ def test_no_split_below_volume_z_score():
     p = union_probability(pair + SINGLES)
     _, local = run(p, split_min_volume_z=5.0)  # the pair's z-score is sqrt(3)
     assert local.max() == 4
+    _, local = run(p, split_min_volume_z=1.0)  # the reference's rule splits this pair
+    assert local.max() == 5
     _, local = run(p, split_max_extent=0.25)  # paper value: the pair's extent is ~0.35
     assert local.max() == 4
 
@@ -268,7 +270,8 @@ def test_progress_is_called():
     p = union_probability(pair + SINGLES)
     labels = label_segments(p, T_STAR)
     calls = []
-    localize(p, labels, T_STAR, VOXEL_SIZE_A, LocalizeParams(), progress=lambda i, n: calls.append((i, n)))
+    params = LocalizeParams(split_min_volume_z=1.0)  # only the pair is a candidate
+    localize(p, labels, T_STAR, VOXEL_SIZE_A, params, progress=lambda i, n: calls.append((i, n)))
     assert calls == [(1, 1)]
 
 
@@ -289,7 +292,7 @@ def test_input_labels_not_modified():
         ({"min_extent": 0.8}, "extent limits"),
         ({"grow_step": 0.0}, "grow_step must be > 0"),
         ({"min_radius_nm": -1.0}, "min_radius_nm must be >= 0 nm"),
-        ({"split_min_volume_z": float("nan")}, "split_min_volume_z must be a finite number"),
+        ({"split_min_volume_z": float("nan")}, "split_min_volume_z must be a finite number or None"),
         ({"split": "yes"}, "split must be True or False"),
     ],
 )
