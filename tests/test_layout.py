@@ -16,7 +16,7 @@ FOLDERS = ("engine", "kernels", "cluster")
 CONFINED_IMPORTS = {
     "ray": ("cluster/",),
     "tensorflow": ("engine/model.py",),
-    "keras": ("engine/model.py",),
+    "keras": ("engine/model.py", "engine/train.py"),
     "csbdeep": ("engine/model.py",),
     "torch": ("engine/torch_unet.py",),
 }

@@ -1,0 +1,536 @@
+"""Synthetic presynaptic tomograms with exact vesicle ground truth, for tests, benchmarks and tuning.
+
+The scene is laid out in nm from the seed alone, so one seed gives the same vesicles at every voxel
+size. It is rendered as band-limited scattering density (every object analytically, in its bounding
+box) and imaged in one FFT: phase-contrast CTF, single-axis missing wedge and noise. Dense matter is
+dark (low values), as in tomograms that are not contrast-inverted.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.fft
+from scipy.ndimage import gaussian_filter
+from scipy.special import erf, erfc
+
+from cryoves.engine.atomic import atomic_output
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.mrc import write_labels, write_volume
+from cryoves.engine.units import vox_to_nm
+
+LAYOUT_STEP_NM = 8.0          # extent is floored to this step, so resampled shapes share one layout
+EDGE_MARGIN_NM = 4.0          # vesicles and organelles keep this far inside the layout box
+ANTIALIAS_VOX = 0.6           # Gaussian prefilter (voxels) folded into every analytic profile
+REFERENCE_VOXEL_NM = 2.2      # the grid on which `snr` is defined
+WAVELENGTH_NM = 0.00197       # electrons at 300 kV
+CS_NM = 2.7e6                 # spherical aberration, 2.7 mm
+PM_THICKNESS_NM = 5.0
+HEAD_SIGMA_NM = 0.5           # head-group layer of a bilayer
+# Densities relative to protein = 1 and vitreous ice = 0.
+HEAD, TAIL, CYTOPLASM, LUMEN, MATRIX, CORE, CLEFT, PSD = 1.3, 0.1, 0.2, 0.05, 0.4, 0.8, 0.25, 0.5
+PROTEIN_SIGMA_NM, PROTEIN_PEAK = 1.5, 0.5
+COMPLEX_SIGMA_NM, COMPLEX_PEAK = 4.0, 0.8
+FILAMENT_SIGMA_NM, FILAMENT_PEAK = 2.5, 0.7
+KINDS = ("synaptic", "docked", "large", "dense_core")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhantomPreset:
+    """Scene and imaging parameters of a phantom; lengths in nm, shares are probabilities."""
+
+    vesicle_fraction: float = 0.12       # target vesicle volume / presynaptic cytoplasm volume
+    radius_mean_nm: float = 20.0
+    radius_sd_nm: float = 2.5
+    radius_min_nm: float = 15.0
+    radius_max_nm: float = 30.0
+    large_radius_min_nm: float = 25.0    # "large" and "dense_core" radii lie in [this, radius_max_nm]
+    thickness_min_nm: float = 4.0
+    thickness_max_nm: float = 5.0
+    large_share: float = 0.03
+    dense_core_share: float = 0.02
+    n_docked: int = 4
+    touching_share: float = 0.1          # share of placements made touching a placed vesicle (gap < 0.5 nm)
+    min_gap_nm: float = 1.0              # smallest gap between vesicles that are not placed touching
+    cluster_sigma_nm: float = 70.0       # spread of the vesicle cluster around its centre
+    slab_margin_fraction: float = 0.1    # ice above and below the cell slab, as a share of z
+    presynaptic_fraction: float = 0.8
+    cleft_width_nm: float = 20.0
+    n_endosomes: int = 1
+    n_mitochondria: int = 0
+    n_filaments: int = 12
+    proteins_per_um3: float = 1.0e6
+    complexes_per_um3: float = 1.0e4
+    defocus_um: float = 5.0
+    amplitude_contrast: float = 0.07
+    b_factor_nm2: float = 20.0
+    tilt_max_deg: float = 60.0
+    snr: float = 1.0                     # signal/noise variance on a 22 Å grid; constant dose otherwise
+
+    def __post_init__(self) -> None:
+        if not 0 < self.radius_min_nm <= self.large_radius_min_nm <= self.radius_max_nm:
+            raise CryovesError("radii must satisfy 0 < radius_min_nm <= large_radius_min_nm <= radius_max_nm")
+        if not 0 < self.thickness_min_nm <= self.thickness_max_nm < self.radius_min_nm:
+            raise CryovesError("thickness must satisfy 0 < thickness_min_nm <= thickness_max_nm < radius_min_nm")
+        if self.min_gap_nm < 0.5:
+            raise CryovesError(f"min_gap_nm must be >= 0.5 nm (the touching gap), got {self.min_gap_nm}")
+        if self.snr <= 0 or not 0 < self.tilt_max_deg <= 90:
+            raise CryovesError("snr must be > 0 and tilt_max_deg in (0, 90]")
+
+
+PRESETS: dict[str, PhantomPreset] = {
+    "default": PhantomPreset(),
+    "crowded": PhantomPreset(vesicle_fraction=0.3, touching_share=0.35, min_gap_nm=0.5,
+                             cluster_sigma_nm=110.0, n_docked=8),
+    "low_snr": PhantomPreset(snr=0.15, defocus_um=6.0),
+    "distractors": PhantomPreset(n_mitochondria=1, n_endosomes=3, n_filaments=40,
+                                 proteins_per_um3=1.5e6, complexes_per_um3=3.0e4),
+}
+
+
+@dataclass(frozen=True)
+class Phantom:
+    """A synthetic tomogram (z, y, x), its vesicle labels (i = vesicle i) and the vesicle table."""
+
+    tomogram: np.ndarray
+    labels: np.ndarray
+    vesicles: pa.Table
+    voxel_size_a: float
+
+
+@dataclass(frozen=True)
+class _Membrane:
+    """The plasma membrane: a gently undulating sheet parallel to z; presynaptic side has s > 0."""
+
+    normal_yx: tuple[float, float]
+    offset_nm: float
+    amplitude_nm: float
+    wavelength_nm: float
+    phase: float
+
+    def distance_nm(self, y_nm, x_nm):
+        """Signed distance (first order in the undulation) of points (y, x) from the mid-plane."""
+        ny, nx = self.normal_yx
+        arg = 2 * np.pi * (ny * x_nm - nx * y_nm) / self.wavelength_nm + self.phase
+        slope = 2 * np.pi * self.amplitude_nm / self.wavelength_nm * np.cos(arg)
+        return (ny * y_nm + nx * x_nm - self.offset_nm - self.amplitude_nm * np.sin(arg)) / np.sqrt(1 + slope**2)
+
+
+@dataclass(frozen=True)
+class _Organelle:
+    """An ellipsoidal organelle rotated by `angle` about z; kind is "mitochondrion" or "endosome"."""
+
+    kind: str
+    center_nm: np.ndarray
+    semi_axes_nm: np.ndarray
+    angle: float
+    cristae_spacing_nm: float
+    cristae_phase_nm: float
+
+    def local(self, dz, dy, dx):
+        """Coordinates along the semi-axes of offsets (nm) from the centre."""
+        c, s = np.cos(self.angle), np.sin(self.angle)
+        return dz, c * dy + s * dx, -s * dy + c * dx
+
+    def distance_nm(self, dz, dy, dx):
+        """Approximate signed distance from the surface (exact for spheres, an underestimate outside)."""
+        a = self.semi_axes_nm
+        p = self.local(dz, dy, dx)
+        q2 = sum((pi / ai) ** 2 for pi, ai in zip(p, a)) - 1
+        grad = 2 * np.sqrt(sum((pi / ai**2) ** 2 for pi, ai in zip(p, a))) + 1e-6
+        return q2 / grad
+
+
+@dataclass(frozen=True)
+class _Scene:
+    """Everything in nm: the layout box, cell slab, membrane, organelles, vesicles and filaments."""
+
+    extent_nm: np.ndarray
+    slab_nm: tuple[float, float]
+    cleft_nm: float
+    membrane: _Membrane
+    organelles: list
+    centers_nm: np.ndarray
+    radii_nm: np.ndarray
+    thickness_nm: np.ndarray
+    kinds: list
+    filaments_nm: np.ndarray      # (n, 2, 3) end points
+
+
+def make_phantom(shape: tuple[int, int, int], voxel_size_a: float, seed: int, preset: str = "default") -> Phantom:
+    """Generate a phantom of `shape` voxels at `voxel_size_a` Å; the scene depends on seed and extent only."""
+    if preset not in PRESETS:
+        raise CryovesError(f"preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if len(shape) != 3 or min(shape) < 16:
+        raise CryovesError(f"shape {tuple(shape)} must be 3 axes (z, y, x) of at least 16 voxels")
+    if not np.isfinite(voxel_size_a) or not 1.0 <= voxel_size_a <= 40.0:
+        raise CryovesError(f"voxel size {voxel_size_a} Å is outside 1-40 Å")
+    params = PRESETS[preset]
+    shape = tuple(int(n) for n in shape)
+    voxel_nm = float(vox_to_nm(1.0, voxel_size_a))
+    scene_seed, crowd_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
+    extent_nm = np.floor(np.array(shape) * voxel_nm / LAYOUT_STEP_NM) * LAYOUT_STEP_NM
+    scene = _layout(extent_nm, params, np.random.default_rng(scene_seed))
+    density, excluded = _render_objects(scene, shape, voxel_nm)
+    density += _render_crowd(scene, excluded, params, voxel_nm, np.random.default_rng(crowd_seed))
+    tomogram = _image(density, voxel_nm, params, np.random.default_rng(noise_seed))
+    labels = _render_labels(scene, shape, voxel_nm)
+    table = _table(scene, voxel_nm, {"voxel_size_a": float(voxel_size_a), "seed": int(seed), "preset": preset,
+                                     "preset_params": asdict(params)})
+    return Phantom(tomogram=tomogram, labels=labels, vesicles=table, voxel_size_a=float(voxel_size_a))
+
+
+def write_phantom(out_dir, phantom: Phantom, name: str = "phantom") -> dict[str, Path]:
+    """Write NAME.mrc, NAME.labels.mrc and NAME.vesicles.parquet into `out_dir`; returns their paths."""
+    out = Path(out_dir)
+    paths = {"tomogram": out / f"{name}.mrc", "labels": out / f"{name}.labels.mrc",
+             "vesicles": out / f"{name}.vesicles.parquet"}
+    write_volume(paths["tomogram"], phantom.tomogram, phantom.voxel_size_a)
+    write_labels(paths["labels"], phantom.labels, phantom.voxel_size_a)
+    with atomic_output(paths["vesicles"]) as tmp:
+        pq.write_table(phantom.vesicles, tmp)
+    return paths
+
+
+def _layout(extent_nm: np.ndarray, p: PhantomPreset, rng: np.random.Generator) -> _Scene:
+    """Lay out the scene in nm: slab, plasma membrane, organelles, then docked and clustered vesicles."""
+    margin = p.slab_margin_fraction * extent_nm[0]
+    slab = (float(margin), float(extent_nm[0] - margin))
+    angle = rng.uniform(0, 2 * np.pi)
+    normal = (float(np.sin(angle)), float(np.cos(angle)))
+    corners = [normal[0] * y + normal[1] * x for y in (0, extent_nm[1]) for x in (0, extent_nm[2])]
+    offset = min(corners) + (1 - p.presynaptic_fraction) * (max(corners) - min(corners))
+    membrane = _Membrane(normal, float(offset), float(rng.uniform(3, 8)), float(rng.uniform(300, 600)),
+                         float(rng.uniform(0, 2 * np.pi)))
+    organelles = _place_organelles(extent_nm, slab, membrane, p, rng)
+    vesicles = _place_vesicles(extent_nm, slab, membrane, organelles, p, rng)
+    filaments = _place_filaments(extent_nm, slab, p, rng)
+    return _Scene(extent_nm, slab, p.cleft_width_nm, membrane, organelles, *vesicles, filaments)
+
+
+def _place_organelles(extent_nm, slab, membrane, p: PhantomPreset, rng) -> list:
+    """Mitochondria then endosomes, each fully inside the slab and the presynaptic side, or left out."""
+    half_slab = (slab[1] - slab[0]) / 2 - 3.0
+    placed: list[_Organelle] = []
+    for kind, count in (("mitochondrion", p.n_mitochondria), ("endosome", p.n_endosomes)):
+        for _ in range(count):
+            for _attempt in range(50):
+                if kind == "mitochondrion":
+                    u, v = rng.uniform(120, 220), rng.uniform(60, 90)
+                    axes = np.array([min(v, half_slab), u, v])
+                else:
+                    r = rng.uniform(40, 80)
+                    axes = np.array([min(r, half_slab), r * rng.uniform(1.0, 1.6), r])
+                if axes[0] < 30:
+                    break
+                center = np.array([rng.uniform(slab[0] + 3 + axes[0], slab[1] - 3 - axes[0]),
+                                   *rng.uniform(EDGE_MARGIN_NM, extent_nm[1:] - EDGE_MARGIN_NM)])
+                reach = axes.max()
+                clear_pm = membrane.distance_nm(center[1], center[2]) > reach + 15
+                clear = all(np.linalg.norm(center - o.center_nm) > reach + o.semi_axes_nm.max() + 10 for o in placed)
+                if clear_pm and clear:
+                    spacing = float(rng.uniform(22, 40))
+                    placed.append(_Organelle(kind, center, axes, float(rng.uniform(0, np.pi)), spacing,
+                                             float(rng.uniform(0, spacing))))
+                    break
+    return placed
+
+
+def _draw_vesicle(kind: str, p: PhantomPreset, rng) -> tuple[float, float]:
+    """Outer radius and membrane thickness (nm) of one vesicle of `kind`."""
+    if kind in ("large", "dense_core"):
+        radius = rng.uniform(p.large_radius_min_nm, p.radius_max_nm)
+    else:
+        radius = float(np.clip(rng.normal(p.radius_mean_nm, p.radius_sd_nm), p.radius_min_nm, p.large_radius_min_nm))
+    return float(radius), float(rng.uniform(p.thickness_min_nm, p.thickness_max_nm))
+
+
+def _place_vesicles(extent_nm, slab, membrane, organelles, p: PhantomPreset, rng):
+    """Rejection sampling: docked vesicles on the membrane, then a Gaussian cluster behind it.
+
+    A share of candidates is placed explicitly touching an existing vesicle (gap < 0.5 nm); all other
+    pairs keep at least `min_gap_nm`, so the touching share is bounded and nothing overlaps.
+    """
+    centers, radii, thickness, kinds = [], [], [], []
+
+    def fits(c, r, touching, min_pm_nm):
+        if not slab[0] + 2 <= c[0] - r <= c[0] + r <= slab[1] - 2:
+            return False
+        if np.any(c[1:] - r < EDGE_MARGIN_NM) or np.any(c[1:] + r > extent_nm[1:] - EDGE_MARGIN_NM):
+            return False
+        if membrane.distance_nm(c[1], c[2]) < min_pm_nm:
+            return False
+        if any(o.distance_nm(*(c - o.center_nm)) < r + 3 for o in organelles):
+            return False
+        if not centers:
+            return True
+        gaps = np.linalg.norm(np.asarray(centers) - c, axis=1) - np.asarray(radii) - r
+        if touching is not None:
+            if gaps[touching] < 0:
+                return False
+            gaps[touching] = np.inf
+        return bool(gaps.min() >= p.min_gap_nm)
+
+    def try_add(kind, c, r, t, touching, min_pm_nm):
+        if fits(c, r, touching, min_pm_nm):
+            centers.append(c)
+            radii.append(r)
+            thickness.append(t)
+            kinds.append(kind)
+
+    normal = np.array(membrane.normal_yx)
+    for _ in range(20 * p.n_docked):
+        if len(centers) >= p.n_docked:
+            break
+        r, t = _draw_vesicle("docked", p, rng)
+        target = r + PM_THICKNESS_NM / 2 + rng.uniform(0.0, 1.0)
+        c = np.array([_slab_z(slab, r, rng), *rng.uniform(0, extent_nm[1:])])
+        for _step in range(2):
+            c[1:] += (target - membrane.distance_nm(c[1], c[2])) * normal
+        try_add("docked", c, r, t, None, target - 0.5)
+
+    depth = max(membrane.distance_nm(y, x) for y in (0, extent_nm[1]) for x in (0, extent_nm[2]))
+    cluster = np.array([0.0, *_point_at_depth(membrane, extent_nm, min(60 + 0.25 * depth, 0.5 * depth), rng)])
+    presynaptic_nm3 = (slab[1] - slab[0]) * np.prod(extent_nm[1:]) * p.presynaptic_fraction
+    n_total = len(centers) + int(p.vesicle_fraction * presynaptic_nm3 / (4 / 3 * np.pi * p.radius_mean_nm**3))
+    for _ in range(40 * max(n_total, 10)):
+        if len(centers) >= n_total:
+            break
+        kind = str(rng.choice(KINDS, p=_kind_weights(p)))
+        r, t = _draw_vesicle(kind, p, rng)
+        j = int(rng.integers(len(centers))) if centers and kind == "synaptic" and rng.random() < p.touching_share \
+            else None
+        if j is not None:
+            u = rng.normal(size=3)
+            c = centers[j] + u / np.linalg.norm(u) * (radii[j] + r + rng.uniform(0.05, 0.45))
+        elif rng.random() < 0.85:
+            c = cluster + rng.normal(0.0, p.cluster_sigma_nm, 3)
+            c[0] = _slab_z(slab, r, rng)
+        else:
+            c = np.array([_slab_z(slab, r, rng), *rng.uniform(0, extent_nm[1:])])
+        try_add(kind, c, r, t, j, r + PM_THICKNESS_NM / 2 + 3.0)
+    return (np.asarray(centers, dtype=np.float64).reshape(-1, 3), np.asarray(radii, dtype=np.float64),
+            np.asarray(thickness, dtype=np.float64), kinds)
+
+
+def _slab_z(slab, radius_nm: float, rng) -> float:
+    """A random z (nm) that keeps a sphere of `radius_nm` inside the slab when possible."""
+    lo, hi = slab[0] + 2 + radius_nm, slab[1] - 2 - radius_nm
+    return float(rng.uniform(lo, max(lo, hi)))
+
+
+def _kind_weights(p: PhantomPreset) -> list[float]:
+    """Probabilities of KINDS for a vesicle of the cluster (docked ones are placed separately)."""
+    return [1 - p.large_share - p.dense_core_share, 0.0, p.large_share, p.dense_core_share]
+
+
+def _point_at_depth(membrane: _Membrane, extent_nm, depth_nm: float, rng) -> np.ndarray:
+    """A (y, x) point `depth_nm` behind the membrane, near the middle of the layout along the membrane."""
+    ny, nx = membrane.normal_yx
+    middle = extent_nm[1:] / 2
+    along = np.array([-nx, ny]) * rng.uniform(-0.2, 0.2) * extent_nm[1:].min()
+    point = middle + along
+    point += (depth_nm - membrane.distance_nm(*point)) * np.array([ny, nx])
+    return point
+
+
+def _place_filaments(extent_nm, slab, p: PhantomPreset, rng) -> np.ndarray:
+    """Straight filament segments (actin-like) inside the slab, random in direction and length."""
+    starts = np.column_stack([rng.uniform(*slab, p.n_filaments),
+                              rng.uniform(0, extent_nm[1], p.n_filaments), rng.uniform(0, extent_nm[2], p.n_filaments)])
+    directions = rng.normal(size=(p.n_filaments, 3))
+    directions /= np.linalg.norm(directions, axis=1, keepdims=True) + 1e-12
+    ends = starts + directions * rng.uniform(60, 250, (p.n_filaments, 1))
+    ends[:, 0] = np.clip(ends[:, 0], *slab)
+    return np.stack([starts, ends], axis=1)
+
+
+def _box(center_nm, half_nm: float, shape, voxel_nm: float):
+    """Slices of the voxels within `half_nm` of a centre and their offsets (nm, float32) from it."""
+    c = np.asarray(center_nm, dtype=np.float64) / voxel_nm
+    lo = np.clip(np.floor(c - half_nm / voxel_nm).astype(int), 0, shape)
+    hi = np.clip(np.ceil(c + half_nm / voxel_nm).astype(int) + 1, 0, shape)
+    slices = tuple(slice(a, b) for a, b in zip(lo, hi))
+    axes = [((np.arange(a, b) - ci) * voxel_nm).astype(np.float32) for a, b, ci in zip(lo, hi, c)]
+    return slices, (axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :])
+
+
+def _edge(s, sigma: float):
+    """Band-limited indicator of s < 0."""
+    return 0.5 * erfc(s / (math.sqrt(2) * sigma))
+
+
+def _bilayer(s, thickness_nm: float, voxel_nm: float):
+    """Density across a lipid bilayer at signed distance s (nm) from its mid-plane.
+
+    Two head-group Gaussians and a tail band, all widened (mass kept) by the anti-alias prefilter so
+    that leaflets 4 nm apart never alias into spurious rings on coarse grids.
+    """
+    sigma = math.hypot(HEAD_SIGMA_NM, ANTIALIAS_VOX * voxel_nm)
+    half = 0.35 * thickness_nm
+    heads = np.exp(-0.5 * ((s - half) / sigma) ** 2) + np.exp(-0.5 * ((s + half) / sigma) ** 2)
+    tails = 0.5 * (erf((half - s) / (math.sqrt(2) * sigma)) + erf((half + s) / (math.sqrt(2) * sigma)))
+    return (HEAD * HEAD_SIGMA_NM / sigma) * heads + TAIL * tails
+
+
+def _render_objects(scene: _Scene, shape, voxel_nm: float):
+    """Density of slab, plasma membrane and cleft, organelles and vesicles; plus the crowd-free mask."""
+    sigma = ANTIALIAS_VOX * voxel_nm
+    z, y, x = (np.arange(n, dtype=np.float32) * np.float32(voxel_nm) for n in shape)
+    s = scene.membrane.distance_nm(y[:, None], x[None, :]).astype(np.float32)
+    post = -(scene.cleft_nm + PM_THICKNESS_NM)
+    sheet = (CYTOPLASM * (1 - _edge(s, sigma)) + CLEFT * (_edge(s, sigma) - _edge(s - post, sigma))
+             + CYTOPLASM * _edge(s - post, sigma) + PSD * (_edge(s - post, sigma) - _edge(s - post + 30, sigma))
+             + _bilayer(s, PM_THICKNESS_NM, voxel_nm) + _bilayer(s - post, PM_THICKNESS_NM, voxel_nm))
+    slab = _edge(scene.slab_nm[0] - z, sigma) * _edge(z - scene.slab_nm[1], sigma)
+    density = slab[:, None, None].astype(np.float32) * sheet[None].astype(np.float32)
+    excluded = np.zeros(shape, dtype=bool)
+    excluded |= ((z < scene.slab_nm[0]) | (z > scene.slab_nm[1]))[:, None, None]
+    excluded |= ((s < PM_THICKNESS_NM / 2 + 1) & (s > post - PM_THICKNESS_NM / 2 - 1))[None]
+    for organelle in scene.organelles:
+        _render_organelle(density, excluded, organelle, voxel_nm)
+    for center, radius, thickness, kind in zip(scene.centers_nm, scene.radii_nm, scene.thickness_nm, scene.kinds):
+        slices, (dz, dy, dx) = _box(center, radius + 4 * sigma + 2, shape, voxel_nm)
+        d = np.sqrt(dz**2 + dy**2 + dx**2)
+        mid = radius - thickness / 2
+        profile = _bilayer(d - mid, thickness, voxel_nm) + (LUMEN - CYTOPLASM) * _edge(d - mid, sigma)
+        if kind == "dense_core":
+            profile += CORE * _edge(d - (radius - thickness - 4.0), sigma + 1.0)
+        density[slices] += profile
+        excluded[slices] |= d < radius + 1.0
+    return density, excluded
+
+
+def _render_organelle(density, excluded, o: _Organelle, voxel_nm: float) -> None:
+    """Add an endosome (one bilayer, light lumen) or a mitochondrion (two bilayers, dense matrix, cristae)."""
+    sigma = ANTIALIAS_VOX * voxel_nm
+    slices, offsets = _box(o.center_nm, o.semi_axes_nm.max() + 4 * sigma + 2, density.shape, voxel_nm)
+    s = o.distance_nm(*offsets)
+    if o.kind == "endosome":
+        profile = _bilayer(s + PM_THICKNESS_NM / 2, PM_THICKNESS_NM, voxel_nm) + \
+            (LUMEN - CYTOPLASM) * _edge(s + PM_THICKNESS_NM / 2, sigma)
+    else:
+        inner = s + 10.0
+        _, u, _ = o.local(*offsets)
+        spacing = o.cristae_spacing_nm
+        folds = (u + o.cristae_phase_nm) % spacing - spacing / 2
+        cristae = _bilayer(folds - 6.0, PM_THICKNESS_NM, voxel_nm) + _bilayer(folds + 6.0, PM_THICKNESS_NM, voxel_nm)
+        profile = (_bilayer(s + PM_THICKNESS_NM / 2, PM_THICKNESS_NM, voxel_nm)
+                   + _bilayer(inner + PM_THICKNESS_NM / 2, PM_THICKNESS_NM, voxel_nm)
+                   + (MATRIX - CYTOPLASM) * _edge(inner + PM_THICKNESS_NM, sigma)
+                   + cristae * _edge(inner + 8.0, sigma))
+    density[slices] += profile.astype(np.float32)
+    excluded[slices] |= s < 1.0
+
+
+def _render_crowd(scene: _Scene, excluded, p: PhantomPreset, voxel_nm: float, rng) -> np.ndarray:
+    """Macromolecules (point masses blurred to proteins and large complexes) and filaments, outside membranes."""
+    shape = excluded.shape
+    volume_um3 = np.prod(shape) * voxel_nm**3 * 1e-9
+    crowd = np.zeros(shape, dtype=np.float32)
+    for per_um3, sigma_nm, peak in ((p.proteins_per_um3, PROTEIN_SIGMA_NM, PROTEIN_PEAK),
+                                    (p.complexes_per_um3, COMPLEX_SIGMA_NM, COMPLEX_PEAK)):
+        n = rng.poisson(per_um3 * volume_um3)
+        index = tuple(rng.integers(0, size, n) for size in shape)
+        sigma_vox = np.hypot(sigma_nm / voxel_nm, ANTIALIAS_VOX)
+        mass = peak * rng.uniform(0.5, 1.5, n) * (2 * np.pi) ** 1.5 * (sigma_nm / voxel_nm) ** 3
+        keep = ~excluded[index]
+        points = np.zeros(shape, dtype=np.float32)
+        np.add.at(points, tuple(i[keep] for i in index), mass[keep].astype(np.float32))
+        crowd += gaussian_filter(points, sigma_vox, truncate=3.0)
+    sigma = math.hypot(FILAMENT_SIGMA_NM, ANTIALIAS_VOX * voxel_nm)
+    peak = FILAMENT_PEAK * (FILAMENT_SIGMA_NM / sigma) ** 2
+    for start, end in scene.filaments_nm:
+        n_pieces = max(1, int(np.ceil(np.linalg.norm(end - start) / 12.0)))
+        knots = start + np.linspace(0, 1, n_pieces + 1)[:, None] * (end - start)
+        for a, b in zip(knots[:-1], knots[1:]):
+            slices, (dz, dy, dx) = _box((a + b) / 2, np.linalg.norm(b - a) / 2 + 4 * sigma, shape, voxel_nm)
+            ab = (b - a).astype(np.float32)
+            rel = (dz + ab[0] / 2, dy + ab[1] / 2, dx + ab[2] / 2)
+            t = np.clip((rel[0] * ab[0] + rel[1] * ab[1] + rel[2] * ab[2]) / float(ab @ ab), 0, 1)
+            d2 = sum((r - t * c) ** 2 for r, c in zip(rel, ab))
+            np.maximum(crowd[slices], peak * np.exp(-0.5 * d2 / sigma**2), out=crowd[slices])
+    crowd[excluded] = 0
+    return crowd
+
+
+def _image(density: np.ndarray, voxel_nm: float, p: PhantomPreset, rng) -> np.ndarray:
+    """Image the density: CTF with envelope, missing wedge (tilt axis y) and noise, in one FFT; dense is dark.
+
+    Noise has a flat spectrum in physical units (constant dose), scaled so that signal/noise variance
+    on a 22 Å grid is `snr`; a finer grid therefore holds more noise per voxel.
+    """
+    shape = density.shape
+    spectrum = scipy.fft.rfftn(density, workers=-1)
+    kz = scipy.fft.fftfreq(shape[0], d=voxel_nm).astype(np.float32)[:, None, None]
+    ky = scipy.fft.fftfreq(shape[1], d=voxel_nm).astype(np.float32)[None, :, None]
+    kx = scipy.fft.rfftfreq(shape[2], d=voxel_nm).astype(np.float32)[None, None, :]
+    k2 = kz**2 + ky**2 + kx**2
+    chi = np.float32(np.pi * WAVELENGTH_NM * p.defocus_um * 1e3) * k2 \
+        - np.float32(0.5 * np.pi * CS_NM * WAVELENGTH_NM**3) * k2**2
+    amplitude = np.float32(p.amplitude_contrast)
+    transfer = np.sqrt(1 - amplitude**2) * np.sin(chi) + amplitude * np.cos(chi)
+    transfer *= np.exp(np.float32(-p.b_factor_nm2 / 4) * k2)
+    del chi, k2
+    tilt = np.degrees(np.arctan2(np.abs(kz), np.abs(kx)))
+    wedge = np.clip((p.tilt_max_deg - tilt) / 3.0 + 0.5, 0, 1).astype(np.float32)
+    spectrum *= transfer * wedge
+    del transfer
+
+    band = 1 / (2 * max(voxel_nm, REFERENCE_VOXEL_NM)) + 1e-9
+    in_z, in_y, in_x = (np.abs(k.ravel()) <= band for k in (kz, ky, kx))
+    weight_x = np.full(kx.size, 2.0)
+    weight_x[0] = 1.0
+    if shape[2] % 2 == 0:
+        weight_x[-1] = 1.0
+    power = np.abs(spectrum[np.ix_(in_z, in_y, in_x)]) ** 2
+    power[0, 0, 0] = 0
+    signal_var = float(np.sum(power * weight_x[in_x])) / np.prod(shape, dtype=np.float64) ** 2
+    wedge_band = wedge[np.ix_(in_z, [0], in_x)]
+    wedge_share = float(np.sum(wedge_band * weight_x[in_x]) / (in_z.sum() * np.sum(weight_x[in_x])))
+    noise_var = signal_var / (p.snr * wedge_share) / (2 * band * voxel_nm) ** 3
+    scale = np.float32(np.sqrt(np.prod(shape, dtype=np.float64) * noise_var / 2))
+    noise = np.empty(spectrum.shape, dtype=np.complex64)
+    noise.real = rng.standard_normal(spectrum.shape, dtype=np.float32)
+    noise.imag = rng.standard_normal(spectrum.shape, dtype=np.float32)
+    noise *= scale * wedge
+    spectrum += noise
+    del noise
+    tomogram = scipy.fft.irfftn(spectrum, s=shape, workers=-1)
+    tomogram -= tomogram.mean()
+    tomogram /= -tomogram.std()
+    return tomogram.astype(np.float32, copy=False)
+
+
+def _render_labels(scene: _Scene, shape, voxel_nm: float) -> np.ndarray:
+    """Vesicle i (1-based, table order) as the digital ball of its outer radius: |v - c| <= r in voxels."""
+    labels = np.zeros(shape, dtype=np.uint16)
+    for i, (center, radius) in enumerate(zip(scene.centers_nm / voxel_nm, scene.radii_nm / voxel_nm), start=1):
+        lo = np.clip(np.floor(center - radius).astype(int), 0, shape)
+        hi = np.clip(np.ceil(center + radius).astype(int) + 1, 0, shape)
+        dz, dy, dx = ((np.arange(a, b) - c) for a, b, c in zip(lo, hi, center))
+        ball = dz[:, None, None] ** 2 + dy[None, :, None] ** 2 + dx[None, None, :] ** 2 <= radius**2
+        labels[tuple(slice(a, b) for a, b in zip(lo, hi))][ball] = i
+    return labels
+
+
+def _table(scene: _Scene, voxel_nm: float, metadata: dict) -> pa.Table:
+    """The vesicle table (one row per label id) with voxel size, seed and preset in its metadata."""
+    c_nm = scene.centers_nm
+    c_vox = c_nm / voxel_nm
+    n = len(scene.radii_nm)
+    columns = {
+        "id": pa.array(np.arange(1, n + 1, dtype=np.int32)),
+        **{f"center_{a}_vox": pa.array(c_vox[:, i], pa.float64()) for i, a in enumerate("zyx")},
+        **{f"center_{a}_nm": pa.array(c_nm[:, i], pa.float64()) for i, a in enumerate("zyx")},
+        "radius_nm": pa.array(scene.radii_nm, pa.float64()),
+        "membrane_thickness_nm": pa.array(scene.thickness_nm, pa.float64()),
+        "kind": pa.array(scene.kinds, pa.string()),
+    }
+    table = pa.table(columns)
+    encoded = {key: json.dumps(value) if isinstance(value, dict) else str(value) for key, value in metadata.items()}
+    return table.replace_schema_metadata(encoded)
