@@ -161,15 +161,22 @@ class _Scene:
     filaments_nm: np.ndarray      # (n, 2, 3) end points
 
 
-def make_phantom(shape: tuple[int, int, int], voxel_size_a: float, seed: int, preset: str = "default") -> Phantom:
-    """Generate a phantom of `shape` voxels at `voxel_size_a` Å; the scene depends on seed and extent only."""
-    if preset not in PRESETS:
+def make_phantom(shape: tuple[int, int, int], voxel_size_a: float, seed: int,
+                 preset: str | PhantomPreset = "default") -> Phantom:
+    """Generate a phantom of `shape` voxels at `voxel_size_a` Å; the scene depends on seed and extent only.
+
+    `preset` names one of PRESETS or is a PhantomPreset of its own (training varies them).
+    """
+    if isinstance(preset, PhantomPreset):
+        params, preset = preset, "custom"
+    elif preset in PRESETS:
+        params = PRESETS[preset]
+    else:
         raise CryovesError(f"preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
     if len(shape) != 3 or min(shape) < 16:
         raise CryovesError(f"shape {tuple(shape)} must be 3 axes (z, y, x) of at least 16 voxels")
     if not np.isfinite(voxel_size_a) or not 1.0 <= voxel_size_a <= 40.0:
         raise CryovesError(f"voxel size {voxel_size_a} Å is outside 1-40 Å")
-    params = PRESETS[preset]
     shape = tuple(int(n) for n in shape)
     voxel_nm = float(vox_to_nm(1.0, voxel_size_a))
     scene_seed, crowd_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from scipy import ndimage
+from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
@@ -21,6 +22,7 @@ _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_b
 
 # The local threshold passes of the split step: (start, step); each runs while t < 1.
 _SPLIT_PASSES = ((None, 0.01), (0.99, 0.001), (0.999, 0.0001))
+_MAX_SPLIT_DEPTH = 8  # a split piece is split again at most this many times (split_regrow)
 
 
 def label_segments(probability: np.ndarray, threshold: float, connectivity: int = 6) -> np.ndarray:
@@ -66,8 +68,11 @@ class LocalizeParams:
     split: bool = True
     split_max_extent: float = 0.5  # candidates have extent below this: code 0.5, paper text 0.25
     # ... and a volume z-score above this (code and paper: 1.0). None: any volume. On phantoms half of
-    # the merged touching pairs have z < 1 because vesicle sizes vary; docs/accuracy.md has the figures.
+    # the merged touching pairs have z < 1 because vesicle sizes vary (README, "Accuracy").
     split_min_volume_z: float | None = None
+    # Pieces reclaim the candidate's voxels by watershed and are split again (see _split); the
+    # reference keeps only the pieces above the raised threshold and splits once.
+    split_regrow: bool = True
     grow: bool = False  # paper-era on, current off
     grow_small_factor: float = 1.0  # p: segments with V < p * V_min are small
     grow_target_factor: float = 4.0  # q: a component is taken if its volume >= q * V_min
@@ -80,7 +85,7 @@ class LocalizeParams:
     def __post_init__(self) -> None:
         if self.connectivity not in (6, 26) or isinstance(self.connectivity, bool):
             raise CryovesError(f"connectivity must be 6 or 26, got {self.connectivity!r}")
-        for name in ("split", "grow"):
+        for name in ("split", "grow", "split_regrow"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise CryovesError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.split_min_volume_z is not None and not (
@@ -128,7 +133,7 @@ def localize(probability: np.ndarray, labels: np.ndarray, threshold: float, voxe
     out = np.array(labels, dtype=np.uint32, order="C", copy=True)
     stats = _stats(out)
     if params.split:
-        _split(probability, out, stats, float(threshold), params, progress)
+        _split(probability, out, stats, float(threshold), params, progress, v_min_vox)
     if params.grow:
         _grow(probability, out, _stats(out), float(threshold), v_min_vox, params)
     stats = _stats(out)
@@ -194,8 +199,15 @@ def _stats(labels: np.ndarray) -> _Stats:
     return _Stats(ids, volume, lo, hi, centroid / volume[:, None])
 
 
-def _split(probability, out, stats: _Stats, threshold: float, params: LocalizeParams, progress) -> None:
-    """Split step in place on ``out``: pieces get fresh ids above every id present."""
+def _split(probability, out, stats: _Stats, threshold: float, params: LocalizeParams, progress,
+           v_min_vox: float) -> None:
+    """Split step in place on ``out``: pieces get fresh ids above every id present.
+
+    With ``params.split_regrow`` a split counts only pieces of at least V_min/8 voxels (noise specks
+    do not split a vesicle), the pieces reclaim all of the candidate's voxels by a watershed on P
+    (so they keep their full size instead of the shrunken cores above the raised threshold), and
+    pieces that are still candidates are split again (chains of touching vesicles).
+    """
     if stats.ids.shape[0] == 0:
         return
     candidates = stats.extent < params.split_max_extent
@@ -204,32 +216,62 @@ def _split(probability, out, stats: _Stats, threshold: float, params: LocalizePa
         std = volume.std()
         z = (volume - volume.mean()) / std if std > 0 else np.zeros_like(volume)  # all equal: none is large
         candidates &= z > params.split_min_volume_z
-    candidates = np.flatnonzero(candidates)
-    schedule = split_thresholds(threshold)
-    schedule = schedule[np.r_[True, np.diff(schedule) != 0]]  # 0.99 and 0.999 start two passes each
-    structure26 = _STRUCTURE[26]
+    # The candidate's own bounding box: the reference widens it by a margin (10, paper-era 1)
+    # and wraps at index 0, but outside the candidate P is zeroed, so a margin changes nothing.
+    queue = [(int(stats.ids[k]), tuple(slice(a, b) for a, b in zip(stats.lo[k], stats.hi[k])), 0)
+             for k in np.flatnonzero(candidates)]
+    n_candidates = len(queue)
+    min_piece_vox = v_min_vox / 8.0 if params.split_regrow else 0.0
     next_id = int(stats.ids[-1]) + 1
-    for done, k in enumerate(candidates, start=1):
-        seg = stats.ids[k]
-        # The candidate's own bounding box: the reference widens it by a margin (10, paper-era 1)
-        # and wraps at index 0, but outside the candidate P is zeroed, so a margin changes nothing.
-        box = tuple(slice(a, b) for a, b in zip(stats.lo[k], stats.hi[k]))
+    done = 0
+    while queue:
+        seg, box, depth = queue.pop()
         lab_box = out[box]  # a view: pieces are written straight into `out`
         own = lab_box == seg
-        sub = np.where(own, probability[box], 0)
-        n0 = ndimage.label(sub > np.float64(threshold), structure=structure26)[1]
-        sub_max = float(sub.max())
-        # t >= max gives an empty mask, t <= t* the whole candidate: neither can split it
-        for t in schedule[(schedule < sub_max) & (schedule > threshold)]:
-            mask = sub > t
-            if ndimage.label(mask, structure=structure26)[1] > n0:
-                pieces, n_pieces = ndimage.label(mask, structure=_STRUCTURE[6])
-                lab_box[own] = 0
-                lab_box[mask] = pieces[mask].astype(np.uint32) + np.uint32(next_id - 1)
-                next_id += n_pieces
-                break
-        if progress is not None:
-            progress(done, candidates.shape[0])
+        pieces, n_pieces = _split_one(np.where(own, probability[box], 0), own, threshold, params, min_piece_vox)
+        if n_pieces:
+            lab_box[own] = 0
+            lab_box[pieces > 0] = pieces[pieces > 0].astype(np.uint32) + np.uint32(next_id - 1)
+            if params.split_regrow and depth < _MAX_SPLIT_DEPTH:
+                for k, piece_box in enumerate(ndimage.find_objects(pieces)):
+                    piece = pieces[piece_box] == k + 1
+                    if piece.mean() < params.split_max_extent:
+                        whole = tuple(slice(b.start + p.start, b.start + p.stop) for b, p in zip(box, piece_box))
+                        queue.append((next_id + k, whole, depth + 1))
+            next_id += n_pieces
+        if depth == 0:
+            done += 1
+            if progress is not None:
+                progress(done, n_candidates)
+
+
+def _split_one(sub, own, threshold: float, params: LocalizeParams, min_piece_vox: float):
+    """Labels (1..n) of the pieces of one candidate, or n = 0 when no raised threshold splits it."""
+    structure26 = _STRUCTURE[26]
+    n0 = _count(sub > np.float64(threshold), structure26, min_piece_vox)
+    sub_max = float(sub.max())
+    schedule = split_thresholds(threshold)
+    schedule = schedule[np.r_[True, np.diff(schedule) != 0]]  # 0.99 and 0.999 start two passes each
+    # t >= max gives an empty mask, t <= t* the whole candidate: neither can split it
+    for t in schedule[(schedule < sub_max) & (schedule > threshold)]:
+        mask = sub > t
+        if _count(mask, structure26, min_piece_vox) > n0:
+            pieces, n_pieces = ndimage.label(mask, structure=_STRUCTURE[6])
+            if params.split_regrow:
+                sizes = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+                seeds = np.where(sizes[pieces] >= min_piece_vox, pieces, 0)
+                seeds, n_pieces = ndimage.label(seeds > 0, structure=_STRUCTURE[6])
+                pieces = watershed(-sub, markers=seeds, mask=own)
+            return pieces, n_pieces
+    return None, 0
+
+
+def _count(mask, structure, min_vox: float) -> int:
+    """Connected components of `mask` with at least `min_vox` voxels."""
+    labels, n = ndimage.label(mask, structure=structure)
+    if not min_vox or not n:
+        return n
+    return int(np.count_nonzero(np.bincount(labels.ravel())[1:] >= min_vox))
 
 
 def _grow(probability, out, stats: _Stats, threshold: float, v_min_vox: float, params: LocalizeParams) -> None:

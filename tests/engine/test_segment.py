@@ -1,0 +1,91 @@
+"""Post-processing end to end on phantoms with exact ground truth, from a probability map made from it."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from scipy import ndimage
+
+from cryoves.engine.metrics import match_vesicles
+from cryoves.engine.phantom import make_phantom
+from cryoves.engine.segment import STAGES, SegmentParams, postprocess
+from cryoves.engine.units import nm_to_vox
+
+
+def probability_from_truth(labels: np.ndarray, seed: int) -> np.ndarray:
+    """A network-like map: sigmoid of the signed distance to the vesicle surface, with smooth noise,
+    so touching vesicles merge at the global threshold, as they do in the real network's output."""
+    inside = labels > 0
+    signed = ndimage.distance_transform_edt(inside) - ndimage.distance_transform_edt(~inside)
+    noise = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=labels.shape).astype(np.float32), 2)
+    noise *= 0.3 / noise.std()
+    return (1.0 / (1.0 + np.exp(-np.clip(3.0 * (signed + 0.5 + noise), -50, 50)))).astype(np.float32)
+
+
+def truth_spheres(phantom):
+    table = phantom.vesicles
+    centers = np.column_stack([table.column(f"center_{a}_vox").to_numpy() for a in "zyx"])
+    return centers, nm_to_vox(table.column("radius_nm").to_numpy(), phantom.voxel_size_a)
+
+
+def found_spheres(vesicles: pa.Table):
+    kept = np.asarray(vesicles.column("outcome").to_pylist()) != "removed"
+    centers = np.column_stack([vesicles.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept]
+    return centers, vesicles.column("radius_vox").to_numpy()[kept]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    phantom = make_phantom((64, 160, 160), 22.0, seed=7, preset="crowded")
+    return phantom, probability_from_truth(phantom.labels, seed=7)
+
+
+def test_accuracy_from_a_truth_derived_map(scene):
+    phantom, probability = scene
+    result = postprocess(phantom.tomogram, probability, 22.0, SegmentParams())
+    m = match_vesicles(*found_spheres(result.vesicles), *truth_spheres(phantom), 22.0)
+    assert phantom.vesicles.num_rows > 40
+    assert m.f1 >= 0.95, m.as_row()
+    assert m.center_residual_nm <= 1.5 and m.diameter_error <= 0.05, m.as_row()
+    assert 0.8 <= result.threshold < 1.0
+    assert set(result.seconds) == set(STAGES) - {"network"}
+    assert {"global", "local", "sphere", "final"} == set(result.labels)
+    for volume in result.labels.values():
+        assert volume.shape == phantom.tomogram.shape
+    # merged touching vesicles are split: more local segments than global ones
+    assert result.labels["local"].max() > result.labels["global"].max()
+
+
+def test_final_labels_are_the_kept_spheres_in_table_order(scene):
+    phantom, probability = scene
+    result = postprocess(phantom.tomogram, probability, 22.0, SegmentParams())
+    outcome = np.asarray(result.vesicles.column("outcome").to_pylist())
+    assert result.labels["final"].max() == np.count_nonzero(outcome != "removed")
+    stages = set(result.vesicles.column("stage").to_pylist())
+    assert stages <= {"refine", "outliers", "overlap", "final"}
+
+
+def test_nothing_above_threshold_gives_an_empty_result():
+    phantom = make_phantom((32, 64, 64), 22.0, seed=1)
+    result = postprocess(phantom.tomogram, np.zeros(phantom.tomogram.shape, np.float32), 22.0, SegmentParams())
+    assert result.vesicles.num_rows == 0
+    assert not result.labels["final"].any()
+
+
+def test_region_restricts_detection(scene):
+    phantom, probability = scene
+    region = np.zeros(probability.shape, bool)
+    region[:, :, :80] = True
+    result = postprocess(phantom.tomogram, probability, 22.0, SegmentParams(), region=region)
+    centers, _ = found_spheres(result.vesicles)
+    assert len(centers) and centers[:, 2].max() < 80
+
+
+def test_single_vesicle():
+    phantom = make_phantom((64, 160, 160), 22.0, seed=7, preset="crowded")
+    labels = np.where(phantom.labels == 5, 5, 0)
+    result = postprocess(phantom.tomogram, probability_from_truth(labels, 0), 22.0, SegmentParams())
+    centers, radii = found_spheres(result.vesicles)
+    truth_c, truth_r = truth_spheres(phantom)
+    assert len(centers) == 1
+    np.testing.assert_allclose(centers[0], truth_c[4], atol=1.0)
+    assert abs(radii[0] - truth_r[4]) <= 1.0
