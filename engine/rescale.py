@@ -1,0 +1,88 @@
+"""Network-input preparation: resampling between grids, Gaussian pre-filter, z-score (method.md §2.2-2.4, §2.8).
+
+Everything stays float32 (the reference truncates to int16 after resampling and filtering; we do
+not), and no float64 copy of a whole volume is ever made.
+"""
+
+import numpy as np
+from scipy import ndimage
+
+from cryoves.engine.errors import CryovesError
+
+NETWORK_VOXEL_SIZE_A = 22.0
+_SLAB_VOXELS = 1 << 22
+
+
+def network_shape(shape: tuple[int, ...], voxel_size_a: float,
+                  network_voxel_size_a: float = NETWORK_VOXEL_SIZE_A) -> tuple[int, ...]:
+    """Shape on the network grid: N_net = max(1, round(f·N)) per axis, f = voxel_size_a / network_voxel_size_a."""
+    if not voxel_size_a > 0:
+        raise CryovesError(f"voxel size must be > 0 Å, got {voxel_size_a}; pass --voxel-size")
+    factor = voxel_size_a / network_voxel_size_a
+    return tuple(max(1, round(factor * n)) for n in shape)
+
+
+def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Trilinear resize to `shape`, pixel-centre aligned, reflect boundary, float32 out.
+
+    Coordinates map as x_in = (x_out + 0.5)·N_in/N_out − 0.5 on each axis. Axes that shrink are
+    first smoothed with an anti-alias Gaussian of σ = (N_in/N_out − 1)/2 input voxels.
+    """
+    if volume.ndim != len(shape):
+        raise ValueError(f"volume has {volume.ndim} axes, shape {shape} has {len(shape)}")
+    shape = tuple(int(n) for n in shape)
+    if tuple(volume.shape) == shape:
+        return volume.astype(np.float32, copy=False)
+    out = volume.astype(np.float32, copy=False)
+    sigma = [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(volume.shape, shape)]
+    if any(s > 0 for s in sigma):
+        out = ndimage.gaussian_filter(out, sigma, mode="reflect", output=np.float32)
+    zoom = [n_out / n_in for n_in, n_out in zip(volume.shape, shape)]
+    resized = ndimage.zoom(out, zoom, output=np.float32, order=1, mode="reflect", grid_mode=True)
+    assert resized.shape == shape, (resized.shape, shape)
+    return resized
+
+
+def gaussian_prefilter(volume: np.ndarray, sigma_vox: float) -> np.ndarray:
+    """Isotropic Gaussian blur (nearest boundary, truncated at 4σ), float32; σ = 0 returns the input."""
+    if sigma_vox < 0:
+        raise ValueError(f"sigma_vox must be >= 0, got {sigma_vox}")
+    if sigma_vox == 0:
+        return volume.astype(np.float32, copy=False)
+    return ndimage.gaussian_filter(volume.astype(np.float32, copy=False), sigma_vox, mode="nearest",
+                                   truncate=4.0, output=np.float32)
+
+
+def _slabs(volume: np.ndarray):
+    step = max(1, _SLAB_VOXELS // max(1, volume[0].size))
+    for start in range(0, volume.shape[0], step):
+        yield volume[start:start + step]
+
+
+def mean_std(volume: np.ndarray) -> tuple[float, float]:
+    """Mean and population standard deviation, accumulated in float64 over z-slabs (two passes)."""
+    if volume.size == 0:
+        raise ValueError("volume is empty")
+    total = sum(float(slab.sum(dtype=np.float64)) for slab in _slabs(volume))
+    mean = total / volume.size
+    squares = 0.0
+    for slab in _slabs(volume):
+        centred = slab.astype(np.float64) - mean
+        centred = centred.ravel()
+        squares += float(centred @ centred)
+    return mean, (squares / volume.size) ** 0.5
+
+
+def zscore(volume: np.ndarray, *, inplace: bool = False) -> np.ndarray:
+    """(x − mean)/std over the whole volume, float32; a constant volume becomes all zeros.
+
+    `inplace=True` overwrites a float32 `volume` (no second full-size array).
+    """
+    mean, std = mean_std(volume)
+    if inplace and volume.dtype != np.float32:
+        raise ValueError(f"inplace z-score needs a float32 volume, got {volume.dtype}")
+    out = volume if inplace else volume.astype(np.float32, copy=True)
+    out -= np.float32(mean)
+    if std > 0:
+        out *= np.float32(1.0 / std)
+    return out

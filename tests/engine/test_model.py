@@ -1,0 +1,119 @@
+"""The U-Net of method.md §2.5: architecture, parameter count, CryoVesNet weight loading."""
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import numpy.testing as npt
+import pytest
+
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.model import N_PARAMETERS, build_unet, load_unet, logit_model, make_logit_fn
+
+WEIGHTS = Path("/work/shared/models/cryovesnet/weights.h5")
+
+
+def _weights_or_skip() -> Path:
+    if not WEIGHTS.is_file():
+        pytest.skip(f"CryoVesNet weights not found at {WEIGHTS}")
+    return WEIGHTS
+
+
+@pytest.fixture(scope="module")
+def random_unet():
+    """Random weights, with BN statistics moved away from (0, 1) so that BN matters."""
+    model = build_unet()
+    rng = np.random.default_rng(0)
+    weights = []
+    for w in model.weights:
+        value = np.asarray(w)
+        if "moving_variance" in w.path or "gamma" in w.path:
+            value = rng.uniform(0.5, 1.5, value.shape)
+        elif "bias" in w.path or "beta" in w.path or "moving_mean" in w.path:
+            value = rng.normal(0, 0.1, value.shape)
+        weights.append(value.astype(np.float32))
+    model.set_weights(weights)
+    return model
+
+
+def _csbdeep_unet():
+    import keras
+    from csbdeep.internals.blocks import unet_block
+
+    inputs = keras.Input(shape=(None, None, None, 1))
+    x = unet_block(n_depth=2, n_filter_base=16, kernel_size=(3, 3, 3), n_conv_per_depth=2,
+                   batch_norm=True, pool=(2, 2, 2))(inputs)
+    outputs = keras.layers.Conv3D(1, (1, 1, 1), activation="sigmoid")(x)
+    return keras.Model(inputs, outputs)
+
+
+def test_parameter_count():
+    model = build_unet()
+    assert model.count_params() == N_PARAMETERS == 250_641
+    n_trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+    assert n_trainable == 250_097
+
+
+@pytest.mark.parametrize("weights", ["random", "cryovesnet"])
+def test_equals_csbdeep_unet_block(random_unet, weights):
+    model = random_unet if weights == "random" else load_unet(_weights_or_skip())
+    reference = _csbdeep_unet()
+    ours = model.get_weights()
+    assert [tuple(w.shape) for w in reference.weights] == [w.shape for w in ours]
+    reference.set_weights(ours)
+    x = np.random.default_rng(1).standard_normal((1, 64, 64, 64, 1)).astype(np.float32)
+    expected = np.asarray(reference(x, training=False))
+    npt.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-5)
+    logits = make_logit_fn(model)(x[..., 0])
+    npt.assert_allclose(1 / (1 + np.exp(-logits)), expected[..., 0], atol=1e-5)
+
+
+def test_logit_model_drops_only_the_sigmoid(random_unet):
+    x = np.random.default_rng(2).standard_normal((2, 16, 24, 8, 1)).astype(np.float32)
+    logits = np.asarray(logit_model(random_unet)(x, training=False))
+    npt.assert_allclose(1 / (1 + np.exp(-logits)), np.asarray(random_unet(x, training=False)), atol=1e-6)
+
+
+def test_logit_fn_rejects_sizes_off_the_pooling_grid(random_unet):
+    with pytest.raises(ValueError, match="multiples of 4"):
+        make_logit_fn(random_unet)(np.zeros((1, 8, 8, 6), np.float32))
+
+
+def test_load_cryovesnet_weights_by_topological_order():
+    path = _weights_or_skip()
+    model = load_unet(path)
+    with h5py.File(path, "r") as f:
+        g = f["model_weights"]
+        npt.assert_array_equal(model.get_layer("middle_2").get_weights()[0], g["middle_2/middle_2/kernel:0"])
+        bn = model.get_layer("middle_2_bn").get_weights()
+        npt.assert_array_equal(bn[3], g["batch_normalization_5/batch_normalization_5/moving_variance:0"])
+        npt.assert_array_equal(model.get_layer("output").get_weights()[1], g["conv3d/conv3d/bias:0"])
+    assert model.count_params() == N_PARAMETERS
+
+
+def test_missing_weights_file(tmp_path):
+    with pytest.raises(CryovesError, match="weight file not found"):
+        load_unet(tmp_path / "nope.h5")
+
+
+def test_not_an_h5_file(tmp_path):
+    path = tmp_path / "weights.h5"
+    path.write_text("not hdf5")
+    with pytest.raises(CryovesError, match="not a Keras HDF5 weight file"):
+        load_unet(path)
+
+
+def test_incompatible_weights(tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        g = f.create_group("model_weights")
+        g.attrs["layer_names"] = [b"down_level_0_no_0", b"dense"]
+        conv = g.create_group("down_level_0_no_0")
+        conv.attrs["weight_names"] = [b"down_level_0_no_0/kernel:0", b"down_level_0_no_0/bias:0"]
+        conv.create_dataset("down_level_0_no_0/kernel:0", data=np.zeros((3, 3, 3, 1, 8), np.float32))
+        conv.create_dataset("down_level_0_no_0/bias:0", data=np.zeros(8, np.float32))
+        dense = g.create_group("dense")
+        dense.attrs["weight_names"] = [b"dense/kernel:0"]
+        dense.create_dataset("dense/kernel:0", data=np.zeros((8, 1), np.float32))
+    with pytest.raises(CryovesError, match="do not match the CryoVesNet U-Net"):
+        load_unet(path)

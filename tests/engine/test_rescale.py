@@ -1,0 +1,88 @@
+"""Resampling between grids, Gaussian pre-filter and z-score (method.md §2.2-2.4, §2.8)."""
+
+import numpy as np
+import numpy.testing as npt
+import pytest
+from skimage.transform import resize
+
+from cryoves.engine import rescale
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.rescale import gaussian_prefilter, mean_std, network_shape, resample_to_shape, zscore
+
+
+def test_network_shape_example_from_method():
+    assert network_shape((261, 1024, 1024), 14.69) == (174, 684, 684)
+    assert network_shape((5, 7, 1), 22.0) == (5, 7, 1)
+    assert network_shape((1, 1, 3), 2.2) == (1, 1, 1)
+
+
+def test_network_shape_rejects_bad_voxel_size():
+    with pytest.raises(CryovesError, match="voxel size must be > 0"):
+        network_shape((4, 4, 4), 0.0)
+
+
+@pytest.mark.parametrize("shape_out", [(7, 20, 33), (30, 11, 17), (12, 12, 12), (1, 5, 40)])
+def test_resample_matches_skimage_resize(shape_out):
+    volume = np.random.default_rng(1).standard_normal((12, 16, 21)).astype(np.float32)
+    ours = resample_to_shape(volume, shape_out)
+    expected = resize(volume.astype(np.float64), shape_out, order=1, mode="symmetric", anti_aliasing=True,
+                      preserve_range=True)
+    assert ours.dtype == np.float32 and ours.shape == shape_out
+    npt.assert_allclose(ours, expected, atol=1e-5)
+
+
+def test_resample_upsampling_is_pixel_centre_aligned():
+    n_in, n_out = 10, 25
+    ramp = np.arange(n_in, dtype=np.float32)
+    volume = np.broadcast_to(ramp, (3, 4, n_in)).copy()
+    out = resample_to_shape(volume, (3, 4, n_out))
+    x_in = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+    inside = (x_in >= 0) & (x_in <= n_in - 1)
+    npt.assert_allclose(out[1, 2, inside], x_in[inside], atol=1e-5)
+    assert np.all(out[..., ~inside] >= 0) and np.all(out[..., ~inside] <= n_in - 1)
+
+
+def test_resample_keeps_int16_values_as_float():
+    volume = np.random.default_rng(5).integers(-100, 100, (8, 8, 8)).astype(np.int16)
+    out = resample_to_shape(volume, (5, 6, 11))
+    assert out.dtype == np.float32
+    assert not np.all(out == np.trunc(out))  # the reference truncates to int16; we do not
+
+
+@pytest.mark.parametrize("shape_out", [(3, 4, 5), (20, 30, 9)])
+def test_resample_constant_stays_constant(shape_out):
+    out = resample_to_shape(np.full((9, 9, 9), 2.5, dtype=np.float32), shape_out)
+    npt.assert_allclose(out, 2.5, rtol=1e-6)
+
+
+def test_resample_same_shape_is_float32_view():
+    volume = np.ones((4, 5, 6), dtype=np.float32)
+    assert resample_to_shape(volume, (4, 5, 6)) is volume
+
+
+def test_gaussian_prefilter_matches_scipy_and_zero_is_off():
+    from scipy import ndimage
+
+    volume = np.random.default_rng(2).standard_normal((10, 11, 12)).astype(np.float32)
+    npt.assert_allclose(gaussian_prefilter(volume, 1.0),
+                        ndimage.gaussian_filter(volume.astype(np.float64), 1.0, mode="nearest"), atol=1e-5)
+    assert gaussian_prefilter(volume, 0.0) is volume
+
+
+def test_mean_std_over_slabs_equals_numpy(monkeypatch):
+    volume = (np.random.default_rng(3).standard_normal((13, 20, 30)) * 5 + 100).astype(np.float32)
+    monkeypatch.setattr(rescale, "_SLAB_VOXELS", 1000)  # several slabs of 2 z-planes
+    mean, std = mean_std(volume)
+    assert mean == pytest.approx(volume.astype(np.float64).mean(), rel=1e-12)
+    assert std == pytest.approx(volume.astype(np.float64).std(), rel=1e-12)
+
+
+def test_zscore():
+    volume = (np.random.default_rng(4).standard_normal((9, 10, 11)) * 3 - 7).astype(np.float32)
+    out = zscore(volume)
+    assert out.dtype == np.float32 and out is not volume
+    assert abs(out.astype(np.float64).mean()) < 1e-6
+    assert out.astype(np.float64).std() == pytest.approx(1.0, rel=1e-5)
+    assert zscore(volume, inplace=True) is volume
+    npt.assert_allclose(volume, out)
+    npt.assert_array_equal(zscore(np.full((3, 3, 3), 5, dtype=np.int16)), 0.0)
