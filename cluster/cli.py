@@ -5,7 +5,9 @@ Exit codes: 0 done; 2 for what the user can fix (usage errors and every CryovesE
 """
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -98,6 +100,192 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from cryoves.engine.train import TrainParams, paired_files, prepare_pair, synthetic_pairs, train
+    from cryoves.engine.mrc import read_volume
+
+    params = TrainParams(epochs=args.epochs, seed=args.seed, patches_per_tomogram=args.patches_per_tomogram)
+    pairs, sources = [], []
+    for folder in args.data or []:
+        for image_path, label_path in paired_files(folder):
+            image, labels = read_volume(image_path), read_volume(label_path)
+            if abs(image.voxel_size_a - labels.voxel_size_a) > 1e-3 * image.voxel_size_a:
+                raise CryovesError(f"{label_path}: voxel size {labels.voxel_size_a:g} Å differs from "
+                                   f"{image_path} ({image.voxel_size_a:g} Å)")
+            pairs.append(prepare_pair(np.asarray(image.data, np.float32), np.asarray(labels.data),
+                                      image.voxel_size_a, str(image_path)))
+            sources.append(str(image_path))
+    if args.synthetic:
+        with tqdm(total=args.synthetic, desc="synthetic tomograms", disable=None) as bar:
+            pairs += synthetic_pairs(args.synthetic, args.seed, progress=lambda i, n: bar.update(1))
+    if not pairs:
+        raise CryovesError("no training data: pass --data DIR (TOMO.mrc beside TOMO.labels.mrc) or --synthetic N")
+    description = {"folders": [str(d) for d in args.data or []], "files": sources, "synthetic": args.synthetic,
+                   "command": "cryoves " + " ".join(args.argv), "init_weights": str(args.init_weights or "")}
+    with tqdm(total=params.epochs, desc="epochs", disable=None) as bar:
+        def progress(epoch: int, row: dict) -> None:
+            bar.n = epoch
+            bar.set_postfix({k: round(v, 4) for k, v in row.items() if k != "epoch"})
+            bar.refresh()
+        config = train(pairs, params, args.out, init_weights=args.init_weights, description=description,
+                       progress=progress)
+    print(f"best epoch {config['best_epoch']} of {params.epochs}, loss {config['best_loss']:.4f}; model in {args.out}")
+    return 0
+
+
+def _segment_params(args: argparse.Namespace):
+    from cryoves.engine.inference import InferenceParams
+    from cryoves.engine.segment import SegmentParams
+
+    return SegmentParams(inference=InferenceParams(tta=args.tta, memory_gb=args.memory_gb))
+
+
+def _logit_fn(weights, device: str):
+    """The network as a LogitFn: Keras on the CPU, or the PyTorch port in float16 on an NVIDIA GPU."""
+    if device == "cpu":
+        from cryoves.engine.model import load_logit_fn
+
+        return load_logit_fn(weights)
+    try:
+        from cryoves.engine.torch_unet import load_gpu_logit_fn
+    except ImportError as error:
+        raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: pip install 'cryoves[gpu]'") from None
+    return load_gpu_logit_fn(weights)
+
+
+def _stage_bar(name: str, stages):
+    """A progress bar over the stages of one tomogram, and the callback that advances it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(stages), desc=name, unit="stage", disable=None)
+
+    def progress(stage: str) -> None:
+        bar.n = stages.index(stage)
+        bar.set_postfix_str(stage)
+        bar.refresh()
+
+    return bar, progress
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from cryoves.engine.job import is_done, prepare_job, segment_file
+    from cryoves.engine.model import weights_sha256
+    from cryoves.engine.segment import STAGES
+
+    params = _segment_params(args)
+    checksum = weights_sha256(args.weights)
+    jobs = [prepare_job(path, params, checksum, args.voxel_size) for path in args.tomograms]
+    todo = [job for job in jobs if args.force or not is_done(args.out, job)]
+    for job in set(jobs) - set(todo):
+        print(f"{job.name}: outputs complete for this input and these parameters; skipped (--force redoes it)")
+    if not todo:
+        return 0
+    logit_fn = _logit_fn(args.weights, args.device)
+    for job in todo:
+        bar, progress = _stage_bar(job.name, STAGES)
+        with bar:
+            paths = segment_file(job, args.out, logit_fn, params, region=args.region,
+                                 write_probability=args.probability, progress=progress)
+            bar.n = len(STAGES)
+        record = _run_record(args.out, job.name)
+        print(f"{job.name}: {record['n_vesicles']} vesicles, threshold {record['threshold']:.3f}; "
+              + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in json.loads(record["seconds"]).items()))
+        for kind, path in paths.items():
+            print(f"  {kind:11s} {path}")
+    return 0
+
+
+def _run_record(out_dir, name: str) -> dict:
+    from cryoves.engine.outputs import read_run_record
+
+    return read_run_record(out_dir, name)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from cryoves.engine.inference import predict_probability, probability_on_input_grid
+    from cryoves.engine.mrc import read_volume, write_volume
+    from cryoves.engine.outputs import tomogram_name
+
+    params = _segment_params(args).inference
+    volume = read_volume(args.tomogram, args.voxel_size)
+    start = time.perf_counter()
+    logit_fn = _logit_fn(args.weights, args.device)
+    loaded = time.perf_counter()
+    from tqdm import tqdm
+
+    with tqdm(desc="tiles", unit="tile", disable=None) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+        prob_net = predict_probability(np.asarray(volume.data, np.float32), volume.voxel_size_a, logit_fn, params,
+                                       progress)
+    predicted = time.perf_counter()
+    probability = probability_on_input_grid(prob_net, volume.data.shape)
+    path = write_volume(Path(args.out) / f"{tomogram_name(args.tomogram)}.prob.mrc", probability,
+                        volume.voxel_size_a, volume.origin_a)
+    done = time.perf_counter()
+    n_vox = int(np.prod(prob_net.shape))
+    print(f"model {loaded - start:.1f} s; network {predicted - loaded:.1f} s "
+          f"({n_vox / 1e6 / (predicted - loaded):.2f} Mvoxel/s at {params.network_voxel_size_a:g} Å); "
+          f"resample and write {done - predicted:.1f} s")
+    print(f"  probability {path}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import pyarrow as pa
+
+    from cryoves.engine.evaluation import evaluate, load_spheres
+    from cryoves.engine.job import prepare_job, segment_file
+    from cryoves.engine.model import weights_sha256
+    from cryoves.engine.mrc import read_volume
+    from cryoves.engine.phantom import make_phantom, write_phantom
+    from cryoves.engine.segment import STAGES
+    from cryoves.engine.tables import write_table
+
+    out = Path(args.out)
+    print(f"making a synthetic presynaptic tomogram {tuple(args.shape)} at 22 Å (seed {args.seed}) ...")
+    truth = write_phantom(out / "phantom", make_phantom(tuple(args.shape), 22.0, seed=args.seed), name="demo")
+    params = _segment_params(args)
+    job = prepare_job(truth["tomogram"], params, weights_sha256(args.weights))
+    bar, progress = _stage_bar("segmenting", STAGES)
+    with bar:
+        paths = segment_file(job, out, _logit_fn(args.weights, args.device), params, write_probability=True,
+                             progress=progress)
+        bar.n = len(STAGES)
+    row = evaluate(load_spheres(paths["labels"]), load_spheres(truth["labels"]),
+                   read_volume(paths["probability"]).data)
+    write_table(out / "metrics.parquet", pa.Table.from_pylist([{"tomogram": job.name} | row]))
+    record = _run_record(out, job.name)
+    print(f"found {record['n_vesicles']} vesicles; ground truth has {row['n_true_positive'] + row['n_false_negative']}")
+    print(f"  F1 {row['f1']:.3f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}")
+    print(f"  Dice {row['dice']:.3f}  probability-map Dice {row['probability_dice']:.3f}")
+    print(f"  diameter error {row['diameter_error']:.3f}  centre residual {row['center_residual_nm']:.2f} nm")
+    print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in json.loads(record["seconds"]).items()))
+    print(f"outputs in {out}/: demo.labels.mrc, demo.prob.mrc, demo.mod, vesicles/, runs/, metrics.parquet;"
+          f" ground truth in {out}/phantom/")
+    return 0
+
+
+def _add_network_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", metavar="FILE",
+                        help="a cryoves model folder or CryoVesNet's weights.h5 (default: the bundled model)")
+    parser.add_argument("--tta", type=int, choices=(1, 4, 8), default=1,
+                        help="test-time augmentation: 1 (off), 4 (flips) or 8 (flips and rotations)")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                        help="cpu (Keras) or gpu (PyTorch, float16; needs the gpu extra)")
+    parser.add_argument("--memory-gb", type=_positive_float, default=4.0, metavar="GB",
+                        help="memory budget for a batch of network tiles (default: 4)")
+
+
 def _format(value) -> str:
     if isinstance(value, tuple):
         return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
@@ -151,12 +339,75 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default="metrics.parquet", help="metrics table to append to (default: metrics.parquet)")
     _add_voxel_size(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    predict = commands.add_parser(
+        "predict", help="vesicle probability map of a tomogram (the U-Net stage alone)",
+        description="Run the U-Net over a tomogram (rescaled to 22 Å voxels, tiled within the memory budget) and "
+                    "write NAME.prob.mrc on the tomogram's grid, with its voxel size and origin.",
+        epilog="example: cryoves predict tomo.mrc --out out/ --weights weights.h5 --tta 4",
+    )
+    predict.add_argument("tomogram", metavar="TOMO.mrc")
+    predict.add_argument("--out", required=True, metavar="DIR")
+    _add_voxel_size(predict)
+    _add_network_options(predict)
+    predict.set_defaults(run=cmd_predict)
+
+    segment = commands.add_parser(
+        "segment", help="find and measure the vesicles of tomograms, one after the other, in this process",
+        description="The whole method per tomogram: U-Net probability map, global threshold, adaptive local "
+                    "thresholding, sphere refinement, outlier repair. Writes NAME.labels.mrc, NAME.mod, "
+                    "vesicles/NAME.parquet and runs/NAME.parquet into DIR; tomograms whose outputs are complete "
+                    "for the same input and parameters are skipped.",
+        epilog="example: cryoves segment tomo1.mrc tomo2.mrc --out results/ --region cell_outline.mod",
+    )
+    segment.add_argument("tomograms", nargs="+", metavar="TOMO.mrc")
+    segment.add_argument("--out", required=True, metavar="DIR")
+    segment.add_argument("--region", metavar="FILE",
+                         help="segmentation region: a binary MRC mask on the tomogram grid or an IMOD model of "
+                              "closed contours")
+    segment.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
+    segment.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
+    _add_voxel_size(segment)
+    _add_network_options(segment)
+    segment.set_defaults(run=cmd_segment)
+
+    demo = commands.add_parser(
+        "demo", help="the main job on a built-in synthetic tomogram, scored against its exact ground truth",
+        description="Make a synthetic presynaptic tomogram, segment it with the bundled model and print F1, Dice "
+                    "and size and position errors against the exact ground truth. Needs nothing downloaded.",
+        epilog="example: cryoves demo --out demo/",
+    )
+    demo.add_argument("--out", default="cryoves-demo", metavar="DIR", help="output folder (default: cryoves-demo)")
+    demo.add_argument("--shape", type=int, nargs=3, default=[96, 256, 256], metavar=("Z", "Y", "X"),
+                      help="phantom size in 22 Å voxels (default: 96 256 256)")
+    demo.add_argument("--seed", type=int, default=1, help="phantom seed (default: 1)")
+    _add_network_options(demo)
+    demo.set_defaults(run=cmd_demo)
+
+    train = commands.add_parser(
+        "train", help="train the U-Net on labelled tomograms and/or synthetic ones",
+        description="Train (or fine-tune with --init-weights) the U-Net on pairs TOMO.mrc + TOMO.labels.mrc "
+                    "from folders and/or N synthetic tomograms, with the same input preparation as inference. "
+                    "The best checkpoint by validation loss is kept; rerunning into the same folder resumes.",
+        epilog="example: cryoves train --out mymodel --data labelled/ --init-weights weights.h5 --epochs 20",
+    )
+    train.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (and resume)")
+    train.add_argument("--data", nargs="+", metavar="DIR", help="folders of TOMO.mrc + TOMO.labels.mrc pairs")
+    train.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic tomograms")
+    train.add_argument("--init-weights", metavar="FILE", help="start from a cryoves model folder or CryoVesNet .h5")
+    train.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
+    train.add_argument("--patches-per-tomogram", type=int, default=48,
+                       help="32³ patches drawn per tomogram and epoch (default: 48)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.set_defaults(run=cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's start-up chatter is not for users
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if args.command is None:

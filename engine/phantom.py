@@ -228,12 +228,12 @@ def _place_organelles(extent_nm, slab, membrane, p: PhantomPreset, rng) -> list:
             for _attempt in range(50):
                 if kind == "mitochondrion":
                     u, v = rng.uniform(120, 220), rng.uniform(60, 90)
-                    axes = np.array([min(v, half_slab), u, v])
+                    axes = np.array([min(v, half_slab - 3), u, v])
                 else:
                     r = rng.uniform(40, 80)
-                    axes = np.array([min(r, half_slab), r * rng.uniform(1.0, 1.6), r])
-                if axes[0] < 30:
-                    break
+                    axes = np.array([min(r, half_slab - 3), r * rng.uniform(1.0, 1.6), r])
+                if axes[0] < 30 or np.any(extent_nm[1:] <= 2 * EDGE_MARGIN_NM):
+                    break  # no room for this organelle in a thin slab or a narrow field
                 center = np.array([rng.uniform(slab[0] + 3 + axes[0], slab[1] - 3 - axes[0]),
                                    *rng.uniform(EDGE_MARGIN_NM, extent_nm[1:] - EDGE_MARGIN_NM)])
                 reach = axes.max()

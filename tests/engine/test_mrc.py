@@ -115,3 +115,12 @@ def test_inspect_reports_facts_and_verdict(write_mrc):
     assert facts["origin_a"] == (6.0, 5.0, 4.0)
     assert facts["value_range"] == (0.0, 23.0)
     assert facts["verdict"].startswith("refused:") and "looks unset" in facts["verdict"]
+
+
+def test_outputs_get_ordinary_permissions(tmp_path):
+    import os
+
+    path = write_volume(tmp_path / "p.mrc", np.zeros((2, 2, 2)), 22.0)
+    current = os.umask(0)
+    os.umask(current)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current

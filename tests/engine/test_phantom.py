@@ -184,3 +184,10 @@ def test_cli_phantom_writes_the_three_files(tmp_path, capsys):
     for name in ("phantom.mrc", "phantom.labels.mrc", "phantom.vesicles.parquet"):
         assert (tmp_path / name).is_file()
     assert main(["phantom", str(tmp_path), "--shape", "32", "64", "64", "--preset", "nope"]) == 2
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (48, 128, 128), (24, 200, 40)])
+@pytest.mark.parametrize("preset", ["default", "distractors"])
+def test_small_and_thin_volumes_are_generated(shape, preset):
+    phantom = make_phantom(shape, 20.0, seed=3, preset=preset)
+    assert phantom.tomogram.shape == shape and np.isfinite(phantom.tomogram).all()

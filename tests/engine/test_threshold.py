@@ -136,5 +136,7 @@ def test_threshold_label_localize_pipeline():
     table = segment_stats(local)
     found = np.stack([table[f"centroid_{a}_vox"].to_numpy() for a in "zyx"], axis=1)
     assert found.shape == (5, 3)
-    expected = np.array(sorted(pair + singles), float)
-    npt.assert_allclose(np.array(sorted(map(tuple, found))), expected, atol=1e-9)
+    expected = np.array(pair + singles, float)
+    nearest = np.linalg.norm(found[:, None] - expected[None], axis=2).argmin(axis=0)
+    assert sorted(nearest) == list(range(5))
+    npt.assert_allclose(found[nearest], expected, atol=0.05)  # watershed halves of the merged pair

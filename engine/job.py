@@ -1,0 +1,74 @@
+"""One tomogram file to its outputs, skipping work whose outputs are complete and current.
+
+`cryoves segment` runs `segment_file` per tomogram in-process; `cryoves run` composes the same
+pieces (`prepare_job`, `is_done`, the stage functions, `write_outputs`) across Ray workers.
+"""
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.imod import rasterise_region
+from cryoves.engine.inference import LogitFn
+from cryoves.engine.mrc import Volume, read_volume
+from cryoves.engine.outputs import (file_sha256, params_digest, read_run_record, tomogram_name,
+                                    write_outputs)
+from cryoves.engine.segment import Progress, SegmentParams, segment
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated tomogram and everything that identifies its result."""
+
+    path: Path
+    name: str
+    volume: Volume
+    record: dict  # input path and checksum, parameters and their digest: compared on resume
+
+
+def prepare_job(path, params: SegmentParams, weights_sha256: str, voxel_size_a: float | None = None) -> Job:
+    """Read and validate a tomogram (memory-mapped) and describe the run that would segment it."""
+    path = Path(path)
+    volume = read_volume(path, voxel_size_a)
+    record = {
+        "input": str(path.resolve()),
+        "input_sha256": file_sha256(path),
+        "voxel_size_a": volume.voxel_size_a,
+        "weights_sha256": weights_sha256,
+        "params": asdict(params),
+        "params_digest": params_digest(params, volume.voxel_size_a, weights_sha256),
+    }
+    return Job(path, tomogram_name(path), volume, record)
+
+
+def is_done(out_dir, job: Job) -> bool:
+    """True when a complete run record exists for the same input checksum and parameter digest."""
+    previous = read_run_record(out_dir, job.name)
+    return (previous is not None and previous.get("status") == "ok"
+            and previous.get("input_sha256") == job.record["input_sha256"]
+            and previous.get("params_digest") == job.record["params_digest"])
+
+
+def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
+    """The segmentation region as a bool mask: a binary MRC on the tomogram grid or an IMOD model."""
+    path = Path(path)
+    if path.suffix.lower() == ".mod":
+        return rasterise_region(path, shape)
+    mask = read_volume(path, voxel_size_a).data  # on the tomogram grid, so with its voxel size
+    if mask.shape != tuple(shape):
+        raise CryovesError(f"{path}: region mask {mask.shape} does not match the tomogram grid {tuple(shape)}")
+    return np.asarray(mask) > 0
+
+
+def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *, region=None,
+                 write_probability: bool = False, progress: Progress | None = None) -> dict:
+    """Segment one prepared tomogram and write its outputs; returns the paths written."""
+    start = time.perf_counter()
+    tomogram = np.asarray(job.volume.data, dtype=np.float32)
+    mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)
+    result = segment(tomogram, job.volume.voxel_size_a, logit_fn, params, mask, progress)
+    record = job.record | {"region": str(region or ""), "total_seconds": time.perf_counter() - start}
+    return write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)

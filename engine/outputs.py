@@ -1,0 +1,126 @@
+"""What one segmented tomogram leaves in the output folder, each file written atomically.
+
+Per tomogram NAME: `NAME.labels.mrc` (final vesicles on the input grid), optionally `NAME.prob.mrc`,
+`NAME.mod` (IMOD points with radii), `vesicles/NAME.parquet` (the vesicle table; the folder reads as
+one Parquet dataset) and, written last, `runs/NAME.parquet`: the run record whose presence, input
+checksum and parameter digest tell a resumed run that the outputs are complete and current.
+"""
+
+import hashlib
+import json
+import platform
+import resource
+import sys
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cryoves.engine.imod import write_vesicle_model
+from cryoves.engine.mrc import Volume, write_labels, write_volume
+from cryoves.engine.tables import vesicle_table, write_table
+
+_PACKAGES = ("cryoves", "numpy", "scipy", "numba", "tensorflow", "keras", "pyarrow", "mrcfile")
+_CHUNK_BYTES = 1 << 24
+
+
+def tomogram_name(path) -> str:
+    """The file name without its last extension: `tomo.rec.mrc` -> `tomo.rec`."""
+    return Path(path).name.rsplit(".", 1)[0]
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def params_digest(params, voxel_size_a: float, weights_sha256: str) -> str:
+    """A digest of everything besides the input that decides the result."""
+    text = json.dumps({"params": asdict(params), "voxel_size_a": voxel_size_a, "weights": weights_sha256},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages that shape the result."""
+    found = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
+
+
+def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
+                  write_probability: bool = False) -> dict[str, Path]:
+    """Write every output of one segmented tomogram (`cryoves.engine.segment.Segmentation`).
+
+    `record` (input path and checksum, parameters, digests) is completed with timings, memory and
+    versions and written last, so its presence means that all other files are complete.
+    """
+    out_dir = Path(out_dir)
+    paths = {"labels": write_labels(out_dir / f"{name}.labels.mrc", result.labels["final"],
+                                    volume.voxel_size_a, volume.origin_a)}
+    if write_probability:
+        paths["probability"] = write_volume(out_dir / f"{name}.prob.mrc", result.probability,
+                                            volume.voxel_size_a, volume.origin_a)
+    vesicles = number_vesicles(result.vesicles)
+    table = vesicle_table(vesicles, name, volume.voxel_size_a, volume.origin_a)
+    kept = np.asarray(table.column("outcome").to_pylist()) != "removed"
+    paths["model"] = write_vesicle_model(
+        out_dir / f"{name}.mod",
+        np.column_stack([table.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept],
+        vesicles.column("radius_vox").to_numpy()[kept], volume.data.shape, volume.voxel_size_a)
+    paths["vesicles"] = write_table(out_dir / "vesicles" / f"{name}.parquet", table,
+                                    {"voxel_size_a": volume.voxel_size_a, "origin_a": list(volume.origin_a)})
+    row = record | {
+        "tomogram": name,
+        "status": "ok",
+        "error": "",
+        "threshold": result.threshold,
+        "n_vesicles": int(kept.sum()),
+        "seconds": result.seconds,
+        "peak_memory_mb": peak_memory_mb(),
+        "versions": package_versions(),
+    }
+    paths["run"] = write_run_record(out_dir, name, row)
+    return paths
+
+
+def number_vesicles(vesicles: pa.Table) -> pa.Table:
+    """Renumber `id` so kept/repaired rows are 1..n in table order (their value in the label volume),
+    and removed rows follow (they appear in no label volume)."""
+    removed = np.asarray(vesicles.column("outcome").to_pylist()) == "removed"
+    ids = np.empty(len(removed), np.int32)
+    ids[~removed] = np.arange(1, (~removed).sum() + 1)
+    ids[removed] = np.arange((~removed).sum() + 1, len(removed) + 1)
+    return vesicles.set_column(vesicles.schema.get_field_index("id"), "id", pa.array(ids))
+
+
+def write_run_record(out_dir, name: str, row: dict) -> Path:
+    """One row in `runs/NAME.parquet`; nested values (parameters, timings, versions) as JSON text."""
+    flat = {key: json.dumps(value, default=str) if isinstance(value, (dict, list, tuple)) else value
+            for key, value in row.items()}
+    return write_table(Path(out_dir) / "runs" / f"{name}.parquet", pa.Table.from_pylist([flat]))
+
+
+def read_run_record(out_dir, name: str) -> dict | None:
+    """The run record of tomogram `name`, or None when there is none."""
+    path = Path(out_dir) / "runs" / f"{name}.parquet"
+    if not path.is_file():
+        return None
+    return pq.read_table(path).to_pylist()[0]

@@ -1,0 +1,112 @@
+"""One tomogram through the whole method: probability map, threshold, segments, spheres, outliers.
+
+`segment` is what `cryoves segment` runs in-process; the Ray scheduler runs the same stage functions
+spread over GPU actors and CPU tasks. No state is kept between calls.
+"""
+
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from cryoves.engine.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
+from cryoves.engine.outliers import OutlierParams, detect_outliers
+from cryoves.engine.refine import RefineParams, refine_spheres
+from cryoves.engine.segments import LocalizeParams, label_segments, localize
+from cryoves.engine.spheres import OverlapParams, render_labels, resolve_overlaps
+from cryoves.engine.threshold import ThresholdParams, global_threshold
+
+STAGES = ("network", "threshold", "label", "localize", "refine", "outliers", "overlap")
+"""Stage names, in order; the label volumes of the paper's per-stage evaluation are global, local, sphere, final."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SegmentParams:
+    """Every parameter of the method, grouped by stage; defaults are the measured best (docs)."""
+
+    inference: InferenceParams = field(default_factory=InferenceParams)
+    threshold: ThresholdParams = field(default_factory=ThresholdParams)
+    localize: LocalizeParams = field(default_factory=LocalizeParams)
+    refine: RefineParams = field(default_factory=RefineParams)
+    outliers: OutlierParams = field(default_factory=OutlierParams)
+    overlap: OverlapParams = field(default_factory=OverlapParams)
+
+
+@dataclass(frozen=True, eq=False)
+class Segmentation:
+    """The result for one tomogram, all volumes on the input grid."""
+
+    probability: np.ndarray          # float32, input grid
+    threshold: float                 # the global threshold t*
+    labels: dict[str, np.ndarray]    # "global", "local", "sphere", "final"
+    vesicles: pa.Table               # one row per fitted sphere; final label k = k-th kept/repaired row
+    seconds: dict[str, float]        # wall time per stage
+
+
+Progress = Callable[[str], None]
+
+
+def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params: SegmentParams,
+            region: np.ndarray | None = None, progress: Progress | None = None) -> Segmentation:
+    """Predict the probability map of `tomogram` and post-process it (`postprocess`)."""
+    seconds: dict[str, float] = {}
+    with _timed("network", seconds, progress):
+        prob_net = predict_probability(tomogram, voxel_size_a, logit_fn, params.inference)
+        probability = probability_on_input_grid(prob_net, tomogram.shape)
+    result = postprocess(tomogram, probability, voxel_size_a, params, region, progress)
+    result.seconds.update(seconds)
+    return result
+
+
+def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: float, params: SegmentParams,
+                region: np.ndarray | None = None, progress: Progress | None = None) -> Segmentation:
+    """All stages after the network, on the input grid and the raw tomogram intensities.
+
+    `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8).
+    """
+    if probability.shape != tomogram.shape:
+        raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must share a grid")
+    if region is not None:
+        probability = np.where(region, probability, np.float32(0))
+    seconds: dict[str, float] = {}
+    with _timed("threshold", seconds, progress):
+        threshold = global_threshold(tomogram, probability, params.threshold).threshold
+    with _timed("label", seconds, progress):
+        global_labels = label_segments(probability, threshold, params.localize.connectivity)
+    with _timed("localize", seconds, progress):
+        local_labels = localize(probability, global_labels, threshold, voxel_size_a, params.localize)
+    with _timed("refine", seconds, progress):
+        spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine)
+        sphere_labels = render_labels(tomogram.shape, spheres)
+    with _timed("outliers", seconds, progress):
+        checked = detect_outliers(tomogram, spheres, voxel_size_a, params.outliers, params.refine)
+    with _timed("overlap", seconds, progress):
+        final = resolve_overlaps(checked, voxel_size_a, params.overlap)
+        final_labels = render_labels(tomogram.shape, final)
+    vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
+    labels = {"global": global_labels, "local": local_labels, "sphere": sphere_labels, "final": final_labels}
+    return Segmentation(probability, float(threshold), labels, vesicles, seconds)
+
+
+def _deciding_stage(spheres: pa.Table, checked: pa.Table, final: pa.Table) -> list[str]:
+    """Where each vesicle's outcome was last changed: refine, outliers, overlap, or final (kept as fitted)."""
+    fitted, tested, resolved = (np.asarray(t.column("outcome").to_pylist(), dtype=object)
+                                for t in (spheres, checked, final))
+    stage = np.full(len(fitted), "final", dtype=object)
+    stage[tested != fitted] = "outliers"
+    stage[resolved != tested] = "overlap"
+    stage[fitted == "removed"] = "refine"
+    return stage.tolist()
+
+
+@contextmanager
+def _timed(stage: str, seconds: dict[str, float], progress: Progress | None):
+    """Report `stage` as it starts and record its wall time in `seconds`."""
+    if progress is not None:
+        progress(stage)
+    start = time.perf_counter()
+    yield
+    seconds[stage] = time.perf_counter() - start

@@ -1,0 +1,78 @@
+"""The files one segmented tomogram leaves: grid alignment, IMOD points, the documented table schema."""
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from cryoves.engine.imod import read_vesicle_model
+from cryoves.engine.mrc import Volume, read_volume
+from cryoves.engine.outputs import read_run_record, write_outputs
+from cryoves.engine.phantom import make_phantom
+from cryoves.engine.segment import SegmentParams, postprocess
+from cryoves.engine.tables import VESICLE_SCHEMA
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def documented_columns() -> list[tuple[str, str]]:
+    text = README.read_text()
+    section = text[text.index("### Vesicle table"):]
+    section = section[:section.index("\n## ")]
+    return re.findall(r"^\| `(\w+)` \| (\w+) \|", section, flags=re.MULTILINE)
+
+
+def test_vesicle_schema_matches_the_readme():
+    assert documented_columns() == [(field.name, str(field.type)) for field in VESICLE_SCHEMA]
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_segment import probability_from_truth
+
+    phantom = make_phantom((48, 128, 128), 20.0, seed=3)
+    result = postprocess(phantom.tomogram, probability_from_truth(phantom.labels, 3), 20.0, SegmentParams())
+    volume = Volume(phantom.tomogram, 20.0, (100.0, -40.0, 12.5))
+    out = tmp_path_factory.mktemp("out")
+    paths = write_outputs(out, "tomo", volume, result, {"input_sha256": "abc"}, write_probability=True)
+    return out, paths, result, volume
+
+
+def test_volumes_align_with_the_input(written):
+    _, paths, result, volume = written
+    for key in ("labels", "probability"):
+        back = read_volume(paths[key])
+        assert back.data.shape == volume.data.shape
+        assert back.voxel_size_a == pytest.approx(20.0) and back.origin_a == volume.origin_a
+    np.testing.assert_array_equal(read_volume(paths["labels"]).data, result.labels["final"])
+
+
+def test_table_ids_match_the_label_volume_and_the_imod_model(written):
+    _, paths, _, volume = written
+    table = pq.read_table(paths["vesicles"])
+    assert table.schema.remove_metadata() == VESICLE_SCHEMA
+    labels = np.asarray(read_volume(paths["labels"]).data)
+    kept = table.filter(np.asarray(table.column("outcome").to_pylist()) != "removed")
+    assert kept.num_rows == labels.max() > 10
+    centers = np.column_stack([kept.column(f"center_{a}_vox").to_numpy() for a in "zyx"])
+    at_centres = labels[tuple(np.round(centers).astype(int).T)]
+    np.testing.assert_array_equal(at_centres, kept.column("vesicle_id").to_numpy())
+    np.testing.assert_allclose(kept.column("center_z_nm").to_numpy(), (centers[:, 0] * 20.0 + 100.0) / 10)
+    np.testing.assert_allclose(kept.column("center_y_nm").to_numpy(), (centers[:, 1] * 20.0 - 40.0) / 10)
+    points, sizes = read_vesicle_model(paths["model"])
+    np.testing.assert_allclose(points, centers, atol=1e-4)
+    np.testing.assert_allclose(sizes * 2.0, kept.column("radius_nm").to_numpy(), rtol=1e-5)
+
+
+def test_run_record_is_written_last_and_complete(written):
+    out, paths, result, _ = written
+    record = read_run_record(out, "tomo")
+    assert record["status"] == "ok" and record["input_sha256"] == "abc"
+    assert record["threshold"] == result.threshold and record["peak_memory_mb"] > 0
+    assert paths["run"].stat().st_mtime >= max(p.stat().st_mtime for k, p in paths.items() if k != "run")
+    assert read_run_record(out, "other") is None
