@@ -188,7 +188,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         bar, progress = _stage_bar(job.name, STAGES)
         with bar:
             paths = segment_file(job, args.out, logit_fn, params, region=args.region,
-                                 write_probability=args.probability, progress=progress)
+                                 write_probability=args.probability, write_stages=args.stages,
+                                 pyto=args.pyto, active_zone=args.active_zone, progress=progress)
             bar.n = len(STAGES)
         record = _run_record(args.out, job.name)
         print(f"{job.name}: {record['n_vesicles']} vesicles, threshold {record['threshold']:.3f}; "
@@ -366,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="segmentation region: a binary MRC mask on the tomogram grid or an IMOD model of "
                               "closed contours")
     segment.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
+    segment.add_argument("--stages", action="store_true",
+                         help="also write the labels of the earlier stages (NAME.global/local/sphere.mrc)")
+    segment.add_argument("--pyto", action="store_true",
+                         help="also write NAME.pyto.mrc (region 1, active zone 2, vesicles from 10) and NAME.pyto.mod "
+                              "(vesicles merged with the region and active-zone models); needs --region")
+    segment.add_argument("--active-zone", metavar="AZ.mod", help="IMOD model of the active-zone membrane, for --pyto")
     segment.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
     _add_voxel_size(segment)
     _add_network_options(segment)

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import numpy as np
 from imodmodel.models import Contour, ImodModel, Object
-from skimage.draw import polygon
+from scipy import ndimage
+from skimage.draw import line_nd, polygon
 
 from cryoves.engine.atomic import atomic_output
 from cryoves.engine.errors import CryovesError
 
 IMOD_UNITS_NM = -9
-_XY_OFFSET = np.array([0.5, 0.5, 0.0])
+XY_OFFSET_VOX = np.array([0.5, 0.5, 0.0])
 
 
 def write_vesicle_model(path, centers_vox, radii_vox, shape, voxel_size_a: float) -> Path:
@@ -28,7 +29,7 @@ def write_vesicle_model(path, centers_vox, radii_vox, shape, voxel_size_a: float
     vesicles = Object(color=(0.0, 1.0, 0.0))
     vesicles.header.flags.scattered = True
     if len(centers):
-        vesicles.contours = [Contour(points=centers[:, ::-1] + _XY_OFFSET,
+        vesicles.contours = [Contour(points=centers[:, ::-1] + XY_OFFSET_VOX,
                                      point_sizes=np.asarray(radii_vox, dtype=np.float64).reshape(-1))]
     vesicles.update_sizes()
     model.objects = [vesicles]
@@ -41,11 +42,11 @@ def write_vesicle_model(path, centers_vox, radii_vox, shape, voxel_size_a: float
 
 def read_vesicle_model(path) -> tuple[np.ndarray, np.ndarray]:
     """Read back the points (z, y, x voxels) and sizes of the first object of an IMOD model."""
-    model = _read(path)
+    model = read_model(path)
     contours = [c for obj in model.objects[:1] for c in obj.contours]
     if not contours:
         return np.zeros((0, 3)), np.zeros(0)
-    points = np.concatenate([c.points for c in contours]) - _XY_OFFSET
+    points = np.concatenate([c.points for c in contours]) - XY_OFFSET_VOX
     sizes = np.concatenate([c.point_sizes if c.point_sizes is not None else np.zeros(len(c.points))
                             for c in contours])
     return points[:, ::-1], sizes
@@ -53,12 +54,12 @@ def read_vesicle_model(path) -> tuple[np.ndarray, np.ndarray]:
 
 def rasterise_region(path, shape) -> np.ndarray:
     """A binary mask of the closed contours of an IMOD model, filled slice by slice (z = contour z)."""
-    model = _read(path)
+    model = read_model(path)
     mask = np.zeros(shape, dtype=bool)
     n_contours = 0
     for obj in model.objects:
         for contour in obj.contours:
-            points = contour.points - _XY_OFFSET
+            points = contour.points - XY_OFFSET_VOX
             if len(points) < 3:
                 continue
             z = int(round(float(np.median(points[:, 2]))))
@@ -71,7 +72,23 @@ def rasterise_region(path, shape) -> np.ndarray:
     return mask
 
 
-def _read(path) -> ImodModel:
+def rasterise_tube(path, shape) -> np.ndarray:
+    """The contours of an IMOD model drawn as a tube 3 voxels across (the active zone, method.md §1.1)."""
+    mask = np.zeros(shape, dtype=bool)
+    for obj in read_model(path).objects:
+        for contour in obj.contours:
+            points = (contour.points - XY_OFFSET_VOX)[:, ::-1]  # z, y, x
+            for start, stop in zip(points[:-1], points[1:]) if len(points) > 1 else [(points[0], points[0])]:
+                index = np.array(line_nd(start, stop, endpoint=True))
+                inside = np.all((index >= 0) & (index < np.array(shape)[:, None]), axis=0)
+                mask[tuple(index[:, inside])] = True
+    if not mask.any():
+        raise CryovesError(f"{path}: no active-zone contour point lies inside the tomogram")
+    return ndimage.binary_dilation(mask, ndimage.generate_binary_structure(3, 1))
+
+
+def read_model(path) -> ImodModel:
+    """An IMOD model file, or a CryovesError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise CryovesError(f"{path}: no such IMOD model file")

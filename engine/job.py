@@ -16,6 +16,7 @@ from cryoves.engine.inference import LogitFn
 from cryoves.engine.mrc import Volume, read_volume
 from cryoves.engine.outputs import (file_sha256, params_digest, read_run_record, tomogram_name,
                                     write_outputs)
+from cryoves.engine.pyto import write_pyto
 from cryoves.engine.segment import Progress, SegmentParams, segment
 
 
@@ -64,11 +65,27 @@ def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
 
 
 def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *, region=None,
-                 write_probability: bool = False, progress: Progress | None = None) -> dict:
-    """Segment one prepared tomogram and write its outputs; returns the paths written."""
+                 write_probability: bool = False, write_stages: bool = False, pyto: bool = False,
+                 active_zone=None, progress: Progress | None = None) -> dict:
+    """Segment one prepared tomogram and write its outputs; returns the paths written.
+
+    `pyto` (needs `region`) adds the Pyto label volume and merged IMOD model; `active_zone` is an
+    IMOD model of the active-zone membrane for it.
+    """
+    if pyto and region is None:
+        raise CryovesError("--pyto needs --region: Pyto's label file holds the segmentation region as label 1")
     start = time.perf_counter()
     tomogram = np.asarray(job.volume.data, dtype=np.float32)
     mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)
     result = segment(tomogram, job.volume.voxel_size_a, logit_fn, params, mask, progress)
+    paths = {}
+    if pyto:
+        kept = np.asarray(result.vesicles.column("outcome").to_pylist()) != "removed"
+        centers = np.column_stack([result.vesicles.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept]
+        radii = result.vesicles.column("radius_vox").to_numpy()[kept]
+        region_model = region if Path(region).suffix.lower() == ".mod" else None
+        paths |= write_pyto(out_dir, job.name, job.volume, result.labels["final"], centers, radii, mask,
+                            region_model, active_zone)
     record = job.record | {"region": str(region or ""), "total_seconds": time.perf_counter() - start}
-    return write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)
+    return paths | write_outputs(out_dir, job.name, job.volume, result, record,
+                                 write_probability=write_probability, write_stages=write_stages)

@@ -66,11 +66,12 @@ def peak_memory_mb() -> float:
 
 
 def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
-                  write_probability: bool = False) -> dict[str, Path]:
+                  write_probability: bool = False, write_stages: bool = False) -> dict[str, Path]:
     """Write every output of one segmented tomogram (`cryoves.engine.segment.Segmentation`).
 
-    `record` (input path and checksum, parameters, digests) is completed with timings, memory and
-    versions and written last, so its presence means that all other files are complete.
+    `write_stages` adds the label volumes of the earlier stages (NAME.global/local/sphere.mrc), for
+    per-stage evaluation. `record` (input path and checksum, parameters, digests) is completed with
+    timings, memory and versions and written last, so its presence means the other files are complete.
     """
     out_dir = Path(out_dir)
     paths = {"labels": write_labels(out_dir / f"{name}.labels.mrc", result.labels["final"],
@@ -78,6 +79,9 @@ def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
     if write_probability:
         paths["probability"] = write_volume(out_dir / f"{name}.prob.mrc", result.probability,
                                             volume.voxel_size_a, volume.origin_a)
+    for stage in ("global", "local", "sphere") if write_stages else ():
+        paths[stage] = write_labels(out_dir / f"{name}.{stage}.mrc", result.labels[stage],
+                                    volume.voxel_size_a, volume.origin_a)
     vesicles = number_vesicles(result.vesicles)
     table = vesicle_table(vesicles, name, volume.voxel_size_a, volume.origin_a)
     kept = np.asarray(table.column("outcome").to_pylist()) != "removed"

@@ -39,17 +39,19 @@ def written(tmp_path_factory):
     result = postprocess(phantom.tomogram, probability_from_truth(phantom.labels, 3), 20.0, SegmentParams())
     volume = Volume(phantom.tomogram, 20.0, (100.0, -40.0, 12.5))
     out = tmp_path_factory.mktemp("out")
-    paths = write_outputs(out, "tomo", volume, result, {"input_sha256": "abc"}, write_probability=True)
+    paths = write_outputs(out, "tomo", volume, result, {"input_sha256": "abc"}, write_probability=True,
+                          write_stages=True)
     return out, paths, result, volume
 
 
 def test_volumes_align_with_the_input(written):
     _, paths, result, volume = written
-    for key in ("labels", "probability"):
+    for key in ("labels", "probability", "global", "local", "sphere"):
         back = read_volume(paths[key])
         assert back.data.shape == volume.data.shape
         assert back.voxel_size_a == pytest.approx(20.0) and back.origin_a == volume.origin_a
     np.testing.assert_array_equal(read_volume(paths["labels"]).data, result.labels["final"])
+    np.testing.assert_array_equal(read_volume(paths["local"]).data, result.labels["local"])
 
 
 def test_table_ids_match_the_label_volume_and_the_imod_model(written):
