@@ -7,6 +7,9 @@ The rest of the engine sees the network only as a `LogitFn`.
 
 from __future__ import annotations
 
+import os
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +45,28 @@ def conv_layers(n_filter_base: int = 16) -> list[tuple[str, int, int]]:
     ]
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with its C++ start-up messages (CUDA probing, oneDNN notes) kept off the
+    terminal, where they look like errors to users; they are shown if the import itself fails."""
+    if "tensorflow" in sys.modules:
+        return
+    with tempfile.TemporaryFile() as sink:
+        saved = os.dup(2)
+        os.dup2(sink.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()  # device probing prints too
+        except BaseException:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            sys.stderr.write(sink.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def _conv_bn_relu(x, name: str, n_filter: int, kernel_size: int):
     import keras
 
@@ -56,6 +81,7 @@ def build_unet(*, n_filter_base: int = 16, kernel_size: int = 3) -> keras.Model:
     The sigmoid is its own layer after the 1x1x1 conv named `output`, so that logits can be taken
     out (`logit_model`) for averaging test-time augmentations in logit space.
     """
+    import_tensorflow_quietly()
     import keras
 
     blocks = [(name, c_out) for name, _, c_out in conv_layers(n_filter_base)]

@@ -161,9 +161,10 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
 
     Resumes from `out_dir/last.keras` when it exists (an interrupted run). Returns the model config.
     """
-    import keras
+    from cryoves.engine.model import build_unet, import_tensorflow_quietly, load_model, save_model
 
-    from cryoves.engine.model import build_unet, load_model, save_model
+    import_tensorflow_quietly()
+    import keras
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
