@@ -138,9 +138,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _segment_params(args: argparse.Namespace):
     from cryoves.engine.inference import InferenceParams
+    from cryoves.engine.model import model_gaussian_sigma_vox
     from cryoves.engine.segment import SegmentParams
 
-    return SegmentParams(inference=InferenceParams(tta=args.tta, memory_gb=args.memory_gb))
+    inference = InferenceParams(tta=args.tta, memory_gb=args.memory_gb,
+                                gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))
+    return SegmentParams(inference=inference)
 
 
 def _logit_fn(weights, device: str):
@@ -178,9 +181,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
     params = _segment_params(args)
     checksum = weights_sha256(args.weights)
     jobs = [prepare_job(path, params, checksum, args.voxel_size) for path in args.tomograms]
-    todo = [job for job in jobs if args.force or not is_done(args.out, job)]
-    for job in set(jobs) - set(todo):
-        print(f"{job.name}: outputs complete for this input and these parameters; skipped (--force redoes it)")
+    todo = []
+    for job in jobs:
+        if args.force or not is_done(args.out, job):
+            todo.append(job)
+        else:
+            print(f"{job.name}: outputs complete for this input and these parameters; skipped (--force redoes it)")
     if not todo:
         return 0
     logit_fn = _logit_fn(args.weights, args.device)

@@ -156,8 +156,11 @@ def augment(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
 
 
 def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weights=None, description: dict,
+          inference: InferenceParams = InferenceParams(),
           progress: Callable[[int, dict], None] | None = None) -> dict:
     """Train, keep the best checkpoint by validation loss, and write the model folder.
+
+    `inference` is the input preparation the pairs were made with; the model folder records it.
 
     Resumes from `out_dir/last.keras` when it exists (an interrupted run). Returns the model config.
     """
@@ -201,22 +204,23 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
         state["epoch"] = epoch + 1
         state["history"].append(row)
         if state["best_epoch"] == epoch + 1:
-            save_model(model, out_dir, _config(params, state, description))
+            save_model(model, out_dir, _config(params, state, description, inference))
         model.save(out_dir / LAST_NAME)
         state_path.write_text(json.dumps(state))
         if progress is not None:
             progress(epoch + 1, row)
-    config = _config(params, state, description)
+    config = _config(params, state, description, inference)
     (out_dir / "config.json").write_text(json.dumps(config, indent=1))
     return config
 
 
-def _config(params: TrainParams, state: dict, description: dict) -> dict:
+def _config(params: TrainParams, state: dict, description: dict, inference: InferenceParams) -> dict:
     """What `config.json` records beside the weights: architecture, input preparation, training."""
     return {
         "architecture": "cryovesnet-unet-depth2-16",
         "network_voxel_size_a": InferenceParams().network_voxel_size_a,
-        "normalisation": "resample to the network voxel size, Gaussian sigma 1 voxel, whole-volume z-score",
+        "normalisation": "resample to the network voxel size, Gaussian pre-filter, whole-volume z-score",
+        "gaussian_sigma_vox": inference.gaussian_sigma_vox,
         "train_params": asdict(params),
         "best_epoch": state.get("best_epoch"),
         "best_loss": state["best_loss"],

@@ -1,0 +1,83 @@
+"""`cryoves segment` and `cryoves demo` end to end on phantoms, through the command line."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cryoves.cluster.cli import main
+from cryoves.engine.evaluation import evaluate, load_spheres
+from cryoves.engine.mrc import read_volume, write_volume
+from cryoves.engine.phantom import make_phantom, write_phantom
+
+CRYOVESNET_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    paths = write_phantom(folder, make_phantom((64, 160, 160), 22.0, seed=11), name="tomo")
+    return paths
+
+
+def _segment(phantom_files, out, *extra):
+    return main(["segment", str(phantom_files["tomogram"]), "--out", str(out), *extra])
+
+
+def test_segment_with_the_bundled_model(phantom_files, tmp_path, capsys):
+    assert _segment(phantom_files, tmp_path, "--probability") == 0
+    labels = read_volume(tmp_path / "tomo.labels.mrc")
+    truth = read_volume(phantom_files["labels"])
+    assert labels.data.shape == truth.data.shape and labels.voxel_size_a == truth.voxel_size_a
+    row = evaluate(load_spheres(tmp_path / "tomo.labels.mrc"), load_spheres(phantom_files["vesicles"]))
+    assert row["f1"] >= 0.95, row
+    assert row["center_residual_nm"] <= 1.5 and row["diameter_error"] <= 0.05, row
+    for name in ("tomo.prob.mrc", "tomo.mod", "vesicles/tomo.parquet", "runs/tomo.parquet"):
+        assert (tmp_path / name).is_file()
+    assert "vesicles, threshold" in capsys.readouterr().out
+    assert _segment(phantom_files, tmp_path) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not CRYOVESNET_WEIGHTS.is_file(), reason=f"CryoVesNet weights not found at {CRYOVESNET_WEIGHTS}")
+def test_segment_with_cryovesnet_weights(phantom_files, tmp_path):
+    assert _segment(phantom_files, tmp_path, "--weights", str(CRYOVESNET_WEIGHTS)) == 0
+    row = evaluate(load_spheres(tmp_path / "tomo.labels.mrc"), load_spheres(phantom_files["vesicles"]))
+    assert row["f1"] >= 0.95, row
+
+
+def test_origin_and_voxel_size_override_are_carried(tmp_path):
+    phantom = make_phantom((32, 64, 64), 22.0, seed=2)
+    tomo = write_volume(tmp_path / "raw.mrc", phantom.tomogram, 1.0, origin_a=(5.0, 6.0, 7.0))
+    assert main(["segment", str(tomo), "--out", str(tmp_path / "out")]) == 2  # 1.0 Å looks unset
+    assert not (tmp_path / "out").exists()
+    assert main(["segment", str(tomo), "--out", str(tmp_path / "out"), "--voxel-size", "22"]) == 0
+    labels = read_volume(tmp_path / "out" / "raw.labels.mrc")
+    assert labels.voxel_size_a == 22.0 and labels.origin_a == (5.0, 6.0, 7.0)
+
+
+def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, capsys):
+    garbage = tmp_path / "bad.mrc"
+    garbage.write_text("not a tomogram")
+    out = tmp_path / "out"
+    assert main(["segment", str(garbage), "--out", str(out)]) == 2
+    assert main(["segment", str(tmp_path / "absent.mrc"), "--out", str(out)]) == 2
+    assert main(["segment", str(garbage), "--out", str(out), "--weights", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("cryoves: error:") == 3 and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_region_restricts_detection(phantom_files, tmp_path):
+    region = np.zeros((64, 160, 160), np.uint8)
+    region[:, :, :80] = 1
+    mask = write_volume(tmp_path / "region.mrc", region, 22.0)
+    assert _segment(phantom_files, tmp_path / "out", "--region", str(mask)) == 0
+    labels = np.asarray(read_volume(tmp_path / "out" / "tomo.labels.mrc").data)
+    assert labels.any() and not labels[:, :, 100:].any()
+
+
+def test_demo_runs_and_scores(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--shape", "48", "128", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "F1" in out and (tmp_path / "metrics.parquet").is_file()
