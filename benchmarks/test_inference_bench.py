@@ -16,7 +16,7 @@ from scipy.special import expit
 
 from cryoves.engine.inference import InferenceParams, plan_inference, predict_tiled
 
-WEIGHTS = Path("/work/shared/models/cryovesnet/weights.h5")
+WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 SHAPES = [(48, 48, 48)] + ([(64, 192, 192)] if os.environ.get("CRYOVES_BENCH_LARGE") else [])
 WINDOW, KEEP = 64, 24
 

@@ -282,6 +282,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from cryoves.cluster.run import expand_inputs, run_batch
+    from cryoves.engine.model import weights_sha256
+
+    paths = expand_inputs(args.inputs)
+    params = _segment_params(args)
+    rows = run_batch([str(p) for p in paths], args.out, params, weights=args.weights,
+                     weights_sha256=weights_sha256(args.weights), address=args.address,
+                     num_gpu_actors=args.num_gpu_actors, voxel_size_a=args.voxel_size,
+                     max_in_flight=args.max_in_flight, write_probability=args.probability).to_pylist()
+    counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "error")}
+    for row in rows:
+        if row["status"] == "error":
+            print(f"{row['name']}: error: {row['error']}")
+    print(f"{len(rows)} tomograms: {counts['ok']} segmented, {counts['skipped']} already complete (skipped), "
+          f"{counts['error']} failed; outputs and run records in {args.out}")
+    if counts["error"]:
+        raise CryovesError(f"{counts['error']} of {len(rows)} tomograms failed (listed above, and in {args.out}/runs/)")
+    return 0
+
+
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="FILE",
                         help="a cryoves model folder or CryoVesNet's weights.h5 (default: the bundled model)")
@@ -383,6 +404,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_voxel_size(segment)
     _add_network_options(segment)
     segment.set_defaults(run=cmd_segment)
+
+    run = commands.add_parser(
+        "run", help="segment many tomograms on Ray: GPU actors for the network, CPU tasks for the rest",
+        description="Screen tomograms (files, folders, glob patterns or text files listing paths) with the "
+                    "method of `cryoves segment`, on a local Ray instance or a cluster (--address). Inference "
+                    "runs in one actor per GPU, post-processing in CPU tasks, pipelined, with at most "
+                    "--max-in-flight tomograms in memory. Reruns skip complete outputs; a bad tomogram becomes "
+                    "an error row and the batch goes on. Every node needs cryoves and a shared filesystem.",
+        epilog="example: cryoves run 'screen/*.mrc' --out results/ --address auto",
+    )
+    run.add_argument("inputs", nargs="+", metavar="INPUT")
+    run.add_argument("--out", required=True, metavar="DIR")
+    run.add_argument("--address", help="Ray cluster address, or 'auto' (default: start Ray on this machine)")
+    run.add_argument("--num-gpu-actors", type=int, metavar="N",
+                     help="inference actors (default: one per GPU, or 1 on a CPU-only machine)")
+    run.add_argument("--max-in-flight", type=int, default=4, metavar="N",
+                     help="tomograms in memory at once (default: 4)")
+    run.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
+    _add_voxel_size(run)
+    _add_network_options(run)
+    run.set_defaults(run=cmd_run)
 
     demo = commands.add_parser(
         "demo", help="the main job on a built-in synthetic tomogram, scored against its exact ground truth",

@@ -171,31 +171,38 @@ def _forward(batch: np.ndarray, transform: tuple, logit_fn: LogitFn) -> np.ndarr
     return np.flip(np.rot90(logit_fn(np.rot90(np.flip(batch, axis), 1, plane)), -1, plane), axis)
 
 
+def predict_batch(volume: np.ndarray, plan: TilePlan, first: int, logit_fn: LogitFn,
+                  params: InferenceParams) -> list[np.ndarray]:
+    """Probabilities of the kept cores of the batch of tiles that starts at tile `first`.
+
+    TTA outputs are averaged in logit space, then passed through the sigmoid. The Ray scheduler
+    sends such batches of one tomogram to several actors; `predict_tiled` runs them in turn.
+    """
+    tiles = plan.tiles[first:first + plan.batch_size]
+    batch = np.empty((len(tiles), *plan.window_shape), dtype=np.float32)
+    for b, tile in enumerate(tiles):
+        read_tile(volume, tile, params.halo_vox, out=batch[b])
+    transforms = _TTA[:params.tta]
+    logits = np.array(_forward(batch, transforms[0], logit_fn), dtype=np.float32)
+    for transform in transforms[1:]:
+        logits += _forward(batch, transform, logit_fn)
+    if len(transforms) > 1:
+        logits /= len(transforms)
+    return [expit(logits[b][tile.crop]) for b, tile in enumerate(tiles)]
+
+
 def predict_tiled(volume: np.ndarray, logit_fn: LogitFn, params: InferenceParams,
                   progress: Progress | None = None) -> np.ndarray:
-    """Probability map of a z-scored network-grid volume, tile by tile, into one float32 array.
-
-    TTA outputs are averaged in logit space, then passed through the sigmoid.
-    """
+    """Probability map of a z-scored network-grid volume, batch by batch, into one float32 array."""
     if volume.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume.shape}")
     plan = plan_inference(volume.shape, params)
     output = np.empty(volume.shape, dtype=np.float32)
-    transforms = _TTA[:params.tta]
-    batch = np.empty((plan.batch_size, *plan.window_shape), dtype=np.float32)
     n_tiles = len(plan.tiles)
     for first in range(0, n_tiles, plan.batch_size):
         tiles = plan.tiles[first:first + plan.batch_size]
-        for b, tile in enumerate(tiles):
-            read_tile(volume, tile, params.halo_vox, out=batch[b])
-        chunk = batch[:len(tiles)]
-        logits = np.array(_forward(chunk, transforms[0], logit_fn), dtype=np.float32)
-        for transform in transforms[1:]:
-            logits += _forward(chunk, transform, logit_fn)
-        if len(transforms) > 1:
-            logits /= len(transforms)
-        for b, tile in enumerate(tiles):
-            output[tile.write] = expit(logits[b][tile.crop])
+        for tile, probability in zip(tiles, predict_batch(volume, plan, first, logit_fn, params)):
+            output[tile.write] = probability
         if progress is not None:
             progress(first + len(tiles), n_tiles)
     return output

@@ -15,7 +15,7 @@ from cryoves.engine.inference import (InferenceParams, plan_inference, plan_tile
                                       predict_tiled, prepare_network_input, probability_on_input_grid,
                                       read_tile)
 
-WEIGHTS = Path("/work/shared/models/cryovesnet/weights.h5")
+WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.model import N_PARAMETERS, build_unet, load_unet, logit_model, make_logit_fn
 
-WEIGHTS = Path("/work/shared/models/cryovesnet/weights.h5")
+WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 
 
 def _weights_or_skip() -> Path:

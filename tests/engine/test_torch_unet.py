@@ -12,7 +12,7 @@ from cryoves.engine.inference import InferenceParams, predict_tiled  # noqa: E40
 from cryoves.engine.model import build_unet, make_logit_fn  # noqa: E402
 from cryoves.engine.torch_unet import TorchUNet, load_torch_unet, make_torch_logit_fn  # noqa: E402
 
-WEIGHTS = Path("/work/shared/models/cryovesnet/weights.h5")
+WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 
 
 def _random_keras_weights(n_filter_base):
