@@ -291,7 +291,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     rows = run_batch([str(p) for p in paths], args.out, params, weights=args.weights,
                      weights_sha256=weights_sha256(args.weights), address=args.address,
                      num_gpu_actors=args.num_gpu_actors, voxel_size_a=args.voxel_size,
-                     max_in_flight=args.max_in_flight, write_probability=args.probability).to_pylist()
+                     max_in_flight=args.max_in_flight, write_probability=args.probability,
+                     truth_dir=args.truth).to_pylist()
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "error")}
     for row in rows:
         if row["status"] == "error":
@@ -422,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-in-flight", type=int, default=4, metavar="N",
                      help="tomograms in memory at once (default: 4)")
     run.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
+    run.add_argument("--truth", metavar="DIR",
+                     help="folder of ground truth (NAME.labels.mrc or NAME.vesicles.parquet): scores each tomogram "
+                          "into DIR/metrics/NAME.parquet")
     _add_voxel_size(run)
     _add_network_options(run)
     run.set_defaults(run=cmd_run)

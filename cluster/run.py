@@ -32,6 +32,7 @@ import pyarrow as pa
 import ray
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.evaluation import find_truth, write_metrics
 from cryoves.engine.inference import (InferenceParams, plan_inference, predict_batch, prepare_network_input,
                                       probability_on_input_grid)
 from cryoves.engine.job import Job, is_done, prepare_job
@@ -185,7 +186,7 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
 
 @ray.remote(max_retries=TASK_RETRIES)
 def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_size_a: float | None,
-            write_probability: bool, *batches) -> int:
+            write_probability: bool, truth_dir: str | None, *batches) -> int:
     """Assemble the map, post-process and write every output, as `segment_file` does; → vesicle count."""
     start = time.perf_counter()
     volume = read_volume(path, voxel_size_a)
@@ -198,7 +199,10 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
     result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
     total = time.perf_counter() - start + result.seconds["network"]
     record = job.record | {"region": "", "total_seconds": total}
-    write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)
+    paths = write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)
+    truth = find_truth(truth_dir, job.name) if truth_dir else None
+    if truth is not None:
+        write_metrics(out_dir, job.name, paths["labels"], truth)
     return int((np.asarray(result.vesicles.column("outcome").to_pylist()) != "removed").sum())
 
 
@@ -279,14 +283,16 @@ def _error_text(exc: BaseException) -> str:
 def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, weights_sha256: str,
               address: str | None = None, num_gpu_actors: int | None = None,
               voxel_size_a: float | None = None, max_in_flight: int = 4, progress: Progress | None = None,
-              write_probability: bool = False) -> pa.Table:
+              write_probability: bool = False, truth_dir: str | None = None) -> pa.Table:
     """Segment every tomogram of `inputs` (see `expand_inputs`) on Ray into `out_dir`.
 
     `address`: None starts a local Ray instance (or uses the one this process already runs);
     "auto" or "HOST:PORT" joins a cluster. `num_gpu_actors`: inference actors, default one per GPU
     in the cluster, or 1 CPU actor where there are no GPUs. `progress`: called with each result row;
     without it a tqdm bar over tomograms is shown on a terminal. Returns one row per input, in input
-    order (RESULT_SCHEMA); failures are rows with status "error", never exceptions.
+    order (RESULT_SCHEMA); failures are rows with status "error", never exceptions. With `truth_dir`,
+    tomograms whose ground truth is there (NAME.labels.mrc or NAME.vesicles.parquet) are scored into
+    `out_dir/metrics/NAME.parquet`.
     """
     if max_in_flight < 1:
         raise CryovesError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -300,7 +306,7 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
     started_ray = _connect(address)
     try:
         return _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a,
-                    max_in_flight, progress, write_probability)
+                    max_in_flight, progress, write_probability, truth_dir)
     finally:
         if started_ray:
             ray.shutdown()
@@ -318,7 +324,7 @@ def _connect(address: str | None) -> bool:
 
 
 def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a, max_in_flight,
-         progress, write_probability) -> pa.Table:
+         progress, write_probability, truth_dir) -> pa.Table:
     from tqdm import tqdm
 
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -380,7 +386,7 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                     pool = PredictorPool(weights, n_actors, gpus=n_gpus > 0)
                 item.calls = pool.submit(item.volume_ref, item.meta, params.inference)
                 item.finish_ref = _finish.remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
-                                                 write_probability,
+                                                 write_probability, truth_dir and str(truth_dir),
                                                  *[result for _, _, _, result in item.calls])
                 item.volume_ref = None
                 flying[item.finish_ref] = item

@@ -4,11 +4,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.metrics import dice, match_vesicles, spheres_from_labels
 from cryoves.engine.mrc import read_volume
+from cryoves.engine.tables import write_table
 from cryoves.engine.units import nm_to_vox
 
 VOXEL_SIZE_TOLERANCE = 1e-3
@@ -56,6 +58,21 @@ def evaluate(prediction: Spheres, truth: Spheres, probability: np.ndarray | None
         _check_same_grid(probability.shape, truth.labels.shape, "probability map")
         row["probability_dice"] = dice(np.asarray(probability, dtype=np.float32), truth.labels)
     return row
+
+
+def find_truth(truth_dir, name: str) -> Path | None:
+    """The ground truth of tomogram `name` in a folder: NAME.labels.mrc, else NAME.vesicles.parquet."""
+    for candidate in (Path(truth_dir) / f"{name}.labels.mrc", Path(truth_dir) / f"{name}.vesicles.parquet"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def write_metrics(out_dir, name: str, prediction_path, truth_path) -> Path:
+    """Score one tomogram's labels against its ground truth into `metrics/NAME.parquet`."""
+    row = {"tomogram": name, "prediction": str(prediction_path), "ground_truth": str(truth_path)}
+    row |= evaluate(load_spheres(prediction_path), load_spheres(truth_path))
+    return write_table(Path(out_dir) / "metrics" / f"{name}.parquet", pa.Table.from_pylist([row]))
 
 
 def _check_same_grid(shape, truth_shape, what: str) -> None:
