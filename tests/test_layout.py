@@ -89,3 +89,4 @@ def test_wheel_holds_only_the_cryoves_namespace(tmp_path):
     for folder in FOLDERS:
         assert f"cryoves/{folder}/__init__.py" in names
     assert not any(name.startswith("cryoves/__init__") for name in names)  # an implicit namespace package
+    assert {"cryoves/engine/bundled_model/weights.npz", "cryoves/engine/bundled_model/config.json"} <= set(names)
