@@ -184,6 +184,20 @@ def test_expand_inputs(tmp_path):
         expand_inputs([str(folder), str(tmp_path / "c")])
 
 
+def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, weights, tmp_path, capsys):
+    from cryoves.cluster.cli import main
+
+    assert main(["run", str(inputs), "--out", str(tmp_path), "--weights", weights, "--truth", str(inputs)]) == 2
+    captured = capsys.readouterr()
+    assert "4 tomograms: 2 segmented, 0 already complete (skipped), 2 failed" in captured.out
+    assert "cryoves: error: 2 of 4 tomograms failed" in captured.err
+    for name in GOOD:
+        assert (tmp_path / f"{name}.labels.mrc").is_file()
+    metrics = pq.read_table(tmp_path / "metrics").to_pylist()
+    assert sorted(row["tomogram"] for row in metrics) == list(GOOD)
+    assert all(row["n_true_positive"] + row["n_false_negative"] > 0 for row in metrics)
+
+
 @pytest.mark.slow
 def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, weights, reference, tmp_path):
     """Two nodes with one (fake) GPU each; the worker node is killed after the first tomogram and a new
@@ -217,17 +231,3 @@ def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, 
             np.testing.assert_array_equal(mrcfile.read(tmp_path / f"{name}.{suffix}.mrc"),
                                           mrcfile.read(reference / f"{name}.{suffix}.mrc"))
 
-
-def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, weights, tmp_path, capsys):
-    from cryoves.cluster.cli import main
-
-    assert main(["run", str(inputs), "--out", str(tmp_path), "--weights", weights, "--num-gpu-actors", "2",
-                 "--truth", str(inputs)]) == 2
-    captured = capsys.readouterr()
-    assert "4 tomograms: 2 segmented, 0 already complete (skipped), 2 failed" in captured.out
-    assert "cryoves: error: 2 of 4 tomograms failed" in captured.err
-    for name in GOOD:
-        assert (tmp_path / f"{name}.labels.mrc").is_file()
-    metrics = pq.read_table(tmp_path / "metrics").to_pylist()
-    assert sorted(row["tomogram"] for row in metrics) == list(GOOD)
-    assert all(row["n_true_positive"] + row["n_false_negative"] > 0 for row in metrics)
