@@ -1,0 +1,299 @@
+"""`cryoves bench`: time the pipeline on phantoms of standard sizes and project the throughput.
+
+`run_bench` generates a phantom, runs the network and every post-processing stage once after an
+untimed warm-up (numba compilation or cache load, TensorFlow graph tracing), and returns one record:
+seconds and Mvoxel/s per stage, hardware, package versions, and the projection to a typical
+tomogram (1024 x 1024 x 261 voxels at 14.69 Å). The network is rated per voxel of the network grid
+(22 Å: 684 x 684 x 174 voxels for that tomogram), post-processing per voxel of the input grid.
+`format_bench` renders the record as text; `--json` prints the record itself.
+
+Without a trained model (no bundled model and no `weights`) the network runs with random weights,
+the same compute, and post-processing is fed a probability map made from the phantom's true labels,
+so that the later stages have vesicles to work on; the record says which (`probability`).
+"""
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from math import prod
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.inference import predict_probability, probability_on_input_grid
+from cryoves.engine.outputs import package_versions, peak_memory_mb
+from cryoves.engine.phantom import Phantom, make_phantom
+from cryoves.engine.rescale import network_shape
+from cryoves.engine.segment import STAGES, SegmentParams, postprocess
+
+SIZES: dict[str, tuple[int, int, int]] = {
+    "small": (64, 128, 128),
+    "medium": (128, 256, 256),
+    "large": (200, 512, 512),
+}
+"""Phantom shapes (z, y, x) of `--size`, all at BENCH_VOXEL_SIZE_A."""
+BENCH_VOXEL_SIZE_A = 22.0
+TARGET_SHAPE = (261, 1024, 1024)
+"""The projected tomogram (z, y, x): CryoVesNet's published timing case."""
+TARGET_VOXEL_SIZE_A = 14.69
+WARMUP_SHAPE = (64, 128, 128)
+WARMUP_SHAPES = ((64, 128, 128), (32, 96, 96))
+POST_STAGES = STAGES[1:]
+DEVICES = ("cpu", "gpu")
+
+Progress = Callable[[str], None]
+
+
+def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, int] | None = None,
+              seed: int = 0, repeats: int | None = None, progress: Progress | None = None) -> dict:
+    """Benchmark one phantom of `size` (small, medium, large) with the network on `device` (cpu, gpu).
+
+    `weights` is what `--weights` takes elsewhere (None: the bundled model, or random weights if it is
+    not installed); `shape` overrides the size's shape (tests use a smaller one). Each stage's time is
+    the fastest of `repeats` timed runs (None: 3 for small, 1 otherwise).
+    """
+    if size not in SIZES:
+        raise CryovesError(f"--size {size!r} is unknown; choose one of {', '.join(SIZES)}")
+    if device not in DEVICES:
+        raise CryovesError(f"--device {device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    repeats = (3 if size == "small" else 1) if repeats is None else int(repeats)
+    if repeats < 1:
+        raise CryovesError(f"repeats must be >= 1, got {repeats}")
+    shape = tuple(int(n) for n in (shape or SIZES[size]))
+    say = progress or (lambda message: None)
+    params = SegmentParams()
+    say("loading the network")
+    logit_fn, model = _logit_fn(weights, device)
+    say(f"phantom {'x'.join(map(str, shape))} at {BENCH_VOXEL_SIZE_A:g} Å")
+    start = time.perf_counter()
+    phantom = make_phantom(shape, BENCH_VOXEL_SIZE_A, seed=seed)
+    phantom_s = time.perf_counter() - start
+
+    trained = model != "random"
+    say("warm-up (compilation, graph tracing)")
+    start = time.perf_counter()
+    if prod(shape) <= prod(WARMUP_SHAPE):
+        time_pipeline(phantom, logit_fn, params, trained)
+    else:  # two small shapes: TensorFlow's second trace is the shape-generic one that larger tiles reuse
+        for warm_shape in WARMUP_SHAPES:
+            time_pipeline(make_phantom(warm_shape, BENCH_VOXEL_SIZE_A, seed), logit_fn, params, trained)
+    warmup_s = time.perf_counter() - start
+
+    seconds: dict[str, float] = {}
+    for i in range(repeats):
+        say(f"timed run {i + 1} of {repeats}")
+        run_s, n_found, source = time_pipeline(phantom, logit_fn, params, trained)
+        seconds = {name: min(t, seconds.get(name, t)) for name, t in run_s.items()}
+    net_voxels = prod(network_shape(shape, BENCH_VOXEL_SIZE_A, params.inference.network_voxel_size_a))
+    stages = {name: _rate(seconds[name], net_voxels if name == "network" else prod(shape), name)
+              for name in STAGES}
+    post_s = sum(seconds[name] for name in POST_STAGES)
+    return {
+        "size": size,
+        "shape": list(shape),
+        "voxel_size_a": BENCH_VOXEL_SIZE_A,
+        "device": device,
+        "model": model,
+        "probability": source,
+        "n_vesicles_phantom": phantom.vesicles.num_rows,
+        "n_vesicles_found": n_found,
+        "stages": stages,
+        "postprocess_seconds": post_s,
+        "total_seconds": seconds["network"] + post_s,
+        "repeats": repeats,
+        "warmup_seconds": warmup_s,
+        "phantom_seconds": phantom_s,
+        "peak_memory_mb": peak_memory_mb(),
+        "projection": project(stages, params),
+        "hardware": hardware(device),
+        "versions": _versions(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def format_bench(record: dict) -> str:
+    """The record as a table of stages, then the projection line."""
+    shape = "x".join(map(str, record["shape"]))
+    hw = record["hardware"]
+    lines = [
+        f"cryoves bench: {record['size']} phantom {shape} voxels at {record['voxel_size_a']:g} Å, "
+        f"{record['n_vesicles_phantom']} vesicles ({record['n_vesicles_found']} found), network on {record['device']}",
+        f"model: {record['model']}; post-processing input: {record['probability']}",
+        f"machine: {hw['cpu']}, {hw['cores']} cores ({hw['cores_usable']} usable), GPU: {hw['gpu'] or 'none'}",
+        "",
+        f"{'stage':12s} {'grid':8s} {'seconds':>9s} {'Mvoxel/s':>10s}",
+    ]
+    for name, stage in record["stages"].items():
+        lines.append(f"{name:12s} {stage['grid']:8s} {stage['seconds']:9.3f} {stage['mvoxel_per_s']:10.2f}")
+    lines += [
+        f"{'post-proc.':12s} {'input':8s} {record['postprocess_seconds']:9.3f}",
+        f"{'total':12s} {'':8s} {record['total_seconds']:9.3f}",
+        f"(fastest of {record['repeats']} runs; warm-up {record['warmup_seconds']:.1f} s, "
+        f"phantom {record['phantom_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB)",
+        "",
+    ]
+    p = record["projection"]
+    lines.append(
+        f"projected: {p['tomograms_per_hour']:.1f} tomograms/hour ({p['seconds_per_tomogram']:.1f} s each: network "
+        f"{p['network_seconds']:.1f} s, post-processing {p['postprocess_seconds']:.1f} s) for "
+        f"{'x'.join(map(str, p['shape'][::-1]))} voxels at {p['voxel_size_a']:g} Å on this machine")
+    if record["size"] == "small":
+        lines.append("(small tiles recompute more halo per voxel: --size medium projects more faithfully)")
+    return "\n".join(lines)
+
+
+def project(stages: dict, params: SegmentParams | None = None) -> dict:
+    """Seconds per TARGET tomogram from measured per-voxel rates (network grid for the network).
+
+    Post-processing also scales with the vesicle count, which grows with the volume at a fixed
+    vesicle density; a finer voxel size puts more voxels on each vesicle, which the per-voxel rate
+    accounts for only approximately.
+    """
+    params = params or SegmentParams()
+    net_shape = network_shape(TARGET_SHAPE, TARGET_VOXEL_SIZE_A, params.inference.network_voxel_size_a)
+    per_stage = {name: (prod(net_shape) if stage["grid"] == "network" else prod(TARGET_SHAPE))
+                 / (stage["mvoxel_per_s"] * 1e6) for name, stage in stages.items()}
+    network_s = sum(s for name, s in per_stage.items() if stages[name]["grid"] == "network")
+    total_s = sum(per_stage.values())
+    return {
+        "shape": list(TARGET_SHAPE),
+        "voxel_size_a": TARGET_VOXEL_SIZE_A,
+        "network_shape": list(net_shape),
+        "stage_seconds": per_stage,
+        "network_seconds": network_s,
+        "postprocess_seconds": total_s - network_s,
+        "seconds_per_tomogram": total_s,
+        "tomograms_per_hour": 3600.0 / total_s,
+    }
+
+
+def phantom_probability(phantom: Phantom, sigma_vox: float = 1.0) -> np.ndarray:
+    """A stand-in for a trained network's output: the true vesicle mask blurred by `sigma_vox` voxels.
+
+    It crosses 0.5 at the outer vesicle surface and joins touching vesicles, as the network does.
+    """
+    mask = (phantom.labels > 0).astype(np.float32)
+    return np.clip(ndimage.gaussian_filter(mask, sigma_vox), 0.0, 1.0).astype(np.float32)
+
+
+def fitted_exponent(x, seconds) -> float:
+    """Least-squares slope of log(seconds) against log(x): time ∝ x**slope."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(seconds, float))
+    return float(np.polyfit(lx, ly, 1)[0]) if len(lx) > 1 else float("nan")
+
+
+def hardware(device: str = "cpu") -> dict:
+    """CPU model, core counts, numba threads and the GPU (if one is visible)."""
+    import numba
+
+    return {
+        "cpu": _cpu_model(),
+        "machine": platform.machine(),
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "numba_threads": numba.get_num_threads(),
+        "memory_gb": _memory_gb(),
+        "gpu": _gpu_name(device),
+        "platform": platform.platform(),
+    }
+
+
+def time_pipeline(phantom: Phantom, logit_fn, params: SegmentParams, trained: bool) -> tuple[dict, int, str]:
+    """Network then post-processing of one phantom: (seconds per stage, vesicles kept, probability source).
+
+    With `trained` False (random weights) post-processing gets `phantom_probability` instead of the
+    network's output; the network is timed either way.
+    """
+    tomogram = phantom.tomogram
+    start = time.perf_counter()
+    prob_net = predict_probability(tomogram, phantom.voxel_size_a, logit_fn, params.inference)
+    probability = probability_on_input_grid(prob_net, tomogram.shape)
+    network_s = time.perf_counter() - start
+    if trained:
+        source = "network output"
+    else:
+        probability, source = phantom_probability(phantom), "phantom labels blurred by 1 voxel (no trained model)"
+    result = postprocess(tomogram, probability, phantom.voxel_size_a, params)
+    kept = sum(outcome != "removed" for outcome in result.vesicles.column("outcome").to_pylist())
+    return {"network": network_s} | result.seconds, int(kept), source
+
+
+def _rate(seconds: float, n_voxels: int, name: str) -> dict:
+    seconds = max(seconds, 1e-9)
+    return {"seconds": seconds, "grid": "network" if name == "network" else "input", "n_voxels": n_voxels,
+            "mvoxel_per_s": n_voxels / seconds / 1e6}
+
+
+def _logit_fn(weights, device: str):
+    """(LogitFn, description): the requested or bundled weights; on the CPU without a trained model, a random
+    network of the same shape (same compute). The GPU path always loads weights (`load_gpu_logit_fn`)."""
+    from cryoves.engine.model import MODEL_WEIGHTS, bundled_model_dir
+
+    trained = weights is not None or (bundled_model_dir() / MODEL_WEIGHTS).is_file()
+    if device == "gpu":
+        try:
+            from cryoves.engine.torch_unet import load_gpu_logit_fn
+        except ImportError as error:
+            raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: pip install 'cryoves[gpu]'") \
+                from None
+        return load_gpu_logit_fn(weights), _describe(weights) + ", PyTorch float16 on CUDA"
+    from cryoves.engine.model import build_unet, load_logit_fn, make_logit_fn
+
+    if trained:
+        return load_logit_fn(weights), _describe(weights) + ", TensorFlow on CPU"
+    return make_logit_fn(build_unet()), "random"
+
+
+def _describe(weights) -> str:
+    return "bundled model" if weights is None else f"weights {weights}"
+
+
+def _versions() -> dict:
+    versions = package_versions()
+    if "torch" in sys.modules:
+        versions["torch"] = sys.modules["torch"].__version__
+    return versions
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gpu_name(device: str) -> str | None:
+    """The CUDA device name from PyTorch when it is in use, else from nvidia-smi if installed."""
+    if device == "gpu" and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return "; ".join(out.splitlines()) or None
+    return None
+
+
+__all__ = ["SIZES", "run_bench", "format_bench", "project", "time_pipeline", "phantom_probability", "fitted_exponent",
+           "hardware"]
