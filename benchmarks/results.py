@@ -229,7 +229,7 @@ def main() -> None:
         "(independent of the model), so times differ somewhat from the stage table above.\n")
     out("| against | points (x, seconds) | exponent |")
     out("|---|---|---|")
-    out(f"| voxel count (64x128x128, 128x256x256, 200x512x512; default density) | "
+    out("| voxel count (64x128x128, 128x256x256, 200x512x512; default density) | "
         + ", ".join(f"({x:,}, {_s(t)})" for x, t in scale["voxels"]) + f" | {scale['voxel_exponent']:.2f} |")
     out(f"| vesicle count (vesicle_fraction 0.04, 0.12, 0.3 at {'x'.join(map(str, scale['fraction_shape']))}) | "
         + ", ".join(f"({x}, {_s(t)})" for x, t in scale["vesicles"]) + f" | {scale['vesicle_exponent']:.2f} |")
