@@ -292,7 +292,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                      weights_sha256=weights_sha256(args.weights), address=args.address,
                      num_gpu_actors=args.num_gpu_actors, voxel_size_a=args.voxel_size,
                      max_in_flight=args.max_in_flight, write_probability=args.probability,
-                     truth_dir=args.truth).to_pylist()
+                     truth_dir=args.truth, region_dir=args.regions).to_pylist()
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "error")}
     for row in rows:
         if row["status"] == "error":
@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--truth", metavar="DIR",
                      help="folder of ground truth (NAME.labels.mrc or NAME.vesicles.parquet): scores each tomogram "
                           "into DIR/metrics/NAME.parquet")
+    run.add_argument("--regions", metavar="DIR",
+                     help="folder of segmentation regions, NAME.region.mrc or NAME.mod per tomogram NAME "
+                          "(as --region of segment); tomograms without one are segmented whole")
     _add_voxel_size(run)
     _add_network_options(run)
     run.set_defaults(run=cmd_run)

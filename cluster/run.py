@@ -32,12 +32,12 @@ import pyarrow as pa
 import ray
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.evaluation import find_truth, write_metrics
+from cryoves.engine.evaluation import TRUTH_SUFFIXES, write_metrics
 from cryoves.engine.inference import (InferenceParams, plan_inference, predict_batch, prepare_network_input,
                                       probability_on_input_grid)
-from cryoves.engine.job import Job, is_done, prepare_job
+from cryoves.engine.job import REGION_SUFFIXES, Job, is_done, load_region, prepare_job
 from cryoves.engine.mrc import read_volume
-from cryoves.engine.outputs import tomogram_name, write_outputs, write_run_record
+from cryoves.engine.outputs import companion_file, tomogram_name, write_outputs, write_run_record
 from cryoves.engine.segment import SegmentParams, postprocess
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
 
 @ray.remote(max_retries=TASK_RETRIES)
 def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_size_a: float | None,
-            write_probability: bool, truth_dir: str | None, *batches) -> int:
+            write_probability: bool, truth_dir: str | None, region_dir: str | None, *batches) -> int:
     """Assemble the map, post-process and write every output, as `segment_file` does; → vesicle count."""
     start = time.perf_counter()
     volume = read_volume(path, voxel_size_a)
@@ -195,12 +195,14 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
                         [(b["first"], b["probabilities"]) for b in batches])
     tomogram = np.asarray(job.volume.data, dtype=np.float32)
     probability = probability_on_input_grid(prob_net, tomogram.shape)
-    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params)
+    region = companion_file(region_dir, job.name, REGION_SUFFIXES) if region_dir else None
+    mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)
+    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask)
     result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
     total = time.perf_counter() - start + result.seconds["network"]
-    record = job.record | {"region": "", "total_seconds": total}
+    record = job.record | {"region": str(region or ""), "total_seconds": total}
     paths = write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)
-    truth = find_truth(truth_dir, job.name) if truth_dir else None
+    truth = companion_file(truth_dir, job.name, TRUTH_SUFFIXES) if truth_dir else None
     if truth is not None:
         write_metrics(out_dir, job.name, paths["labels"], truth)
     return int((np.asarray(result.vesicles.column("outcome").to_pylist()) != "removed").sum())
@@ -283,7 +285,8 @@ def _error_text(exc: BaseException) -> str:
 def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, weights_sha256: str,
               address: str | None = None, num_gpu_actors: int | None = None,
               voxel_size_a: float | None = None, max_in_flight: int = 4, progress: Progress | None = None,
-              write_probability: bool = False, truth_dir: str | None = None) -> pa.Table:
+              write_probability: bool = False, truth_dir: str | None = None,
+              region_dir: str | None = None) -> pa.Table:
     """Segment every tomogram of `inputs` (see `expand_inputs`) on Ray into `out_dir`.
 
     `address`: None starts a local Ray instance (or uses the one this process already runs);
@@ -292,7 +295,8 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
     without it a tqdm bar over tomograms is shown on a terminal. Returns one row per input, in input
     order (RESULT_SCHEMA); failures are rows with status "error", never exceptions. With `truth_dir`,
     tomograms whose ground truth is there (NAME.labels.mrc or NAME.vesicles.parquet) are scored into
-    `out_dir/metrics/NAME.parquet`.
+    `out_dir/metrics/NAME.parquet`. With `region_dir`, tomograms whose region is there
+    (NAME.region.mrc or NAME.mod, see `cryoves segment --region`) are segmented inside it.
     """
     if max_in_flight < 1:
         raise CryovesError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -306,7 +310,7 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
     started_ray = _connect(address)
     try:
         return _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a,
-                    max_in_flight, progress, write_probability, truth_dir)
+                    max_in_flight, progress, write_probability, truth_dir, region_dir)
     finally:
         if started_ray:
             ray.shutdown()
@@ -324,7 +328,7 @@ def _connect(address: str | None) -> bool:
 
 
 def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a, max_in_flight,
-         progress, write_probability, truth_dir) -> pa.Table:
+         progress, write_probability, truth_dir, region_dir) -> pa.Table:
     from tqdm import tqdm
 
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -387,6 +391,7 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                 item.calls = pool.submit(item.volume_ref, item.meta, params.inference)
                 item.finish_ref = _finish.remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
                                                  write_probability, truth_dir and str(truth_dir),
+                                                 region_dir and str(region_dir),
                                                  *[result for _, _, _, result in item.calls])
                 item.volume_ref = None
                 flying[item.finish_ref] = item

@@ -60,12 +60,8 @@ def evaluate(prediction: Spheres, truth: Spheres, probability: np.ndarray | None
     return row
 
 
-def find_truth(truth_dir, name: str) -> Path | None:
-    """The ground truth of tomogram `name` in a folder: NAME.labels.mrc, else NAME.vesicles.parquet."""
-    for candidate in (Path(truth_dir) / f"{name}.labels.mrc", Path(truth_dir) / f"{name}.vesicles.parquet"):
-        if candidate.is_file():
-            return candidate
-    return None
+TRUTH_SUFFIXES = (".labels.mrc", ".vesicles.parquet")
+"""How ground truth is named beside a batch: NAME.labels.mrc, else NAME.vesicles.parquet (as `phantom` writes)."""
 
 
 def write_metrics(out_dir, name: str, prediction_path, truth_path) -> Path:

@@ -53,6 +53,10 @@ def is_done(out_dir, job: Job) -> bool:
             and previous.get("params_digest") == job.record["params_digest"])
 
 
+REGION_SUFFIXES = (".region.mrc", ".mod")
+"""How a batch's per-tomogram regions are named in their folder: NAME.region.mrc or NAME.mod."""
+
+
 def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
     """The segmentation region as a bool mask: a binary MRC on the tomogram grid or an IMOD model."""
     path = Path(path)

@@ -32,6 +32,15 @@ def tomogram_name(path) -> str:
     return Path(path).name.rsplit(".", 1)[0]
 
 
+def companion_file(folder, name: str, suffixes) -> Path | None:
+    """The first of NAME + suffix that exists in `folder` (ground truth, region masks beside a batch)."""
+    for suffix in suffixes:
+        candidate = Path(folder) / f"{name}{suffix}"
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def file_sha256(path) -> str:
     """SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()

@@ -14,6 +14,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.inference import InferenceParams
 from cryoves.engine.job import prepare_job, segment_file
 from cryoves.engine.model import load_logit_fn
+from cryoves.engine.mrc import write_volume
 from cryoves.engine.phantom import make_phantom, write_phantom
 from cryoves.engine.segment import SegmentParams
 from cryoves.engine.threshold import ThresholdParams
@@ -184,16 +185,28 @@ def test_expand_inputs(tmp_path):
         expand_inputs([str(folder), str(tmp_path / "c")])
 
 
-def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, weights, tmp_path, capsys):
+def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, weights, reference, tmp_path,
+                                                          capsys):
     from cryoves.cluster.cli import main
 
-    assert main(["run", str(inputs), "--out", str(tmp_path), "--weights", weights, "--truth", str(inputs)]) == 2
+    regions = tmp_path / "regions"
+    region = np.zeros(SHAPE, np.uint8)
+    region[:, :, :32] = 1
+    write_volume(regions / "p0.region.mrc", region, VOXEL_A)
+    out = tmp_path / "out"
+    assert main(["run", str(inputs), "--out", str(out), "--weights", weights, "--truth", str(inputs),
+                 "--regions", str(regions)]) == 2
     captured = capsys.readouterr()
     assert "4 tomograms: 2 segmented, 0 already complete (skipped), 2 failed" in captured.out
     assert "cryoves: error: 2 of 4 tomograms failed" in captured.err
     for name in GOOD:
-        assert (tmp_path / f"{name}.labels.mrc").is_file()
-    metrics = pq.read_table(tmp_path / "metrics").to_pylist()
+        assert (out / f"{name}.labels.mrc").is_file()
+    whole = np.asarray(mrcfile.read(reference / "p0.labels.mrc"))
+    assert whole[:, :, 48:].any() or not CRYOVESNET.is_file()  # random weights find nothing anywhere
+    assert not np.asarray(mrcfile.read(out / "p0.labels.mrc"))[:, :, 48:].any()  # spheres may cross the edge
+    records = {r["tomogram"]: r for r in pq.read_table(out / "runs").to_pylist()}
+    assert records["p0"]["region"] == str(regions / "p0.region.mrc") and records["p1"]["region"] == ""
+    metrics = pq.read_table(out / "metrics").to_pylist()
     assert sorted(row["tomogram"] for row in metrics) == list(GOOD)
     assert all(row["n_true_positive"] + row["n_false_negative"] > 0 for row in metrics)
 
