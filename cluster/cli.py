@@ -143,7 +143,7 @@ def _segment_params(args: argparse.Namespace):
 
     inference = InferenceParams(tta=args.tta, memory_gb=args.memory_gb,
                                 gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))
-    return SegmentParams(inference=inference)
+    return SegmentParams(inference=inference, invert_contrast=args.invert_contrast)
 
 
 def _logit_fn(weights, device: str):
@@ -220,7 +220,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from cryoves.engine.mrc import read_volume, write_volume
     from cryoves.engine.outputs import tomogram_name
 
-    params = _segment_params(args).inference
+    from cryoves.engine.segment import oriented
+
+    segment_params = _segment_params(args)
+    params = segment_params.inference
     volume = read_volume(args.tomogram, args.voxel_size)
     start = time.perf_counter()
     logit_fn = _logit_fn(args.weights, args.device)
@@ -232,8 +235,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             bar.total = total
             bar.n = done
             bar.refresh()
-        prob_net = predict_probability(np.asarray(volume.data, np.float32), volume.voxel_size_a, logit_fn, params,
-                                       progress)
+        prob_net = predict_probability(oriented(volume.data, segment_params), volume.voxel_size_a, logit_fn,
+                                       params, progress)
     predicted = time.perf_counter()
     probability = probability_on_input_grid(prob_net, volume.data.shape)
     path = write_volume(Path(args.out) / f"{tomogram_name(args.tomogram)}.prob.mrc", probability,
@@ -322,6 +325,8 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu (Keras) or gpu (PyTorch, float16; needs the gpu extra)")
     parser.add_argument("--memory-gb", type=_positive_float, default=4.0, metavar="GB",
                         help="memory budget for a batch of network tiles (default: 4)")
+    parser.add_argument("--invert-contrast", action="store_true",
+                        help="the tomogram has bright membranes (contrast-inverted): negate it first")
 
 
 def _format(value) -> str:

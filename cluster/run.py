@@ -38,7 +38,7 @@ from cryoves.engine.inference import (InferenceParams, plan_inference, predict_b
 from cryoves.engine.job import REGION_SUFFIXES, Job, is_done, load_region, prepare_job
 from cryoves.engine.mrc import read_volume
 from cryoves.engine.outputs import companion_file, tomogram_name, write_outputs, write_run_record
-from cryoves.engine.segment import SegmentParams, postprocess
+from cryoves.engine.segment import SegmentParams, oriented, postprocess
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
     meta = {"name": job.name, "record": job.record}
     if is_done(out_dir, job):
         return meta | {"skipped": True}, None
-    tomogram = np.asarray(job.volume.data, dtype=np.float32)
+    tomogram = oriented(job.volume.data, params)
     network_input = prepare_network_input(tomogram, job.volume.voxel_size_a, params.inference)
     plan = plan_inference(network_input.shape, params.inference)
     meta |= {"skipped": False, "network_shape": network_input.shape, "n_tiles": len(plan.tiles),
@@ -193,7 +193,7 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
     job = Job(Path(path), meta["name"], volume, meta["record"])
     prob_net = assemble(meta["network_shape"], params.inference,
                         [(b["first"], b["probabilities"]) for b in batches])
-    tomogram = np.asarray(job.volume.data, dtype=np.float32)
+    tomogram = oriented(job.volume.data, params)
     probability = probability_on_input_grid(prob_net, tomogram.shape)
     region = companion_file(region_dir, job.name, REGION_SUFFIXES) if region_dir else None
     mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)

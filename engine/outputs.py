@@ -107,6 +107,7 @@ def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
         "threshold": result.threshold,
         "n_vesicles": int(kept.sum()),
         "seconds": result.seconds,
+        "warnings": list(result.warnings),
         "peak_memory_mb": peak_memory_mb(),
         "versions": package_versions(),
     }

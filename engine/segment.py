@@ -4,6 +4,7 @@
 spread over GPU actors and CPU tasks. No state is kept between calls.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ from cryoves.engine.segments import LocalizeParams, label_segments, localize
 from cryoves.engine.spheres import OverlapParams, render_labels, resolve_overlaps
 from cryoves.engine.threshold import ThresholdParams, global_threshold
 
+log = logging.getLogger(__name__)
+
 STAGES = ("network", "threshold", "label", "localize", "refine", "outliers", "overlap")
 """Stage names, in order; the label volumes of the paper's per-stage evaluation are global, local, sphere, final."""
 
@@ -33,6 +36,7 @@ class SegmentParams:
     refine: RefineParams = field(default_factory=RefineParams)
     outliers: OutlierParams = field(default_factory=OutlierParams)
     overlap: OverlapParams = field(default_factory=OverlapParams)
+    invert_contrast: bool = False  # for tomograms with bright membranes: the method needs them dark
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,14 +48,22 @@ class Segmentation:
     labels: dict[str, np.ndarray]    # "global", "local", "sphere", "final"
     vesicles: pa.Table               # one row per fitted sphere; final label k = k-th kept/repaired row
     seconds: dict[str, float]        # wall time per stage
+    warnings: tuple[str, ...] = ()   # what a user should check (also in the run record)
 
 
 Progress = Callable[[str], None]
 
 
+def oriented(tomogram: np.ndarray, params: SegmentParams) -> np.ndarray:
+    """The tomogram as float32 with dark membranes: negated when `params.invert_contrast`."""
+    tomogram = np.asarray(tomogram, dtype=np.float32)
+    return np.negative(tomogram) if params.invert_contrast else tomogram
+
+
 def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params: SegmentParams,
             region: np.ndarray | None = None, progress: Progress | None = None) -> Segmentation:
     """Predict the probability map of `tomogram` and post-process it (`postprocess`)."""
+    tomogram = oriented(tomogram, params)
     seconds: dict[str, float] = {}
     with _timed("network", seconds, progress):
         prob_net = predict_probability(tomogram, voxel_size_a, logit_fn, params.inference)
@@ -65,7 +77,8 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
                 region: np.ndarray | None = None, progress: Progress | None = None) -> Segmentation:
     """All stages after the network, on the input grid and the raw tomogram intensities.
 
-    `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8).
+    `tomogram` is already `oriented` (dark membranes). `region` (bool, input grid) restricts detection
+    to the presynaptic cytoplasm (method.md §2.8).
     """
     if probability.shape != tomogram.shape:
         raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must share a grid")
@@ -73,7 +86,9 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         probability = np.where(region, probability, np.float32(0))
     seconds: dict[str, float] = {}
     with _timed("threshold", seconds, progress):
-        threshold = global_threshold(tomogram, probability, params.threshold).threshold
+        search = global_threshold(tomogram, probability, params.threshold)
+        threshold = search.threshold
+    warnings = _contrast_warnings(tomogram, search)
     with _timed("label", seconds, progress):
         global_labels = label_segments(probability, threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
@@ -88,7 +103,18 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         final_labels = render_labels(tomogram.shape, final)
     vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
     labels = {"global": global_labels, "local": local_labels, "sphere": sphere_labels, "final": final_labels}
-    return Segmentation(probability, float(threshold), labels, vesicles, seconds)
+    return Segmentation(probability, float(threshold), labels, vesicles, seconds, warnings)
+
+
+def _contrast_warnings(tomogram: np.ndarray, search) -> tuple[str, ...]:
+    """Membranes must be dark; a darkest mask boundary brighter than the tomogram's mean says they are not."""
+    shells = search.mean_intensity[np.isfinite(search.mean_intensity)] if search.searched else []
+    if len(shells) and shells.min() > float(np.mean(tomogram, dtype=np.float64)):
+        message = ("the vesicle boundaries are brighter than the tomogram's mean: the contrast looks inverted "
+                   "(white membranes); if so, rerun with --invert-contrast")
+        log.warning(message)
+        return (message,)
+    return ()
 
 
 def _deciding_stage(spheres: pa.Table, checked: pa.Table, final: pa.Table) -> list[str]:

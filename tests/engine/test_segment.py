@@ -7,7 +7,7 @@ from scipy import ndimage
 
 from cryoves.engine.metrics import match_vesicles
 from cryoves.engine.phantom import make_phantom
-from cryoves.engine.segment import STAGES, SegmentParams, postprocess
+from cryoves.engine.segment import STAGES, SegmentParams, oriented, postprocess
 from cryoves.engine.units import nm_to_vox
 
 
@@ -89,3 +89,15 @@ def test_single_vesicle():
     assert len(centers) == 1
     np.testing.assert_allclose(centers[0], truth_c[4], atol=1.0)
     assert abs(radii[0] - truth_r[4]) <= 1.0
+
+
+def test_inverted_contrast_is_flagged_and_undone(scene):
+    phantom, probability = scene
+    inverted = -phantom.tomogram
+    flagged = postprocess(inverted, probability, 22.0, SegmentParams())
+    assert flagged.warnings and "--invert-contrast" in flagged.warnings[0]
+    params = SegmentParams(invert_contrast=True)
+    fixed = postprocess(oriented(inverted, params), probability, 22.0, params)
+    assert fixed.warnings == ()
+    m = match_vesicles(*found_spheres(fixed.vesicles), *truth_spheres(phantom), 22.0)
+    assert m.f1 >= 0.95
