@@ -94,3 +94,35 @@ def test_refine_spheres_100(benchmark):
     got = np.column_stack([d["center_z_vox"], d["center_y_vox"], d["center_x_vox"]])
     assert np.median(np.linalg.norm(got - centers, axis=1)) < 0.5
     assert np.median(np.abs(np.array(d["radius_vox"]) - radii)) < 0.5
+
+
+@pytest.fixture(scope="module")
+def phantom_segments():
+    from cryoves.engine.phantom import make_phantom
+
+    phantom = make_phantom((64, 128, 128), 22.0, seed=3)
+    return phantom.tomogram, phantom.labels.astype(np.uint32)
+
+
+@pytest.mark.benchmark(group="per-vesicle stages (refine + render), phantom 64x128x128")
+@pytest.mark.parametrize("kernels", ["numba", "reference"])
+def test_per_vesicle_stages(benchmark, kernels, phantom_segments, monkeypatch):
+    """The whole per-vesicle work with the Numba kernels against the same code on the NumPy references."""
+    import cryoves.engine.refine as refine
+    import cryoves.engine.spheres as spheres
+    from cryoves.engine.spheres import render_labels
+    from cryoves.kernels import radial
+
+    tomogram, labels = phantom_segments
+    if kernels == "reference":
+        for name in ("radial_profiles", "back_project", "extract_boxes", "xcorr_shift"):
+            monkeypatch.setattr(refine, name, getattr(radial, f"{name}_reference"))
+        monkeypatch.setattr(spheres, "render_spheres", render_spheres_reference)
+
+    def stages():
+        table = refine_spheres(tomogram, labels, 22.0, RefineParams())
+        return table, render_labels(labels.shape, table)
+
+    table, rendered = benchmark.pedantic(stages, rounds=1 if kernels == "reference" else 3, iterations=1,
+                                         warmup_rounds=0 if kernels == "reference" else 1)
+    assert table.num_rows == labels.max() and rendered.max() > 0
