@@ -9,12 +9,10 @@ CRYOVES_BENCH_TOMOGRAMS to use more phantoms (default 4).
 import itertools
 import os
 import time
-from pathlib import Path
 
 import pytest
-
 from cryoves.engine.job import prepare_job, segment_file
-from cryoves.engine.model import load_logit_fn
+from cryoves.engine.model import bundled_model_dir, load_logit_fn
 from cryoves.engine.phantom import make_phantom, write_phantom
 from cryoves.engine.segment import SegmentParams
 
@@ -26,18 +24,14 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 
-CRYOVESNET = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 N_TOMOGRAMS = int(os.environ.get("CRYOVES_BENCH_TOMOGRAMS", "4"))
 PARAMS = SegmentParams()
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    if CRYOVESNET.is_file():
-        return str(CRYOVESNET)
-    from cryoves.engine.model import build_unet, save_model
-
-    return str(save_model(build_unet(), tmp_path_factory.mktemp("model"), {}))
+def weights():
+    """The bundled model, as a folder path that both the engine and the command line take."""
+    return str(bundled_model_dir())
 
 
 @pytest.fixture(scope="module")

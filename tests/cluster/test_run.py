@@ -1,7 +1,6 @@
 """`run_batch` on a local Ray instance with fake GPUs: same outputs as `segment_file`, resume, error rows."""
 
 import dataclasses
-from pathlib import Path
 
 import mrcfile
 import numpy as np
@@ -9,11 +8,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.inference import InferenceParams
 from cryoves.engine.job import prepare_job, segment_file
-from cryoves.engine.model import load_logit_fn
+from cryoves.engine.model import bundled_model_dir, load_logit_fn
 from cryoves.engine.mrc import write_volume
 from cryoves.engine.phantom import make_phantom, write_phantom
 from cryoves.engine.segment import SegmentParams
@@ -27,7 +25,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::ResourceWarning"),
 ]
 
-CRYOVESNET = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 SHAPE, VOXEL_A = (32, 64, 64), 22.0
 # 4 tiles in 2 batches per tomogram: each tomogram is spread over both actors
 PARAMS = SegmentParams(inference=InferenceParams(tile_vox=32, memory_gb=0.6))
@@ -42,13 +39,9 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    """CryoVesNet's weights where present, else a cryoves model folder with (saved) random weights."""
-    if CRYOVESNET.is_file():
-        return str(CRYOVESNET)
-    from cryoves.engine.model import build_unet, save_model
-
-    return str(save_model(build_unet(), tmp_path_factory.mktemp("model"), {}))
+def weights():
+    """The bundled model, as a folder path that both the engine and the command line take."""
+    return str(bundled_model_dir())
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +98,7 @@ def test_results_equal_the_in_process_path(first_run, reference):
     for name in GOOD:
         ours, theirs = mrcfile.read(out / f"{name}.labels.mrc"), mrcfile.read(reference / f"{name}.labels.mrc")
         np.testing.assert_array_equal(ours, theirs)
-        assert ours.max() > 0 or not CRYOVESNET.is_file()  # random weights find nothing
+        assert ours.max() > 0
         np.testing.assert_array_equal(mrcfile.read(out / f"{name}.prob.mrc"),
                                       mrcfile.read(reference / f"{name}.prob.mrc"))
         assert_tables_equal(pq.read_table(out / "vesicles" / f"{name}.parquet"),
@@ -124,7 +117,7 @@ def test_actors_sit_on_the_fake_gpus_and_share_each_tomogram(first_run):
     assert ok.num_rows == 2
     for actors, gpus in zip(ok["actors"].to_pylist(), ok["gpu_ids"].to_pylist()):
         assert actors == "0,1" and sorted(gpus.split(",")) == ["0", "1"]
-    assert all(n > 0 for n in ok["n_vesicles"].to_pylist()) or not CRYOVESNET.is_file()
+    assert all(n > 0 for n in ok["n_vesicles"].to_pylist())
 
 
 def test_corrupt_inputs_are_error_rows_beside_good_results(first_run):
@@ -202,7 +195,7 @@ def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs,
     for name in GOOD:
         assert (out / f"{name}.labels.mrc").is_file()
     whole = np.asarray(mrcfile.read(reference / "p0.labels.mrc"))
-    assert whole[:, :, 48:].any() or not CRYOVESNET.is_file()  # random weights find nothing anywhere
+    assert whole[:, :, 48:].any()
     assert not np.asarray(mrcfile.read(out / "p0.labels.mrc"))[:, :, 48:].any()  # spheres may cross the edge
     records = {r["tomogram"]: r for r in pq.read_table(out / "runs").to_pylist()}
     assert records["p0"]["region"] == str(regions / "p0.region.mrc") and records["p1"]["region"] == ""
