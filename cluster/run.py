@@ -321,7 +321,7 @@ def _connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     if address is None:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     else:
         ray.init(address=address, log_to_driver=False)
     return True

@@ -33,7 +33,7 @@ GOOD = ("p0", "p1")
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
