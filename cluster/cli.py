@@ -180,7 +180,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
     params = _segment_params(args)
     checksum = weights_sha256(args.weights)
-    jobs = [prepare_job(path, params, checksum, args.voxel_size) for path in args.tomograms]
+    jobs = [prepare_job(path, params, checksum, args.voxel_size, args.region) for path in args.tomograms]
     todo = []
     for job in jobs:
         if args.force or not is_done(args.out, job):
@@ -193,9 +193,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
     for job in todo:
         bar, progress = _stage_bar(job.name, STAGES)
         with bar:
-            paths = segment_file(job, args.out, logit_fn, params, region=args.region,
-                                 write_probability=args.probability, write_stages=args.stages,
-                                 pyto=args.pyto, active_zone=args.active_zone, progress=progress)
+            paths = segment_file(job, args.out, logit_fn, params, write_probability=args.probability,
+                                 write_stages=args.stages, pyto=args.pyto, active_zone=args.active_zone,
+                                 progress=progress)
             bar.n = len(STAGES)
         record = _run_record(args.out, job.name)
         print(f"{job.name}: {record['n_vesicles']} vesicles, threshold {record['threshold']:.3f}; "

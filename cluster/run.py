@@ -169,10 +169,11 @@ class Predictor:
 
 @ray.remote(num_returns=2, max_retries=TASK_RETRIES)
 def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str,
-             voxel_size_a: float | None):
+             voxel_size_a: float | None, region_dir: str | None):
     """(meta, network input): meta says skipped or gives what the driver needs to dispatch tiles."""
     start = time.perf_counter()
-    job = prepare_job(path, params, weights_sha256, voxel_size_a)
+    region = companion_file(region_dir, tomogram_name(path), REGION_SUFFIXES) if region_dir else None
+    job = prepare_job(path, params, weights_sha256, voxel_size_a, region)
     meta = {"name": job.name, "record": job.record}
     if is_done(out_dir, job):
         return meta | {"skipped": True}, None
@@ -186,7 +187,7 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
 
 @ray.remote(max_retries=TASK_RETRIES)
 def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_size_a: float | None,
-            write_probability: bool, truth_dir: str | None, region_dir: str | None, *batches) -> int:
+            write_probability: bool, truth_dir: str | None, *batches) -> int:
     """Assemble the map, post-process and write every output, as `segment_file` does; → vesicle count."""
     start = time.perf_counter()
     volume = read_volume(path, voxel_size_a)
@@ -195,12 +196,12 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
                         [(b["first"], b["probabilities"]) for b in batches])
     tomogram = oriented(job.volume.data, params)
     probability = probability_on_input_grid(prob_net, tomogram.shape)
-    region = companion_file(region_dir, job.name, REGION_SUFFIXES) if region_dir else None
-    mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)
+    region = job.record["region"]
+    mask = load_region(region, tomogram.shape, job.volume.voxel_size_a) if region else None
     result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask)
     result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
     total = time.perf_counter() - start + result.seconds["network"]
-    record = job.record | {"region": str(region or ""), "total_seconds": total}
+    record = job.record | {"total_seconds": total}
     paths = write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)
     truth = companion_file(truth_dir, job.name, TRUTH_SUFFIXES) if truth_dir else None
     if truth is not None:
@@ -372,7 +373,8 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                 index, path = pending.pop()
                 item = _InFlight(index, path, time.perf_counter())
                 item.meta_ref, item.volume_ref = _prepare.remote(str(path), str(out_dir), params,
-                                                                 weights_sha256, voxel_size_a)
+                                                                 weights_sha256, voxel_size_a,
+                                                                 region_dir and str(region_dir))
                 flying[item.meta_ref] = item
             (ready,), _ = ray.wait(list(flying), num_returns=1)
             item = flying.pop(ready)
@@ -391,7 +393,6 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                 item.calls = pool.submit(item.volume_ref, item.meta, params.inference)
                 item.finish_ref = _finish.remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
                                                  write_probability, truth_dir and str(truth_dir),
-                                                 region_dir and str(region_dir),
                                                  *[result for _, _, _, result in item.calls])
                 item.volume_ref = None
                 flying[item.finish_ref] = item

@@ -30,13 +30,21 @@ class Job:
     record: dict  # input path and checksum, parameters and their digest: compared on resume
 
 
-def prepare_job(path, params: SegmentParams, weights_sha256: str, voxel_size_a: float | None = None) -> Job:
-    """Read and validate a tomogram (memory-mapped) and describe the run that would segment it."""
+def prepare_job(path, params: SegmentParams, weights_sha256: str, voxel_size_a: float | None = None,
+                region=None) -> Job:
+    """Read and validate a tomogram (memory-mapped) and describe the run that would segment it.
+
+    `region` (an MRC mask or IMOD model of the segmentation region) is part of what identifies the result.
+    """
     path = Path(path)
     volume = read_volume(path, voxel_size_a)
+    if region is not None and not Path(region).is_file():
+        raise CryovesError(f"{region}: region file not found; pass a binary MRC mask or an IMOD model")
     record = {
         "input": str(path.resolve()),
         "input_sha256": file_sha256(path),
+        "region": str(region or ""),
+        "region_sha256": file_sha256(region) if region else "",
         "voxel_size_a": volume.voxel_size_a,
         "weights_sha256": weights_sha256,
         "params": asdict(params),
@@ -46,11 +54,10 @@ def prepare_job(path, params: SegmentParams, weights_sha256: str, voxel_size_a: 
 
 
 def is_done(out_dir, job: Job) -> bool:
-    """True when a complete run record exists for the same input checksum and parameter digest."""
+    """True when a complete run record exists for the same input, region and parameters (checksums)."""
     previous = read_run_record(out_dir, job.name)
     return (previous is not None and previous.get("status") == "ok"
-            and previous.get("input_sha256") == job.record["input_sha256"]
-            and previous.get("params_digest") == job.record["params_digest"])
+            and all(previous.get(key) == job.record[key] for key in ("input_sha256", "region_sha256", "params_digest")))
 
 
 REGION_SUFFIXES = (".region.mrc", ".mod")
@@ -68,14 +75,16 @@ def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
     return np.asarray(mask) > 0
 
 
-def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *, region=None,
+def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *,
                  write_probability: bool = False, write_stages: bool = False, pyto: bool = False,
                  active_zone=None, progress: Progress | None = None) -> dict:
-    """Segment one prepared tomogram and write its outputs; returns the paths written.
+    """Segment one prepared tomogram (inside the job's region, if any) and write its outputs; returns
+    the paths written.
 
-    `pyto` (needs `region`) adds the Pyto label volume and merged IMOD model; `active_zone` is an
+    `pyto` (needs a region) adds the Pyto label volume and merged IMOD model; `active_zone` is an
     IMOD model of the active-zone membrane for it.
     """
+    region = job.record["region"] or None
     if pyto and region is None:
         raise CryovesError("--pyto needs --region: Pyto's label file holds the segmentation region as label 1")
     start = time.perf_counter()
@@ -90,6 +99,6 @@ def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *,
         region_model = region if Path(region).suffix.lower() == ".mod" else None
         paths |= write_pyto(out_dir, job.name, job.volume, result.labels["final"], centers, radii, mask,
                             region_model, active_zone)
-    record = job.record | {"region": str(region or ""), "total_seconds": time.perf_counter() - start}
+    record = job.record | {"total_seconds": time.perf_counter() - start}
     return paths | write_outputs(out_dir, job.name, job.volume, result, record,
                                  write_probability=write_probability, write_stages=write_stages)

@@ -68,13 +68,20 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_region_restricts_detection(phantom_files, tmp_path):
+def test_region_restricts_detection_and_a_new_region_is_recomputed(phantom_files, tmp_path, capsys):
     region = np.zeros((64, 160, 160), np.uint8)
     region[:, :, :80] = 1
     mask = write_volume(tmp_path / "region.mrc", region, 22.0)
     assert _segment(phantom_files, tmp_path / "out", "--region", str(mask)) == 0
     labels = np.asarray(read_volume(tmp_path / "out" / "tomo.labels.mrc").data)
     assert labels.any() and not labels[:, :, 100:].any()
+    assert _segment(phantom_files, tmp_path / "out", "--region", str(mask)) == 0
+    assert "skipped" in capsys.readouterr().out
+    region[:, :, 80:] = 1
+    write_volume(mask, region, 22.0)
+    assert _segment(phantom_files, tmp_path / "out", "--region", str(mask)) == 0
+    assert "skipped" not in capsys.readouterr().out
+    assert np.asarray(read_volume(tmp_path / "out" / "tomo.labels.mrc").data)[:, :, 100:].any()
 
 
 def test_demo_runs_and_scores(tmp_path, capsys):
