@@ -13,8 +13,7 @@ puts the figures in RESULTS.md. Smoke check without a GPU (seconds):
     python benchmarks/gpu_inference.py --device cpu --size small
 
 TensorFlow, Keras and Ray are blocked from being imported here: the run fails loudly if any module
-on this path needs them. Without a trained model (no bundled model, no --weights) the network has
-random weights (the same compute) and post-processing gets the phantom's blurred true labels.
+on this path needs them. The network is the bundled model unless --weights names another.
 """
 
 import argparse
@@ -43,24 +42,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from cryoves.cluster.bench import (TARGET_SHAPE, TARGET_VOXEL_SIZE_A, WARMUP_SHAPE, hardware,  # noqa: E402
-                                   time_pipeline)
+from cryoves.cluster.bench import TARGET_SHAPE, TARGET_VOXEL_SIZE_A, WARMUP_SHAPE, hardware, time_pipeline  # noqa: E402
 from cryoves.engine.inference import InferenceParams, plan_inference, predict_tiled  # noqa: E402
-from cryoves.engine.model import MODEL_WEIGHTS, bundled_model_dir  # noqa: E402
 from cryoves.engine.outputs import package_versions, peak_memory_mb  # noqa: E402
 from cryoves.engine.phantom import make_phantom  # noqa: E402
 from cryoves.engine.rescale import network_shape  # noqa: E402
 from cryoves.engine.segment import SegmentParams  # noqa: E402
-from cryoves.engine.torch_unet import TorchUNet, load_torch_unet, make_torch_logit_fn  # noqa: E402
+from cryoves.engine.torch_unet import load_torch_unet, make_torch_logit_fn  # noqa: E402
 
 SMALL = {"network_shape": (48, 96, 96), "tomogram_shape": (64, 128, 128), "voxel_size_a": 22.0}
 
 
 def _network(weights, device: str, half: bool):
     """A fresh network per precision (make_torch_logit_fn converts the module in place)."""
-    trained = weights is not None or (bundled_model_dir() / MODEL_WEIGHTS).is_file()
-    net = load_torch_unet(weights, device=device) if trained else TorchUNet().eval().to(device)
-    return make_torch_logit_fn(net, half=half), trained
+    return make_torch_logit_fn(load_torch_unet(weights, device=device), half=half)
 
 
 def _volume(shape, seed: int = 0) -> np.ndarray:
@@ -136,30 +131,28 @@ def main() -> None:
     say(f"network volume {'x'.join(map(str, net_shape))}: {len(plan.tiles)} tiles of "
         f"{'x'.join(map(str, plan.window_shape))}, {plan.batch_size} per call")
     volume = _volume(net_shape)
-    trained = False
     for precision in precisions:
-        logit_fn, trained = _network(args.weights, args.device, half=precision == "float16")
+        logit_fn = _network(args.weights, args.device, half=precision == "float16")
         say(f"inference {precision}")
         record["inference"][precision] = inference_speed(volume, logit_fn, params.inference, args.device,
                                                          args.repeats)
         say(f"  {record['inference'][precision]['mvoxel_per_s']:.2f} Mvoxel/s")
-    record["model"] = "trained" if trained else "random weights (same compute)"
+    record["model"] = "bundled model" if args.weights is None else str(args.weights)
     del volume
 
     if not args.skip_pipeline:
-        logit_fn, trained = _network(args.weights, args.device, half=args.device == "cuda")
+        logit_fn = _network(args.weights, args.device, half=args.device == "cuda")
         say("pipeline warm-up (numba compilation)")
-        time_pipeline(make_phantom(WARMUP_SHAPE, 22.0, seed=1), logit_fn, params, trained)
+        time_pipeline(make_phantom(WARMUP_SHAPE, 22.0, seed=1), logit_fn, params)
         say(f"phantom {'x'.join(map(str, tomo_shape))} at {voxel_size_a:g} Å")
         start = time.perf_counter()
         phantom = make_phantom(tomo_shape, voxel_size_a, seed=0)
         record["phantom_seconds"] = time.perf_counter() - start
         say("pipeline")
-        seconds, n_found, source = time_pipeline(phantom, logit_fn, params, trained)
+        seconds, n_found = time_pipeline(phantom, logit_fn, params)
         record |= {"tomogram_shape": list(tomo_shape), "voxel_size_a": voxel_size_a, "stage_seconds": seconds,
                    "pipeline_seconds": sum(seconds.values()), "postprocess_seconds": sum(seconds.values()) -
-                   seconds["network"], "n_vesicles_phantom": phantom.vesicles.num_rows, "n_vesicles_found": n_found,
-                   "probability": source}
+                   seconds["network"], "n_vesicles_phantom": phantom.vesicles.num_rows, "n_vesicles_found": n_found}
 
     record["peak_memory_mb"] = peak_memory_mb()
     record["hardware"] = hardware("gpu" if args.device == "cuda" else "cpu")

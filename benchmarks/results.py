@@ -23,6 +23,7 @@ from pathlib import Path
 from unittest.mock import patch
 
 import numpy as np
+
 from cryoves.cluster.bench import (
     BENCH_VOXEL_SIZE_A,
     SIZES,
@@ -185,10 +186,7 @@ def main() -> None:
         "figure is the fastest of a few repeats, and reruns differ by tens of percent; millisecond kernel timings "
         "vary most (when this page was first produced, the same kernel ratio varied up to 5x between three runs "
         "on 2 shared cores).\n")
-    model = ("random weights, the same compute as the trained network" if medium["model"] == "random"
-             else medium["model"])
-    out(f"Network: {model}; "
-        f"post-processing input: {medium['probability']}.\n")
+    out(f"Network: {medium['model']}; post-processing input: network output.\n")
 
     out("## Summary\n")
     out("| figure | measured here (CPU) | GPU | published anchor | goal |")

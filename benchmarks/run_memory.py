@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from cryoves.cluster.run import run_batch
 from cryoves.engine.inference import InferenceParams
 from cryoves.engine.model import model_gaussian_sigma_vox, weights_sha256

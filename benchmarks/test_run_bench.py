@@ -11,6 +11,7 @@ import os
 import time
 
 import pytest
+
 from cryoves.engine.job import prepare_job, segment_file
 from cryoves.engine.model import bundled_model_dir, load_logit_fn
 from cryoves.engine.phantom import make_phantom, write_phantom

@@ -7,9 +7,6 @@ tomogram (1024 x 1024 x 261 voxels at 14.69 Å). The network is rated per voxel 
 (22 Å: 684 x 684 x 174 voxels for that tomogram), post-processing per voxel of the input grid.
 `format_bench` renders the record as text; `--json` prints the record itself.
 
-Without a trained model (no bundled model and no `weights`) the network runs with random weights,
-the same compute, and post-processing is fed a probability map made from the phantom's true labels,
-so that the later stages have vesicles to work on; the record says which (`probability`).
 """
 
 import os
@@ -27,7 +24,8 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.inference import predict_probability, probability_on_input_grid
+from cryoves.engine.inference import InferenceParams, predict_probability, probability_on_input_grid
+from cryoves.engine.model import load_logit_fn, model_gaussian_sigma_vox
 from cryoves.engine.outputs import package_versions, peak_memory_mb
 from cryoves.engine.phantom import Phantom, make_phantom
 from cryoves.engine.rescale import network_shape
@@ -55,8 +53,7 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
               seed: int = 0, repeats: int | None = None, progress: Progress | None = None) -> dict:
     """Benchmark one phantom of `size` (small, medium, large) with the network on `device` (cpu, gpu).
 
-    `weights` is what `--weights` takes elsewhere (None: the bundled model, or random weights if it is
-    not installed); `shape` overrides the size's shape (tests use a smaller one). Each stage's time is
+    `weights` is what `--weights` takes elsewhere (None: the bundled model); `shape` overrides the size's shape (tests use a smaller one). Each stage's time is
     the fastest of `repeats` timed runs (None: 3 for small, 1 otherwise).
     """
     if size not in SIZES:
@@ -68,28 +65,29 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
         raise CryovesError(f"repeats must be >= 1, got {repeats}")
     shape = tuple(int(n) for n in (shape or SIZES[size]))
     say = progress or (lambda message: None)
-    params = SegmentParams()
+    params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(weights)))
     say("loading the network")
-    logit_fn, model = _logit_fn(weights, device)
+    logit_fn = load_logit_fn(weights, device)
+    model = ("bundled model" if weights is None else f"weights {weights}") + \
+        (", PyTorch float16 on CUDA" if device == "gpu" else ", TensorFlow on CPU")
     say(f"phantom {'x'.join(map(str, shape))} at {BENCH_VOXEL_SIZE_A:g} Å")
     start = time.perf_counter()
     phantom = make_phantom(shape, BENCH_VOXEL_SIZE_A, seed=seed)
     phantom_s = time.perf_counter() - start
 
-    trained = model != "random"
     say("warm-up (compilation, graph tracing)")
     start = time.perf_counter()
     if prod(shape) <= prod(WARMUP_SHAPE):
-        time_pipeline(phantom, logit_fn, params, trained)
+        time_pipeline(phantom, logit_fn, params)
     else:  # two small shapes: TensorFlow's second trace is the shape-generic one that larger tiles reuse
         for warm_shape in WARMUP_SHAPES:
-            time_pipeline(make_phantom(warm_shape, BENCH_VOXEL_SIZE_A, seed), logit_fn, params, trained)
+            time_pipeline(make_phantom(warm_shape, BENCH_VOXEL_SIZE_A, seed), logit_fn, params)
     warmup_s = time.perf_counter() - start
 
     seconds: dict[str, float] = {}
     for i in range(repeats):
         say(f"timed run {i + 1} of {repeats}")
-        run_s, n_found, source = time_pipeline(phantom, logit_fn, params, trained)
+        run_s, n_found = time_pipeline(phantom, logit_fn, params)
         seconds = {name: min(t, seconds.get(name, t)) for name, t in run_s.items()}
     net_voxels = prod(network_shape(shape, BENCH_VOXEL_SIZE_A, params.inference.network_voxel_size_a))
     stages = {name: _rate(seconds[name], net_voxels if name == "network" else prod(shape), name)
@@ -101,7 +99,6 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
         "voxel_size_a": BENCH_VOXEL_SIZE_A,
         "device": device,
         "model": model,
-        "probability": source,
         "n_vesicles_phantom": phantom.vesicles.num_rows,
         "n_vesicles_found": n_found,
         "stages": stages,
@@ -125,7 +122,7 @@ def format_bench(record: dict) -> str:
     lines = [
         f"cryoves bench: {record['size']} phantom {shape} voxels at {record['voxel_size_a']:g} Å, "
         f"{record['n_vesicles_phantom']} vesicles ({record['n_vesicles_found']} found), network on {record['device']}",
-        f"model: {record['model']}; post-processing input: {record['probability']}",
+        f"model: {record['model']}",
         f"machine: {hw['cpu']}, {hw['cores']} cores ({hw['cores_usable']} usable), GPU: {hw['gpu'] or 'none'}",
         "",
         f"{'stage':12s} {'grid':8s} {'seconds':>9s} {'Mvoxel/s':>10s}",
@@ -205,54 +202,22 @@ def hardware(device: str = "cpu") -> dict:
     }
 
 
-def time_pipeline(phantom: Phantom, logit_fn, params: SegmentParams, trained: bool) -> tuple[dict, int, str]:
-    """Network then post-processing of one phantom: (seconds per stage, vesicles kept, probability source).
-
-    With `trained` False (random weights) post-processing gets `phantom_probability` instead of the
-    network's output; the network is timed either way.
-    """
+def time_pipeline(phantom: Phantom, logit_fn, params: SegmentParams) -> tuple[dict, int]:
+    """Network then post-processing of one phantom: (seconds per stage, vesicles kept)."""
     tomogram = phantom.tomogram
     start = time.perf_counter()
     prob_net = predict_probability(tomogram, phantom.voxel_size_a, logit_fn, params.inference)
     probability = probability_on_input_grid(prob_net, tomogram.shape)
     network_s = time.perf_counter() - start
-    if trained:
-        source = "network output"
-    else:
-        probability, source = phantom_probability(phantom), "phantom labels blurred by 1 voxel (no trained model)"
     result = postprocess(tomogram, probability, phantom.voxel_size_a, params)
     kept = sum(outcome != "removed" for outcome in result.vesicles.column("outcome").to_pylist())
-    return {"network": network_s} | result.seconds, int(kept), source
+    return {"network": network_s} | result.seconds, int(kept)
 
 
 def _rate(seconds: float, n_voxels: int, name: str) -> dict:
     seconds = max(seconds, 1e-9)
     return {"seconds": seconds, "grid": "network" if name == "network" else "input", "n_voxels": n_voxels,
             "mvoxel_per_s": n_voxels / seconds / 1e6}
-
-
-def _logit_fn(weights, device: str):
-    """(LogitFn, description): the requested or bundled weights; on the CPU without a trained model, a random
-    network of the same shape (same compute). The GPU path always loads weights (`load_gpu_logit_fn`)."""
-    from cryoves.engine.model import MODEL_WEIGHTS, bundled_model_dir
-
-    trained = weights is not None or (bundled_model_dir() / MODEL_WEIGHTS).is_file()
-    if device == "gpu":
-        try:
-            from cryoves.engine.torch_unet import load_gpu_logit_fn
-        except ImportError as error:
-            raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: pip install 'cryoves[gpu]'") \
-                from None
-        return load_gpu_logit_fn(weights), _describe(weights) + ", PyTorch float16 on CUDA"
-    from cryoves.engine.model import build_unet, load_logit_fn, make_logit_fn
-
-    if trained:
-        return load_logit_fn(weights), _describe(weights) + ", TensorFlow on CPU"
-    return make_logit_fn(build_unet()), "random"
-
-
-def _describe(weights) -> str:
-    return "bundled model" if weights is None else f"weights {weights}"
 
 
 def _versions() -> dict:

@@ -104,8 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from cryoves.engine.train import TrainParams, paired_files, prepare_pair, synthetic_pairs, train
     from cryoves.engine.mrc import read_volume
+    from cryoves.engine.train import TrainParams, paired_files, prepare_pair, synthetic_pairs, train
 
     params = TrainParams(epochs=args.epochs, seed=args.seed, patches_per_tomogram=args.patches_per_tomogram)
     pairs, sources = [], []
@@ -146,19 +146,6 @@ def _segment_params(args: argparse.Namespace):
     return SegmentParams(inference=inference, invert_contrast=args.invert_contrast)
 
 
-def _logit_fn(weights, device: str):
-    """The network as a LogitFn: Keras on the CPU, or the PyTorch port in float16 on an NVIDIA GPU."""
-    if device == "cpu":
-        from cryoves.engine.model import load_logit_fn
-
-        return load_logit_fn(weights)
-    try:
-        from cryoves.engine.torch_unet import load_gpu_logit_fn
-    except ImportError as error:
-        raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: pip install 'cryoves[gpu]'") from None
-    return load_gpu_logit_fn(weights)
-
-
 def _stage_bar(name: str, stages):
     """A progress bar over the stages of one tomogram, and the callback that advances it."""
     from tqdm import tqdm
@@ -175,7 +162,7 @@ def _stage_bar(name: str, stages):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from cryoves.engine.job import is_done, prepare_job, segment_file
-    from cryoves.engine.model import weights_sha256
+    from cryoves.engine.model import load_logit_fn, weights_sha256
     from cryoves.engine.segment import STAGES
 
     params = _segment_params(args)
@@ -189,7 +176,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"{job.name}: outputs complete for this input and these parameters; skipped (--force redoes it)")
     if not todo:
         return 0
-    logit_fn = _logit_fn(args.weights, args.device)
+    logit_fn = load_logit_fn(args.weights, args.device)
     for job in todo:
         bar, progress = _stage_bar(job.name, STAGES)
         with bar:
@@ -217,16 +204,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from cryoves.engine.inference import predict_probability, probability_on_input_grid
+    from cryoves.engine.model import load_logit_fn
     from cryoves.engine.mrc import read_volume, write_volume
     from cryoves.engine.outputs import tomogram_name
-
     from cryoves.engine.segment import oriented
 
     segment_params = _segment_params(args)
     params = segment_params.inference
     volume = read_volume(args.tomogram, args.voxel_size)
     start = time.perf_counter()
-    logit_fn = _logit_fn(args.weights, args.device)
+    logit_fn = load_logit_fn(args.weights, args.device)
     loaded = time.perf_counter()
     from tqdm import tqdm
 
@@ -255,7 +242,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from cryoves.engine.evaluation import evaluate, load_spheres
     from cryoves.engine.job import prepare_job, segment_file
-    from cryoves.engine.model import weights_sha256
+    from cryoves.engine.model import load_logit_fn, weights_sha256
     from cryoves.engine.mrc import read_volume
     from cryoves.engine.phantom import make_phantom, write_phantom
     from cryoves.engine.segment import STAGES
@@ -268,7 +255,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     job = prepare_job(truth["tomogram"], params, weights_sha256(args.weights))
     bar, progress = _stage_bar("segmenting", STAGES)
     with bar:
-        paths = segment_file(job, out, _logit_fn(args.weights, args.device), params, write_probability=True,
+        paths = segment_file(job, out, load_logit_fn(args.weights, args.device), params, write_probability=True,
                              progress=progress)
         bar.n = len(STAGES)
     row = evaluate(load_spheres(paths["labels"]), load_spheres(truth["labels"]),

@@ -278,9 +278,16 @@ def model_gaussian_sigma_vox(weights=None) -> float:
     return float(config.get("gaussian_sigma_vox", 1.0))
 
 
-def load_logit_fn(weights=None) -> LogitFn:
-    """The network as a `LogitFn`, from `load_model(weights)`."""
-    return make_logit_fn(load_model(weights))
+def load_logit_fn(weights=None, device: str = "cpu") -> LogitFn:
+    """The network with the weights of `load_model(weights)` as a `LogitFn`: Keras on the CPU, or on
+    "gpu" the PyTorch port in float16 (the optional `gpu` extra)."""
+    if device == "cpu":
+        return make_logit_fn(load_model(weights))
+    try:
+        from cryoves.engine.torch_unet import load_gpu_logit_fn
+    except ImportError as error:
+        raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: pip install 'cryoves[gpu]'") from None
+    return load_gpu_logit_fn(weights)
 
 
 def weights_sha256(weights=None) -> str:

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.inference import InferenceParams
 from cryoves.engine.job import prepare_job, segment_file
