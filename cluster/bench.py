@@ -30,6 +30,7 @@ from cryoves.engine.outputs import package_versions, peak_memory_mb
 from cryoves.engine.phantom import Phantom, make_phantom
 from cryoves.engine.rescale import network_shape
 from cryoves.engine.segment import STAGES, SegmentParams, postprocess
+from cryoves.engine.spheres import rendered_spheres
 
 SIZES: dict[str, tuple[int, int, int]] = {
     "small": (64, 128, 128),
@@ -210,7 +211,7 @@ def time_pipeline(phantom: Phantom, logit_fn, params: SegmentParams) -> tuple[di
     probability = probability_on_input_grid(prob_net, tomogram.shape)
     network_s = time.perf_counter() - start
     result = postprocess(tomogram, probability, phantom.voxel_size_a, params)
-    kept = sum(outcome != "removed" for outcome in result.vesicles.column("outcome").to_pylist())
+    kept = rendered_spheres(result.vesicles)[0].sum()
     return {"network": network_s} | result.seconds, int(kept)
 
 

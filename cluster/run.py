@@ -39,6 +39,7 @@ from cryoves.engine.job import REGION_SUFFIXES, Job, is_done, load_region, prepa
 from cryoves.engine.mrc import read_volume
 from cryoves.engine.outputs import companion_file, tomogram_name, write_outputs, write_run_record
 from cryoves.engine.segment import SegmentParams, oriented, postprocess
+from cryoves.engine.spheres import rendered_spheres
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
     truth = companion_file(truth_dir, job.name, TRUTH_SUFFIXES) if truth_dir else None
     if truth is not None:
         write_metrics(out_dir, job.name, paths["labels"], truth)
-    return int((np.asarray(result.vesicles.column("outcome").to_pylist()) != "removed").sum())
+    return int(rendered_spheres(result.vesicles)[0].sum())
 
 
 class PredictorPool:

@@ -18,6 +18,7 @@ from cryoves.engine.outputs import (file_sha256, params_digest, read_run_record,
                                     write_outputs)
 from cryoves.engine.pyto import write_pyto
 from cryoves.engine.segment import Progress, SegmentParams, segment
+from cryoves.engine.spheres import rendered_spheres
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,7 @@ def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *,
     result = segment(tomogram, job.volume.voxel_size_a, logit_fn, params, mask, progress)
     paths = {}
     if pyto:
-        kept = np.asarray(result.vesicles.column("outcome").to_pylist()) != "removed"
-        centers = np.column_stack([result.vesicles.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept]
-        radii = result.vesicles.column("radius_vox").to_numpy()[kept]
+        _, centers, radii = rendered_spheres(result.vesicles)
         region_model = region if Path(region).suffix.lower() == ".mod" else None
         paths |= write_pyto(out_dir, job.name, job.volume, result.labels["final"], centers, radii, mask,
                             region_model, active_zone)

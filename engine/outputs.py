@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from cryoves.engine.imod import write_vesicle_model
 from cryoves.engine.mrc import Volume, write_labels, write_volume
+from cryoves.engine.spheres import rendered_spheres
 from cryoves.engine.tables import vesicle_table, write_table
 
 _PACKAGES = ("cryoves", "numpy", "scipy", "numba", "tensorflow", "keras", "pyarrow", "mrcfile")
@@ -93,11 +94,9 @@ def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
                                     volume.voxel_size_a, volume.origin_a)
     vesicles = number_vesicles(result.vesicles)
     table = vesicle_table(vesicles, name, volume.voxel_size_a, volume.origin_a)
-    kept = np.asarray(table.column("outcome").to_pylist()) != "removed"
-    paths["model"] = write_vesicle_model(
-        out_dir / f"{name}.mod",
-        np.column_stack([table.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept],
-        vesicles.column("radius_vox").to_numpy()[kept], volume.data.shape, volume.voxel_size_a)
+    kept, centers, radii = rendered_spheres(vesicles)
+    paths["model"] = write_vesicle_model(out_dir / f"{name}.mod", centers, radii, volume.data.shape,
+                                         volume.voxel_size_a)
     paths["vesicles"] = write_table(out_dir / "vesicles" / f"{name}.parquet", table,
                                     {"voxel_size_a": volume.voxel_size_a, "origin_a": list(volume.origin_a)})
     row = record | {
@@ -116,12 +115,12 @@ def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
 
 
 def number_vesicles(vesicles: pa.Table) -> pa.Table:
-    """Renumber `id` so kept/repaired rows are 1..n in table order (their value in the label volume),
-    and removed rows follow (they appear in no label volume)."""
-    removed = np.asarray(vesicles.column("outcome").to_pylist()) == "removed"
-    ids = np.empty(len(removed), np.int32)
-    ids[~removed] = np.arange(1, (~removed).sum() + 1)
-    ids[removed] = np.arange((~removed).sum() + 1, len(removed) + 1)
+    """Renumber `id` so the rendered (kept/repaired) rows are 1..n in table order, their value in the
+    label volume, and removed rows follow (they appear in no label volume)."""
+    rendered, _, _ = rendered_spheres(vesicles)
+    ids = np.empty(len(rendered), np.int32)
+    ids[rendered] = np.arange(1, rendered.sum() + 1)
+    ids[~rendered] = np.arange(rendered.sum() + 1, len(rendered) + 1)
     return vesicles.set_column(vesicles.schema.get_field_index("id"), "id", pa.array(ids))
 
 

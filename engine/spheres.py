@@ -23,7 +23,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.render import render_spheres
 
-__all__ = ["OverlapParams", "resolve_overlaps", "render_labels", "ACTIVE_OUTCOMES"]
+__all__ = ["OverlapParams", "resolve_overlaps", "render_labels", "rendered_spheres", "ACTIVE_OUTCOMES"]
 
 ACTIVE_OUTCOMES = ("kept", "repaired")
 
@@ -124,12 +124,17 @@ def resolve_overlaps(table: pa.Table, voxel_size_a: float, params: OverlapParams
                             pa.array(list(outcome), type=pa.string()))
 
 
+def rendered_spheres(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row mask, centres (n, 3) voxels, radii voxels) of the spheres `render_labels` draws, in label order."""
+    active, _, radius = _active(table)
+    return active, _centers(table)[active], radius[active]
+
+
 def render_labels(shape, table: pa.Table) -> np.ndarray:
     """uint32 labels of the kept and repaired spheres, numbered 1..n in table order (0: background).
 
     Label k is the k-th kept/repaired row, not its ``id``; shared voxels go to the nearer centre
     relative to the radius (kernels/render.py).
     """
-    active, _, radius = _active(table)
-    idx = np.flatnonzero(active)
-    return render_spheres(shape, _centers(table)[idx], radius[idx], np.arange(1, idx.size + 1))
+    _, centers, radii = rendered_spheres(table)
+    return render_spheres(shape, centers, radii, np.arange(1, len(radii) + 1))
