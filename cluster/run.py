@@ -12,7 +12,9 @@ Per tomogram, three kinds of work, pipelined across tomograms:
 The driver keeps at most `max_in_flight` tomograms between 1 and 3 (backpressure through
 `ray.wait`), so memory stays flat however many files are listed. A file that fails becomes an error
 row (and an error run record) and the batch goes on; tasks and actors are retried when a worker,
-an actor or a node dies, and outputs are written atomically, so a retry gives the same files.
+an actor or a node dies, and outputs are written atomically, so a retry gives the same files. When a
+lost node leaves too few GPUs for every actor, the actors that cannot restart are given up and their
+tomograms are submitted again to the others (`PredictorPool.fit_cluster`).
 
 On a cluster, every node needs cryoves installed and `out_dir` and the inputs on a shared filesystem.
 """
@@ -50,6 +52,8 @@ OUTPUT_SUFFIXES = (".labels.mrc", ".prob.mrc")
 """cryoves outputs (and phantom ground truth) that sit beside tomograms: never inputs."""
 TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
+CLUSTER_CHECK_S = 5.0
+"""How often the driver checks that the cluster can still hold every inference actor."""
 
 RESULT_SCHEMA = pa.schema([
     ("name", pa.string()),
@@ -156,6 +160,7 @@ class Predictor:
         self.index = index
         self.logit_fn = load_logit_fn(weights)
         self.where = {"actor": str(index), "node": ray.util.get_node_ip_address(),
+                      "node_id": ray.get_runtime_context().get_node_id(),
                       "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
 
     def ready(self) -> dict:
@@ -216,37 +221,71 @@ class PredictorPool:
     Not ray.util.ActorPool: it returns values, not object references, which would route every
     probability map through the driver, and it allows a single call per actor. Here each batch goes to
     the actor with the fewest queued tiles; the references flow straight into the `_finish` task.
+
+    A killed actor restarts by itself (`max_restarts`), on its node or on a node that replaces it.
+    When a node is lost and the cluster no longer has the GPUs (or CPUs) for every actor, a restarting
+    actor would wait for ever: `fit_cluster` gives such actors up, and their tomograms fail with
+    `ray.exceptions.RayActorError`, which the batch answers by submitting them again.
     """
 
     def __init__(self, weights: str | None, n_actors: int, gpus: bool) -> None:
         # GPU actors reserve no CPU (else they can take every CPU and starve the CPU tasks they feed)
         options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
-        self.actors = [Predictor.options(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-                                         **options).remote(i, weights) for i in range(n_actors)]
-        self.queued = [0] * n_actors
+        self.gpus = gpus
+        self.actors = {i: Predictor.options(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
+                                            **options).remote(i, weights) for i in range(n_actors)}
+        self.queued = dict.fromkeys(self.actors, 0)
         try:  # a model that does not load stops the batch here, with one clear message
-            self.where = ray.get([actor.ready.remote() for actor in self.actors])
+            where = ray.get([actor.ready.remote() for actor in self.actors.values()])
         except Exception as exc:  # noqa: BLE001
             self.shutdown()
             raise CryovesError(f"the inference actors could not load the model: {_error_text(exc)}") from None
+        self.node_id = {i: w["node_id"] for i, w in zip(self.actors, where)}
+
+    def capacity(self) -> int:
+        """How many actors the live cluster can hold: its GPUs, or its CPUs less one for the CPU tasks."""
+        resources = ray.cluster_resources()
+        return int(resources.get("GPU", 0)) if self.gpus else max(int(resources.get("CPU", 0)) - 1, 0)
+
+    def fit_cluster(self) -> list[int]:
+        """Give up actors the cluster can no longer place, those last seen on dead nodes first; → their indices."""
+        excess = len(self.actors) - self.capacity()
+        if excess <= 0:
+            return []
+        alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
+        order = sorted(self.actors, key=lambda i: (self.node_id[i] in alive, -i))
+        lost = order[:excess]
+        for i in lost:
+            ray.kill(self.actors.pop(i), no_restart=True)
+            del self.queued[i], self.node_id[i]
+        log.warning("the cluster lost %d inference actor(s); %d remain", excess, len(self.actors))
+        return lost
 
     def submit(self, volume_ref, meta: dict, params: InferenceParams) -> list[tuple]:
-        """One call per batch of tiles of a tomogram → [(actor index, where ref, result ref)]."""
+        """One call per batch of tiles of a tomogram → [(actor index, tiles, where ref, result ref)]."""
+        if not self.actors:
+            raise CryovesError(f"no {'GPU' if self.gpus else 'CPU'} is left in the cluster for inference; "
+                               "rerun the same command when it has one again to finish the batch")
         calls = []
         for first in range(0, meta["n_tiles"], meta["batch_size"]):
-            i = min(range(len(self.actors)), key=lambda k: self.queued[k])
+            i = min(self.actors, key=lambda k: self.queued[k])
             n = min(meta["batch_size"], meta["n_tiles"] - first)
             self.queued[i] += n
             where, result = self.actors[i].predict.options(num_returns=2).remote(volume_ref, first, params)
             calls.append((i, n, where, result))
         return calls
 
-    def done(self, calls) -> None:
+    def done(self, calls, where=()) -> None:
+        """Forget the calls' queued tiles and note on which node each actor answered."""
         for i, n, _, _ in calls:
-            self.queued[i] -= n
+            if i in self.queued:
+                self.queued[i] -= n
+        for (i, *_), w in zip(calls, where):
+            if i in self.node_id:
+                self.node_id[i] = w["node_id"]
 
     def shutdown(self) -> None:
-        for actor in self.actors:
+        for actor in self.actors.values():
             ray.kill(actor)
 
 
@@ -254,6 +293,7 @@ class PredictorPool:
 class _InFlight:
     index: int
     path: Path
+    attempt: int
     start: float
     meta_ref: object = None
     volume_ref: object = None
@@ -344,9 +384,9 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
     pool: PredictorPool | None = None  # started when the first tomogram needs the network
     rows: dict[int, dict] = {}
     flying: dict[object, _InFlight] = {}  # the reference awaited → its tomogram
-    pending = list(enumerate(paths))[::-1]
+    pending = [(index, path, 0) for index, path in enumerate(paths)][::-1]  # (index, path, attempt)
     bar = tqdm(total=len(paths), unit="tomogram", disable=None) if progress is None else None
-    t0 = time.perf_counter()
+    t0 = last_check = time.perf_counter()
 
     def finish_row(item: _InFlight, status: str, error: str = "", n_vesicles=None, where=()) -> None:
         name = item.meta["name"] if item.meta else tomogram_name(item.path)
@@ -371,14 +411,19 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
     try:
         while pending or flying:
             while pending and len(flying) < max_in_flight:
-                index, path = pending.pop()
-                item = _InFlight(index, path, time.perf_counter())
+                index, path, attempt = pending.pop()
+                item = _InFlight(index, path, attempt, time.perf_counter())
                 item.meta_ref, item.volume_ref = _prepare.remote(str(path), str(out_dir), params,
                                                                  weights_sha256, voxel_size_a,
                                                                  region_dir and str(region_dir))
                 flying[item.meta_ref] = item
-            (ready,), _ = ray.wait(list(flying), num_returns=1)
-            item = flying.pop(ready)
+            ready, _ = ray.wait(list(flying), num_returns=1, timeout=CLUSTER_CHECK_S)
+            if pool is not None and time.perf_counter() - last_check >= CLUSTER_CHECK_S:
+                pool.fit_cluster()  # the tomograms of actors given up fail below and are submitted again
+                last_check = time.perf_counter()
+            if not ready:
+                continue
+            item = flying.pop(ready[0])
             if item.finish_ref is None:  # preparation done
                 try:
                     item.meta = ray.get(item.meta_ref)
@@ -391,21 +436,33 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                     continue
                 if pool is None:
                     pool = PredictorPool(weights, n_actors, gpus=n_gpus > 0)
-                item.calls = pool.submit(item.volume_ref, item.meta, params.inference)
+                try:
+                    item.calls = pool.submit(item.volume_ref, item.meta, params.inference)
+                except CryovesError as exc:
+                    finish_row(item, "error", str(exc))
+                    continue
                 item.finish_ref = _finish.remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
                                                  write_probability, truth_dir and str(truth_dir),
                                                  *[result for _, _, _, result in item.calls])
                 item.volume_ref = None
                 flying[item.finish_ref] = item
             else:  # outputs written, or a failure in its tiles or post-processing
-                pool.done(item.calls)
                 where = []
                 try:
                     n_vesicles = ray.get(item.finish_ref)
                     where = ray.get([w for _, _, w, _ in item.calls])
-                except Exception as exc:  # noqa: BLE001
-                    finish_row(item, "error", _error_text(exc), where=where)
+                except ray.exceptions.RayActorError as exc:  # an actor given up or out of restarts
+                    pool.done(item.calls)
+                    if item.attempt < TASK_RETRIES:
+                        pending.append((item.index, item.path, item.attempt + 1))
+                    else:
+                        finish_row(item, "error", _error_text(exc))
                     continue
+                except Exception as exc:  # noqa: BLE001
+                    pool.done(item.calls)
+                    finish_row(item, "error", _error_text(exc))
+                    continue
+                pool.done(item.calls, where)
                 finish_row(item, "ok", n_vesicles=n_vesicles, where=where)
     finally:
         if bar is not None:

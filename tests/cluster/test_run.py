@@ -206,31 +206,42 @@ def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs,
 
 
 @pytest.mark.slow
-def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, weights, reference, tmp_path):
-    """Two nodes with one (fake) GPU each; the worker node is killed after the first tomogram and a new
-    one joins (as an autoscaler would bring): tasks and the actor are retried, outputs still equal."""
+@pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not-replaced"])
+def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, weights, reference, tmp_path,
+                                                                         monkeypatch, replaced):
+    """Two nodes with one (fake) GPU each; the worker node is killed as soon as both actors hold the model,
+    with the first tiles on their way to it. Either a new node joins (as an autoscaler would bring it) and
+    the actor restarts there, or none does and the batch goes on with the one GPU left: tasks are
+    retried, tiles resubmitted, and the outputs still equal the in-process path."""
     from ray.cluster_utils import Cluster
+
+    import cryoves.cluster.run
 
     ray.shutdown()  # this test runs its own cluster; it comes last, after the module's local instance
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "num_gpus": 1})
     nodes = [cluster.add_node(num_cpus=1, num_gpus=1)]
     cluster.wait_for_nodes()
-    rows = []
 
-    def kill_after_first_result(row):
-        rows.append(row)
-        if row["status"] == "ok" and len(nodes) == 1:
+    class PoolLosingANode(cryoves.cluster.run.PredictorPool):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
             cluster.remove_node(nodes[0])
-            nodes.append(cluster.add_node(num_cpus=1, num_gpus=1))
+            if replaced:
+                nodes.append(cluster.add_node(num_cpus=1, num_gpus=1))
 
+    monkeypatch.setattr(cryoves.cluster.run, "PredictorPool", PoolLosingANode)
+    monkeypatch.setattr(cryoves.cluster.run, "CLUSTER_CHECK_S", 1.0)
+    rows = []
     try:
         table = run_batch([str(inputs)], tmp_path, PARAMS, weights=weights, weights_sha256="sha",
-                          address=cluster.address, max_in_flight=2, progress=kill_after_first_result,
+                          address=cluster.address, max_in_flight=2, progress=rows.append,
                           write_probability=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
-    assert len(nodes) == 2
+    assert len(nodes) == 1 + replaced
+    actors = {row["actors"] for row in rows if row["status"] == "ok"}
+    assert actors == {"0,1"} if replaced else len(actors) == 1 and "," not in actors.pop()
     assert sorted(r["name"] for r in rows) == table["name"].to_pylist() == ["p0", "p1", "text", "unset"]
     assert _status(table) == {"p0": "ok", "p1": "ok", "text": "error", "unset": "error"}
     for name in GOOD:
