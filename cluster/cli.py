@@ -421,8 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address, or 'auto' (default: start Ray on this machine)")
     run.add_argument("--num-gpu-actors", type=int, metavar="N",
                      help="inference actors (default: one per GPU, or 1 on a CPU-only machine)")
-    run.add_argument("--max-in-flight", type=int, default=4, metavar="N",
-                     help="tomograms in memory at once (default: 4)")
+    run.add_argument("--max-in-flight", type=int, metavar="N",
+                     help="tomograms in memory at once (default: the cluster's CPUs, at least 4; Ray also "
+                          "limits post-processing per node to what its memory holds)")
     run.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
     run.add_argument("--truth", metavar="DIR",
                      help="folder of ground truth (NAME.labels.mrc or NAME.vesicles.parquet): scores each tomogram "

@@ -10,7 +10,9 @@ Per tomogram, three kinds of work, pipelined across tomograms:
 3. `_finish` (CPU task): assemble the map, `probability_on_input_grid`, `postprocess`, `write_outputs`.
 
 The driver keeps at most `max_in_flight` tomograms between 1 and 3 (backpressure through
-`ray.wait`), so memory stays flat however many files are listed. A file that fails becomes an error
+`ray.wait`; by default as many as the cluster has CPUs, at least 4), so memory stays flat however
+many files are listed, and each `_finish` task asks Ray for the memory its tomogram needs
+(`finish_memory_bytes`), so a node runs only as many at once as it can hold. A file that fails becomes an error
 row (and an error run record) and the batch goes on; tasks and actors are retried when a worker,
 an actor or a node dies, and outputs are written atomically, so a retry gives the same files. When a
 lost node leaves too few GPUs for every actor, the actors that cannot restart are given up and their
@@ -54,6 +56,11 @@ TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 CLUSTER_CHECK_S = 5.0
 """How often the driver checks that the cluster can still hold every inference actor."""
+FINISH_BYTES_PER_VOXEL = 32
+"""Memory a `_finish` task asks Ray for, per input voxel: its measured resident high-water mark is
+31 bytes per voxel (128x256x256 and 200x512x512 phantoms), about 8.5 GB for 1024x1024x261 voxels.
+Ray then runs no more post-processing tasks on a node than its memory holds."""
+MIN_IN_FLIGHT = 4
 
 RESULT_SCHEMA = pa.schema([
     ("name", pa.string()),
@@ -186,7 +193,8 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
     tomogram = oriented(job.volume.data, params)
     network_input = prepare_network_input(tomogram, job.volume.voxel_size_a, params.inference)
     plan = plan_inference(network_input.shape, params.inference)
-    meta |= {"skipped": False, "network_shape": network_input.shape, "n_tiles": len(plan.tiles),
+    meta |= {"skipped": False, "n_voxels": int(tomogram.size), "network_shape": network_input.shape,
+             "n_tiles": len(plan.tiles),
              "batch_size": plan.batch_size, "prepare_seconds": time.perf_counter() - start}
     return meta, network_input
 
@@ -289,6 +297,16 @@ class PredictorPool:
             ray.kill(actor)
 
 
+def finish_memory_bytes(n_voxels: int, largest_node_bytes: float) -> int:
+    """Memory to reserve for post-processing a tomogram of `n_voxels`, at most what the largest node
+    offers (a larger request could never be scheduled and would wait for ever)."""
+    return int(min(FINISH_BYTES_PER_VOXEL * n_voxels, largest_node_bytes))
+
+
+def _largest_node_memory() -> float:
+    return max((node["Resources"].get("memory", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+
+
 @dataclass
 class _InFlight:
     index: int
@@ -326,21 +344,23 @@ def _error_text(exc: BaseException) -> str:
 
 def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, weights_sha256: str,
               address: str | None = None, num_gpu_actors: int | None = None,
-              voxel_size_a: float | None = None, max_in_flight: int = 4, progress: Progress | None = None,
+              voxel_size_a: float | None = None, max_in_flight: int | None = None,
+              progress: Progress | None = None,
               write_probability: bool = False, truth_dir: str | None = None,
               region_dir: str | None = None) -> pa.Table:
     """Segment every tomogram of `inputs` (see `expand_inputs`) on Ray into `out_dir`.
 
     `address`: None starts a local Ray instance (or uses the one this process already runs);
     "auto" or "HOST:PORT" joins a cluster. `num_gpu_actors`: inference actors, default one per GPU
-    in the cluster, or 1 CPU actor where there are no GPUs. `progress`: called with each result row;
+    in the cluster, or 1 CPU actor where there are no GPUs. `max_in_flight`: tomograms between
+    preparation and outputs at once, default the cluster's CPUs (at least 4). `progress`: called with each result row;
     without it a tqdm bar over tomograms is shown on a terminal. Returns one row per input, in input
     order (RESULT_SCHEMA); failures are rows with status "error", never exceptions. With `truth_dir`,
     tomograms whose ground truth is there (NAME.labels.mrc or NAME.vesicles.parquet) are scored into
     `out_dir/metrics/NAME.parquet`. With `region_dir`, tomograms whose region is there
     (NAME.region.mrc or NAME.mod, see `cryoves segment --region`) are segmented inside it.
     """
-    if max_in_flight < 1:
+    if max_in_flight is not None and max_in_flight < 1:
         raise CryovesError(f"max_in_flight must be >= 1, got {max_in_flight}")
     if num_gpu_actors is not None and num_gpu_actors < 1:
         raise CryovesError(f"num_gpu_actors must be >= 1, got {num_gpu_actors}")
@@ -378,6 +398,7 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
     if n_gpus and n_actors > n_gpus:
         raise CryovesError(f"num_gpu_actors={n_actors} but the cluster has {n_gpus} GPUs")
     n_cpus = int(ray.cluster_resources().get("CPU", 0))
+    max_in_flight = max_in_flight or max(MIN_IN_FLIGHT, n_cpus)
     if not n_gpus and n_actors >= n_cpus:
         raise CryovesError(f"{n_actors} CPU inference actor(s) need more than the cluster's {n_cpus} CPUs, "
                            "which also run preparation and post-processing; lower num_gpu_actors")
@@ -441,7 +462,8 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                 except CryovesError as exc:
                     finish_row(item, "error", str(exc))
                     continue
-                item.finish_ref = _finish.remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
+                memory = finish_memory_bytes(item.meta["n_voxels"], _largest_node_memory())
+                item.finish_ref = _finish.options(memory=memory).remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
                                                  write_probability, truth_dir and str(truth_dir),
                                                  *[result for _, _, _, result in item.calls])
                 item.volume_ref = None

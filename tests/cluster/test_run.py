@@ -249,3 +249,10 @@ def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, 
             np.testing.assert_array_equal(mrcfile.read(tmp_path / f"{name}.{suffix}.mrc"),
                                           mrcfile.read(reference / f"{name}.{suffix}.mrc"))
 
+
+
+def test_finish_asks_for_its_measured_memory_but_never_more_than_a_node_has():
+    from cryoves.cluster.run import FINISH_BYTES_PER_VOXEL, finish_memory_bytes
+
+    assert finish_memory_bytes(1000, 1e12) == 1000 * FINISH_BYTES_PER_VOXEL
+    assert finish_memory_bytes(10**9, 8e9) == 8 * 10**9
