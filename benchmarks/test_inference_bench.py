@@ -7,7 +7,6 @@ Set CRYOVES_BENCH_LARGE=1 to add a larger volume (minutes on CPU).
 
 import os
 from math import prod
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,16 +15,15 @@ from scipy.special import expit
 
 from cryoves.engine.inference import InferenceParams, plan_inference, predict_tiled
 
-WEIGHTS = Path(__file__).resolve().parents[1].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 SHAPES = [(48, 48, 48)] + ([(64, 192, 192)] if os.environ.get("CRYOVES_BENCH_LARGE") else [])
 WINDOW, KEEP = 64, 24
 
 
 @pytest.fixture(scope="module")
-def logit_fn():
+def logit_fn(cryovesnet_weights_path):
     from cryoves.engine.model import build_unet, load_unet, make_logit_fn
 
-    return make_logit_fn(load_unet(WEIGHTS) if WEIGHTS.is_file() else build_unet())
+    return make_logit_fn(load_unet(cryovesnet_weights_path) if cryovesnet_weights_path.is_file() else build_unet())
 
 
 def _volume(shape):

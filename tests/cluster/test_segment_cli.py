@@ -1,7 +1,5 @@
 """`cryoves segment` and `cryoves demo` end to end on phantoms, through the command line."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -9,8 +7,6 @@ from cryoves.cluster.cli import main
 from cryoves.engine.evaluation import evaluate, load_spheres
 from cryoves.engine.mrc import read_volume, write_volume
 from cryoves.engine.phantom import make_phantom, write_phantom
-
-CRYOVESNET_WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +35,8 @@ def test_segment_with_the_bundled_model(phantom_files, tmp_path, capsys):
     assert "skipped" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not CRYOVESNET_WEIGHTS.is_file(), reason=f"CryoVesNet weights not found at {CRYOVESNET_WEIGHTS}")
-def test_segment_with_cryovesnet_weights(phantom_files, tmp_path):
-    assert _segment(phantom_files, tmp_path, "--weights", str(CRYOVESNET_WEIGHTS)) == 0
+def test_segment_with_cryovesnet_weights(phantom_files, tmp_path, cryovesnet_weights):
+    assert _segment(phantom_files, tmp_path, "--weights", str(cryovesnet_weights)) == 0
     row = evaluate(load_spheres(tmp_path / "tomo.labels.mrc"), load_spheres(phantom_files["vesicles"]))
     assert row["f1"] >= 0.95, row
 

@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import numpy.testing as npt
@@ -14,8 +13,6 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.inference import (InferenceParams, plan_inference, plan_tiles, predict_probability,
                                       predict_tiled, prepare_network_input, probability_on_input_grid,
                                       read_tile)
-
-WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 
 
 @pytest.fixture(scope="module")
@@ -150,16 +147,14 @@ def test_predict_probability_and_back_to_input_grid(tiny_logit_fn):
     assert back.min() >= 0 and back.max() <= 1
 
 
-def test_real_weights_find_a_dark_ring():
+def test_real_weights_find_a_dark_ring(cryovesnet_weights):
     """A hollow dark shell of vesicle size (~40 nm) lights up; flat background does not."""
-    if not WEIGHTS.is_file():
-        pytest.skip(f"CryoVesNet weights not found at {WEIGHTS}")
     from cryoves.engine.model import load_unet, make_logit_fn
 
     z, y, x = np.mgrid[:48, :48, :48].astype(np.float32) - 23.5
     r = np.sqrt(z * z + y * y + x * x)
     tomogram = -np.exp(-((r - 9.0) ** 2) / 2.0) + 0.05 * np.random.default_rng(5).standard_normal(r.shape)
-    prob = predict_probability(tomogram.astype(np.float32), 22.0, make_logit_fn(load_unet(WEIGHTS)),
+    prob = predict_probability(tomogram.astype(np.float32), 22.0, make_logit_fn(load_unet(cryovesnet_weights)),
                                InferenceParams())
     assert prob[r < 7].mean() > 0.5
     assert prob[r > 16].mean() < 0.2

@@ -1,7 +1,5 @@
 """The U-Net of method.md §2.5: architecture, parameter count, CryoVesNet weight loading."""
 
-from pathlib import Path
-
 import h5py
 import numpy as np
 import numpy.testing as npt
@@ -9,14 +7,6 @@ import pytest
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.model import N_PARAMETERS, build_unet, load_unet, logit_model, make_logit_fn
-
-WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
-
-
-def _weights_or_skip() -> Path:
-    if not WEIGHTS.is_file():
-        pytest.skip(f"CryoVesNet weights not found at {WEIGHTS}")
-    return WEIGHTS
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +45,8 @@ def test_parameter_count():
 
 
 @pytest.mark.parametrize("weights", ["random", "cryovesnet"])
-def test_equals_csbdeep_unet_block(random_unet, weights):
-    model = random_unet if weights == "random" else load_unet(_weights_or_skip())
+def test_equals_csbdeep_unet_block(random_unet, weights, request):
+    model = random_unet if weights == "random" else load_unet(request.getfixturevalue("cryovesnet_weights"))
     reference = _csbdeep_unet()
     ours = model.get_weights()
     assert [tuple(w.shape) for w in reference.weights] == [w.shape for w in ours]
@@ -79,10 +69,9 @@ def test_logit_fn_rejects_sizes_off_the_pooling_grid(random_unet):
         make_logit_fn(random_unet)(np.zeros((1, 8, 8, 6), np.float32))
 
 
-def test_load_cryovesnet_weights_by_topological_order():
-    path = _weights_or_skip()
-    model = load_unet(path)
-    with h5py.File(path, "r") as f:
+def test_load_cryovesnet_weights_by_topological_order(cryovesnet_weights):
+    model = load_unet(cryovesnet_weights)
+    with h5py.File(cryovesnet_weights, "r") as f:
         g = f["model_weights"]
         npt.assert_array_equal(model.get_layer("middle_2").get_weights()[0], g["middle_2/middle_2/kernel:0"])
         bn = model.get_layer("middle_2_bn").get_weights()

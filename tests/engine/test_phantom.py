@@ -1,7 +1,7 @@
-"""Known answers for the phantom: determinism, labels = table, no overlap, units, contrast, I/O, CLI."""
+"""Phantom known answers: determinism, labels = table, no overlap, units, contrast, noise, distractors, I/O, CLI."""
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import numpy.testing as npt
@@ -9,9 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from cryoves.cluster.cli import main
+from cryoves.engine import phantom as phantom_module
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.mrc import read_volume
 from cryoves.engine.phantom import KINDS, PRESETS, Phantom, make_phantom, write_phantom
+from cryoves.engine.phantom_imaging import PM_THICKNESS_NM
 
 SHAPE = (32, 64, 64)
 VOXEL_A = 22.0
@@ -32,6 +34,21 @@ def crowded() -> Phantom:
     return make_phantom((48, 96, 96), VOXEL_A, seed=3, preset="crowded")
 
 
+@pytest.fixture(scope="module")
+def distractors():
+    """A distractors phantom and the scene make_phantom laid out for it (organelles and filaments in nm)."""
+    layout, scenes = phantom_module._layout, []
+
+    def recording_layout(*args):
+        scenes.append(layout(*args))
+        return scenes[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(phantom_module, "_layout", recording_layout)
+        phantom = make_phantom((48, 160, 160), VOXEL_A, seed=0, preset="distractors")
+    return phantom, scenes[0]
+
+
 def _columns(phantom: Phantom) -> dict[str, np.ndarray]:
     return {name: phantom.vesicles.column(name).to_numpy() for name in phantom.vesicles.column_names}
 
@@ -42,6 +59,12 @@ def _gaps_nm(phantom: Phantom) -> np.ndarray:
     centers = np.column_stack([v["center_z_nm"], v["center_y_nm"], v["center_x_nm"]])
     i, j = np.triu_indices(len(centers), k=1)
     return np.linalg.norm(centers[i] - centers[j], axis=1) - v["radius_nm"][i] - v["radius_nm"][j]
+
+
+def _surface_distance_nm(organelle, shape) -> np.ndarray:
+    """Signed distance (nm) of every voxel from an organelle's outer surface, as the renderer computes it."""
+    grid = np.indices(shape, dtype=np.float64) * VOXEL_A / 10
+    return organelle.distance_nm(*(g - c for g, c in zip(grid, organelle.center_nm)))
 
 
 def test_types_and_columns(small):
@@ -151,6 +174,59 @@ def test_membranes_are_darker_than_lumen_and_background(medium):
     assert membrane < lumen - 0.3
     assert membrane < outside - 0.3
     assert membrane < medium.tomogram.mean() - 0.3
+
+
+def test_noise_variance_follows_snr():
+    """Same scene and noise draws at two SNRs: signal/noise variance of the tomogram is `snr` (on the 22 Å grid)."""
+    def render(snr):
+        return make_phantom(SHAPE, VOXEL_A, seed=1, preset=replace(PRESETS["default"], snr=snr)).tomogram.astype(float)
+
+    clean = render(1e12)  # noise std 1e-6 of the signal's
+    measured = {}
+    for snr in (1.0, 0.25):
+        noisy = render(snr)
+        gain = np.vdot(noisy, clean) / np.vdot(clean, clean)
+        measured[snr] = gain**2 * clean.var() / (noisy - gain * clean).var()
+    # Sampling error: the noise fills at least half of the n modes (wedge), so its sample correlation rho with
+    # the signal has sd <= sqrt(2/n) and its sample variance a relative sd <= sqrt(4/n); the fit reads
+    # realized signal/noise * (1 + 2 rho / sqrt(snr)). Both SNRs share the noise draws: their ratio keeps only rho.
+    n = np.prod(SHAPE)
+    sd_rho = np.sqrt(2 / n)
+    assert measured[1.0] / measured[0.25] == pytest.approx(4.0, rel=4 * 2 * sd_rho * (1 / np.sqrt(0.25) - 1))
+    for snr, value in measured.items():
+        sd = np.sqrt(4 / n + 4 * sd_rho**2 / snr)
+        # + 1/nx: the x = 0 and Nyquist planes of the half spectrum keep half their noise (irfftn takes their real part)
+        assert value == pytest.approx(snr, rel=4 * sd + 1 / SHAPE[2])
+
+
+def test_distractor_organelles_are_dark_membranes_and_never_labelled(distractors):
+    """The mitochondrion and endosomes are imaged as dark membranes where the scene puts them, and carry no label."""
+    phantom, scene = distractors
+    assert sorted(o.kind for o in scene.organelles) == ["endosome"] * 3 + ["mitochondrion"]
+    for organelle in scene.organelles:
+        s = _surface_distance_nm(organelle, phantom.labels.shape)
+        membrane = phantom.tomogram[(s >= -PM_THICKNESS_NM) & (s <= 0)].mean()
+        around = phantom.tomogram[(s > 8) & (s < 14) & (phantom.labels == 0)].mean()
+        assert membrane < around - 0.2, organelle.kind
+        assert not phantom.labels[s < 1].any(), organelle.kind
+
+
+def test_distractor_filaments_are_dark_lines(distractors):
+    """Voxels on the filament axes, outside vesicles and organelles, are far darker than the rest of the cytoplasm."""
+    phantom, scene = distractors
+    shape = phantom.labels.shape
+    assert len(scene.filaments_nm) == PRESETS["distractors"].n_filaments
+    axis = np.zeros(shape, dtype=bool)
+    for start, end in scene.filaments_nm:
+        points = start + np.linspace(0, 1, int(np.linalg.norm(end - start)) + 1)[:, None] * (end - start)
+        index = np.round(points / (VOXEL_A / 10)).astype(int)
+        axis[tuple(index[np.all((index >= 0) & (index < shape), axis=1)].T)] = True
+    z_nm = np.arange(shape[0]) * VOXEL_A / 10
+    cytoplasm = (phantom.labels == 0) & ((z_nm > scene.slab_nm[0] + 5) & (z_nm < scene.slab_nm[1] - 5))[:, None, None]
+    for organelle in scene.organelles:
+        cytoplasm &= _surface_distance_nm(organelle, shape) > 1
+    assert np.count_nonzero(axis & cytoplasm) > 500
+    assert phantom.tomogram[axis & cytoplasm].mean() < phantom.tomogram[cytoplasm & ~axis].mean() - 0.5
 
 
 def test_write_phantom_round_trip(small, tmp_path):

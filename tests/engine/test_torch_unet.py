@@ -1,7 +1,5 @@
 """The PyTorch port equals the Keras U-Net (same weights) in float32; tiled inference accepts it."""
 
-from pathlib import Path
-
 import numpy as np
 import numpy.testing as npt
 import pytest
@@ -11,8 +9,6 @@ torch = pytest.importorskip("torch")
 from cryoves.engine.inference import InferenceParams, predict_tiled  # noqa: E402
 from cryoves.engine.model import build_unet, make_logit_fn  # noqa: E402
 from cryoves.engine.torch_unet import TorchUNet, load_torch_unet, make_torch_logit_fn  # noqa: E402
-
-WEIGHTS = Path(__file__).resolve().parents[2].parent / "shared" / "models" / "cryovesnet" / "weights.h5"
 
 
 def _random_keras_weights(n_filter_base):
@@ -49,14 +45,12 @@ def test_equals_keras_with_random_weights():
     npt.assert_allclose(make_torch_logit_fn(net.eval())(x), make_logit_fn(model)(x), atol=1e-4)
 
 
-def test_equals_keras_with_cryovesnet_weights():
-    if not WEIGHTS.is_file():
-        pytest.skip(f"CryoVesNet weights not found at {WEIGHTS}")
+def test_equals_keras_with_cryovesnet_weights(cryovesnet_weights):
     from cryoves.engine.model import load_unet
 
     x = np.random.default_rng(2).standard_normal((1, 64, 64, 64)).astype(np.float32)
-    torch_logits = make_torch_logit_fn(load_torch_unet(WEIGHTS))(x)
-    keras_logits = make_logit_fn(load_unet(WEIGHTS))(x)
+    torch_logits = make_torch_logit_fn(load_torch_unet(cryovesnet_weights))(x)
+    keras_logits = make_logit_fn(load_unet(cryovesnet_weights))(x)
     npt.assert_allclose(torch_logits, keras_logits, atol=1e-4)
 
 
