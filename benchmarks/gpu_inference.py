@@ -1,7 +1,8 @@
 """GPU speed of the PyTorch U-Net and of the whole pipeline, without TensorFlow or Ray.
 
-Needs only torch, numpy, scipy, h5py, pyarrow, numba (and cryoves installed or on the path). On a GPU
-machine, from the repository root:
+Needs only torch, numpy, scipy, h5py, pyarrow, numba (and cryoves installed or on the path).
+`benchmarks/gpu_session.sh` runs it with the GPU tests in one command. On a GPU machine, from the
+repository root:
 
     python benchmarks/gpu_inference.py --json gpu.json
 
