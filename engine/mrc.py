@@ -13,6 +13,7 @@ import numpy as np
 
 from cryoves.engine.atomic import atomic_output
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.rescale import z_slabs
 
 MIN_VOXEL_SIZE_A = 1.0
 MAX_VOXEL_SIZE_A = 100.0
@@ -170,18 +171,13 @@ def _check_data(path: Path, data: np.ndarray) -> None:
             raise CryovesError(f"{path}: {n_bad} voxels are NaN or Inf; fix or mask them before segmenting")
 
 
-def _slabs(data: np.ndarray):
-    step = max(1, _NONFINITE_SLAB_VOXELS // max(1, data.shape[1] * data.shape[2]))
-    for z in range(0, data.shape[0], step):
-        yield data[z:z + step]
-
-
 def _count_nonfinite(data: np.ndarray) -> int:
-    return int(sum(np.count_nonzero(~np.isfinite(slab)) for slab in _slabs(data)))
+    return int(sum(np.count_nonzero(~np.isfinite(slab)) for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS)))
 
 
 def _value_range(data: np.ndarray) -> tuple[float, float]:
-    finite = [slab[np.isfinite(slab)] if slab.dtype.kind == "f" else slab for slab in _slabs(data)]
+    finite = [slab[np.isfinite(slab)] if slab.dtype.kind == "f" else slab
+              for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS)]
     finite = [s for s in finite if s.size]
     if not finite:
         return float("nan"), float("nan")

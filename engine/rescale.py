@@ -53,8 +53,9 @@ def gaussian_prefilter(volume: np.ndarray, sigma_vox: float) -> np.ndarray:
                                    truncate=4.0, output=np.float32)
 
 
-def _slabs(volume: np.ndarray):
-    step = max(1, _SLAB_VOXELS // max(1, volume[0].size))
+def z_slabs(volume: np.ndarray, max_voxels: int = _SLAB_VOXELS):
+    """Views of whole z-sections, about `max_voxels` each: whole-volume statistics without a full-size temporary."""
+    step = max(1, max_voxels // max(1, volume[0].size))
     for start in range(0, volume.shape[0], step):
         yield volume[start:start + step]
 
@@ -63,10 +64,10 @@ def mean_std(volume: np.ndarray) -> tuple[float, float]:
     """Mean and population standard deviation, accumulated in float64 over z-slabs (two passes)."""
     if volume.size == 0:
         raise ValueError("volume is empty")
-    total = sum(float(slab.sum(dtype=np.float64)) for slab in _slabs(volume))
+    total = sum(float(slab.sum(dtype=np.float64)) for slab in z_slabs(volume))
     mean = total / volume.size
     squares = 0.0
-    for slab in _slabs(volume):
+    for slab in z_slabs(volume):
         centred = slab.astype(np.float64) - mean
         centred = centred.ravel()
         squares += float(centred @ centred)

@@ -17,6 +17,7 @@ from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
+from cryoves.kernels.labels import label_stats, relabel
 
 _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
 
@@ -174,29 +175,13 @@ class _Stats:
 
 
 def _stats(labels: np.ndarray) -> _Stats:
-    """Volumes and centroids by bincount over the foreground; boxes by find_objects."""
-    objects = ndimage.find_objects(labels)
-    ids = np.array([i + 1 for i, sl in enumerate(objects) if sl is not None], dtype=np.uint32)
-    n = ids.shape[0]
-    lo = np.zeros((n, 3), np.int64)
-    hi = np.zeros((n, 3), np.int64)
-    for k, i in enumerate(ids):
-        sl = objects[i - 1]
-        lo[k] = [s.start for s in sl]
-        hi[k] = [s.stop for s in sl]
-    if n == 0:
-        return _Stats(ids, np.zeros(0, np.int64), lo, hi, np.zeros((0, 3)))
-    flat = labels.reshape(-1)
-    index = np.flatnonzero(flat)
-    lab = flat[index]
-    size = int(ids[-1]) + 1
-    volume = np.bincount(lab, minlength=size)
-    _, ny, nx = labels.shape
-    z, rest = np.divmod(index, ny * nx)
-    y, x = np.divmod(rest, nx)
-    centroid = np.stack([np.bincount(lab, weights=c, minlength=size)[ids] for c in (z, y, x)], axis=1)
-    volume = volume[ids].astype(np.int64)
-    return _Stats(ids, volume, lo, hi, centroid / volume[:, None])
+    """Volumes, boxes and centroids of the labels present, in one pass (`label_stats`)."""
+    if np.issubdtype(labels.dtype, np.signedinteger):  # checked non-negative: same values unsigned
+        labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))
+    count, sums, lo, hi = label_stats(labels, int(labels.max()) if labels.size else 0)
+    ids = np.flatnonzero(count).astype(np.uint32)
+    volume = count[ids]
+    return _Stats(ids, volume, lo[ids], hi[ids], sums[ids] / volume[:, None])
 
 
 def _split(probability, out, stats: _Stats, threshold: float, params: LocalizeParams, progress,
@@ -327,7 +312,7 @@ def _relabel(labels: np.ndarray, keep: np.ndarray, max_id: int) -> np.ndarray:
         return np.zeros(labels.shape, np.uint32)
     lut = np.zeros(max_id + 1, np.uint32)
     lut[keep] = np.arange(1, keep.shape[0] + 1, dtype=np.uint32)
-    return lut[labels]
+    return relabel(labels, lut)
 
 
 def _structure(connectivity) -> np.ndarray:

@@ -350,8 +350,9 @@ def xcorr_shift(boxes, models, *, subvoxel=True):
     """
     a, b = _check_pair(boxes, models)
     axes = (1, 2, 3)
-    spec = scipy.fft.rfftn(a, axes=axes) * np.conj(scipy.fft.rfftn(b, axes=axes))
-    cc = scipy.fft.irfftn(spec, s=a.shape[1:], axes=axes)
+    workers = -1 if a.size >= _PARALLEL_MIN_VOXELS else 1  # all cores, as the numba kernels use
+    spec = scipy.fft.rfftn(a, axes=axes, workers=workers) * np.conj(scipy.fft.rfftn(b, axes=axes, workers=workers))
+    cc = scipy.fft.irfftn(spec, s=a.shape[1:], axes=axes, workers=workers)
     return _peak_shifts(cc, subvoxel)
 
 

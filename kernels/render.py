@@ -12,6 +12,7 @@ table order.
 import numba
 import numpy as np
 
+from cryoves.kernels.labels import relabel
 from cryoves.kernels.radial import _threads_for
 
 __all__ = ["render_spheres", "render_spheres_reference"]
@@ -41,8 +42,7 @@ def render_spheres(shape, centers_vox, radii_vox, ids):
     if centers.shape[0]:
         with _threads_for(index.size):
             _render(index, centers, radii)
-    lut = np.concatenate([np.zeros(1, dtype=np.uint32), ids])
-    return lut[index]
+    return relabel(index, np.concatenate([np.zeros(1, dtype=np.uint32), ids]))
 
 
 @numba.njit(parallel=True, cache=True)

@@ -1,0 +1,108 @@
+"""Whole-volume passes over label volumes: per-label statistics in one pass, and renumbering by a
+lookup table in place of NumPy's `lut[labels]` gather (which allocates a second full-size array)."""
+
+import numba
+import numpy as np
+
+from cryoves.kernels.radial import _threads_for
+
+__all__ = ["label_stats", "label_stats_reference", "relabel", "relabel_reference"]
+
+
+def label_stats(labels: np.ndarray, max_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per label 0..max_label: voxel count (int64), coordinate sums (float64, z y x), and box lo
+    (inclusive) and hi (exclusive) as `scipy.ndimage.find_objects` gives them; absent labels have
+    count 0 and lo > hi. Labels above `max_label` raise ValueError."""
+    labels = _check_labels(labels)
+    return _label_stats(labels, int(max_label))
+
+
+@numba.njit(cache=True)
+def _label_stats(labels, max_label):
+    n = max_label + 1
+    count = np.zeros(n, np.int64)
+    sums = np.zeros((n, 3), np.float64)
+    lo = np.empty((n, 3), np.int64)
+    hi = np.zeros((n, 3), np.int64)
+    nz, ny, nx = labels.shape
+    lo[:, 0], lo[:, 1], lo[:, 2] = nz, ny, nx
+    for z in range(nz):
+        for y in range(ny):
+            for x in range(nx):
+                v = labels[z, y, x]
+                if v == 0:
+                    continue
+                if v > max_label:
+                    raise ValueError("a label exceeds max_label")
+                count[v] += 1
+                sums[v, 0] += z
+                sums[v, 1] += y
+                sums[v, 2] += x
+                lo[v, 0] = min(lo[v, 0], z)
+                lo[v, 1] = min(lo[v, 1], y)
+                lo[v, 2] = min(lo[v, 2], x)
+                hi[v, 0] = max(hi[v, 0], z + 1)
+                hi[v, 1] = max(hi[v, 1], y + 1)
+                hi[v, 2] = max(hi[v, 2], x + 1)
+    return count, sums, lo, hi
+
+
+def label_stats_reference(labels: np.ndarray, max_label: int):
+    """NumPy version of :func:`label_stats` (bincount over the foreground, boxes by find_objects)."""
+    from scipy import ndimage
+
+    labels = _check_labels(labels)
+    if labels.size and labels.max() > max_label:
+        raise ValueError("a label exceeds max_label")
+    n = max_label + 1
+    flat = labels.reshape(-1)
+    index = np.flatnonzero(flat)
+    lab = flat[index].astype(np.int64)
+    count = np.bincount(lab, minlength=n)
+    count[0] = 0
+    coords = np.unravel_index(index, labels.shape)
+    sums = np.stack([np.bincount(lab, weights=c, minlength=n) for c in coords], axis=1)
+    sums[0] = 0.0
+    lo = np.tile(np.array(labels.shape, np.int64), (n, 1))
+    hi = np.zeros((n, 3), np.int64)
+    for i, box in enumerate(ndimage.find_objects(labels, max_label=max_label)):
+        if box is not None:
+            lo[i + 1] = [s.start for s in box]
+            hi[i + 1] = [s.stop for s in box]
+    return count, sums, lo, hi
+
+
+def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """``lut[labels]`` (dtype of `lut`), parallel over z; labels outside the table raise ValueError."""
+    labels = _check_labels(labels)
+    lut = np.ascontiguousarray(lut)
+    if lut.ndim != 1 or lut.size == 0:
+        raise ValueError(f"lut must be a non-empty 1-D table, got shape {lut.shape}")
+    if labels.size and labels.max() >= lut.size:
+        raise ValueError(f"a label ({labels.max()}) has no entry in the table of {lut.size}")
+    out = np.empty(labels.shape, lut.dtype)
+    with _threads_for(labels.size):
+        _relabel(labels, lut, out)
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _relabel(labels, lut, out):
+    for z in numba.prange(labels.shape[0]):
+        for y in range(labels.shape[1]):
+            for x in range(labels.shape[2]):
+                out[z, y, x] = lut[labels[z, y, x]]
+
+
+def relabel_reference(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """NumPy version of :func:`relabel`."""
+    return np.asarray(lut)[_check_labels(labels)]
+
+
+def _check_labels(labels) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.unsignedinteger):
+        raise ValueError(f"labels must be unsigned integers, got {labels.dtype}")
+    return labels
