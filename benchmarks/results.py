@@ -13,7 +13,9 @@ fastest of a few repeats in one run; on a shared machine they vary by tens of pe
 import argparse
 import dataclasses
 import json
+import os
 import sys
+import tempfile
 import time
 from contextlib import ExitStack
 from datetime import datetime, timezone
@@ -29,14 +31,27 @@ from cryoves.cluster.bench import (
     SIZES,
     TARGET_SHAPE,
     TARGET_VOXEL_SIZE_A,
+    WARMUP_SHAPE,
+    Node,
     fitted_exponent,
     hardware,
+    model_throughput,
     phantom_probability,
     run_bench,
 )
-from cryoves.engine.phantom import PRESETS, make_phantom
+from cryoves.cluster.run import FINISH_BYTES_PER_VOXEL, run_batch
+from cryoves.engine.inference import (
+    InferenceParams,
+    predict_tiled,
+    prepare_network_input,
+    probability_on_input_grid,
+)
+from cryoves.engine.job import prepare_job, segment_file
+from cryoves.engine.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.outputs import write_outputs
+from cryoves.engine.phantom import PRESETS, make_phantom, write_phantom
 from cryoves.engine.refine import RefineParams, refine_spheres
-from cryoves.engine.segment import SegmentParams, postprocess
+from cryoves.engine.segment import SegmentParams, oriented, postprocess
 from cryoves.engine.threshold import ThresholdParams
 from cryoves.kernels.radial import (
     back_project,
@@ -51,7 +66,14 @@ from cryoves.kernels.radial import (
 from cryoves.kernels.render import render_spheres, render_spheres_reference
 from cryoves.kernels.shell import shell_sums, shell_sums_reference
 
+FINISH_GB = FINISH_BYTES_PER_VOXEL * prod(TARGET_SHAPE) / 1e9
 NOT_MEASURED = "not measured (no GPU in this session)"
+QUOTED_GPU_MVOXEL_S = 600.0
+"""This network in float16 (PyTorch, channels-last) on one H200, as reported when the GPU path was
+specified (570-640 Mvoxel/s): the model's input until benchmarks/gpu_inference.py has measured it."""
+MODEL_NODES = ((1, Node(1, 16, 128.0)), (1, Node(2, 32, 256.0)), (1, Node(4, 64, 512.0)), (1, Node(8, 128, 1024.0)),
+               (4, Node(8, 128, 1024.0)))
+"""(nodes, node) for the scaling table: 16 cores and 128 GB per GPU, as on the lent H100/H200 machines."""
 TARGET = f"{'x'.join(map(str, TARGET_SHAPE[::-1]))} at {TARGET_VOXEL_SIZE_A:g} Å"
 
 
@@ -151,6 +173,119 @@ def scaling() -> dict:
             "fraction_shape": fraction_shape}
 
 
+def work_outside_network() -> dict:
+    """One TARGET tomogram's work outside the network, as `cryoves run` splits it, on one core.
+
+    `_prepare` (read, checksum, rescale, normalise) and `_finish` (resample the map, post-process,
+    write) each run in a fresh process with one numba thread, on a phantom of the target size itself
+    and the bundled network's map (computed here, untimed): seconds, and the peak growth of the process's
+    resident memory over the work, which is what `cryoves run` asks Ray for per tomogram.
+    """
+    import multiprocessing
+    from unittest.mock import patch as patch_env
+
+    params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None)))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_phantom(tmp, make_phantom(TARGET_SHAPE, TARGET_VOXEL_SIZE_A, seed=0), name="target")
+        job = prepare_job(Path(tmp) / "target.mrc", params, "sha")
+        network_input = prepare_network_input(oriented(job.volume.data, params), job.volume.voxel_size_a,
+                                              params.inference)
+        np.save(Path(tmp) / "prob_net.npy", predict_tiled(network_input, load_logit_fn(None), params.inference))
+        del network_input, job
+        with patch_env.dict(os.environ, {"NUMBA_NUM_THREADS": "1"}):
+            with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
+                prepare = pool.apply(_one_core_step, (tmp, "prepare", params))
+                finish = pool.apply(_one_core_step, (tmp, "finish", params))
+    return {"prepare_s": prepare["seconds"], "finish_s": finish["seconds"],
+            "core_seconds": prepare["seconds"] + finish["seconds"], "prepare_peak_gb": prepare["peak_gb"],
+            "finish_peak_gb": finish["peak_gb"], "n_vesicles": finish["n_vesicles"]}
+
+
+def _one_core_step(tmp: str, step: str, params: SegmentParams) -> dict:
+    """`_prepare` or `_finish` of `work_outside_network`, in a fresh process after a small warm-up."""
+    warm = make_phantom(WARMUP_SHAPE, BENCH_VOXEL_SIZE_A, seed=1)
+    postprocess(warm.tomogram, phantom_probability(warm), warm.voxel_size_a, params)
+    prob_net = np.load(Path(tmp) / "prob_net.npy") if step == "finish" else None
+    n_vesicles = None
+    with ResidentGrowth() as growth:
+        start = time.perf_counter()
+        job = prepare_job(Path(tmp) / "target.mrc", params, "sha")
+        tomogram = oriented(job.volume.data, params)
+        if step == "prepare":
+            prepare_network_input(tomogram, job.volume.voxel_size_a, params.inference)
+        else:
+            probability = probability_on_input_grid(prob_net, tomogram.shape)
+            result = postprocess(tomogram, probability, job.volume.voxel_size_a, params)
+            write_outputs(tmp, job.name, job.volume, result, job.record)
+            n_vesicles = int(result.vesicles.num_rows)
+        seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_gb": growth.peak_bytes / 1e9, "n_vesicles": n_vesicles}
+
+
+class ResidentGrowth:
+    """Peak growth of this process's resident memory inside the block, sampled every 5 ms.
+
+    Not `ru_maxrss`: a process started by fork and exec inherits its parent's high-water mark.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._page = os.sysconf("SC_PAGE_SIZE")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.peak_bytes = 0
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak_bytes = max(self.peak_bytes, self._rss() - self._base)
+
+    def __enter__(self) -> "ResidentGrowth":
+        self._base = self._rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_bytes = max(self.peak_bytes, self._rss() - self._base)
+
+
+def batch_overhead(n_tomograms: int = 50) -> dict:
+    """`cryoves run` on a local Ray instance against `segment_file` in a loop, same small phantoms, same run.
+
+    The overhead compares steady rates: in-process with the model loaded beforehand, and Ray from its
+    first finished tomogram to its last, so Ray's start and the actor's model load (once per batch,
+    `startup_s`) do not count against each tomogram.
+    """
+    params = SegmentParams()
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "tomograms"
+        for seed in range(n_tomograms):
+            write_phantom(folder, make_phantom((32, 64, 64), 22.0, seed=seed), name=f"phantom{seed}")
+        paths = sorted(folder.glob("phantom*[0-9].mrc"))
+        logit_fn = load_logit_fn(None)
+        start = time.perf_counter()
+        for path in paths:
+            segment_file(prepare_job(path, params, "sha"), Path(tmp) / "in_process", logit_fn, params)
+        in_process_s = time.perf_counter() - start
+        finished: list[float] = []
+        start = time.perf_counter()
+        table = run_batch(paths, Path(tmp) / "ray", params, weights=None, weights_sha256="sha",
+                          progress=lambda row: finished.append(time.perf_counter()))
+        ray_s = time.perf_counter() - start
+    assert table["status"].to_pylist() == ["ok"] * n_tomograms
+    in_process_per_min = 60 * n_tomograms / in_process_s
+    ray_per_min = 60 * (n_tomograms - 1) / (finished[-1] - finished[0])
+    return {"n": n_tomograms, "in_process_s": in_process_s, "ray_s": ray_s, "startup_s": finished[0] - start,
+            "in_process_per_min": in_process_per_min, "ray_per_min": ray_per_min,
+            "overhead": in_process_per_min / ray_per_min - 1}
+
+
 def _s(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -170,6 +305,10 @@ def main() -> None:
         records[size] = run_bench(size, "cpu", repeats=3 if size == "small" else 2)
     say("scaling")
     scale = scaling()
+    say("batch on Ray against in-process")
+    batch = batch_overhead()
+    say(f"work outside the network, {TARGET}, one core")
+    outside = work_outside_network()
     gpu = json.loads(args.gpu.read_text()) if args.gpu else None
 
     hw = hardware("cpu")
@@ -271,6 +410,45 @@ def main() -> None:
         + ", ".join(f"({x}, {_s(t)})" for x, t in scale["vesicles"]) + f" | {scale['vesicle_exponent']:.2f} |")
     out("")
 
+    out("## `cryoves run`: overhead, and multi-GPU scaling (modelled)\n")
+    out(f"**Measured here.** {batch['n']} phantoms of 32x64x64 at 22 Å: in-process (`segment_file` in a loop, model "
+        f"loaded beforehand) {batch['in_process_s']:.1f} s, {batch['in_process_per_min']:.0f} tomograms/min; "
+        f"`cryoves run` on a local Ray instance {batch['ray_s']:.1f} s, of which {batch['startup_s']:.1f} s until "
+        f"the first tomogram was done (Ray's start, the actor's model load: once per batch), then "
+        f"{batch['ray_per_min']:.0f} tomograms/min: scheduling overhead {100 * batch['overhead']:+.1f} % "
+        f"(negative: Ray's pipelining of the network and post-processing gains more than it costs). One {TARGET} tomogram outside the network on one core: "
+        f"`_prepare` {outside['prepare_s']:.1f} s + `_finish` {outside['finish_s']:.1f} s = "
+        f"{outside['core_seconds']:.0f} core-seconds ({outside['n_vesicles']} vesicles); their processes grow by "
+        f"{outside['prepare_peak_gb']:.1f} and {outside['finish_peak_gb']:.1f} GB at most "
+        f"(`cryoves run` asks Ray for {FINISH_GB:.1f} GB per `_finish`).\n")
+    gpu_rate = gpu["inference"]["float16"]["mvoxel_per_s"] if gpu else QUOTED_GPU_MVOXEL_S
+    gpu_source = (f"measured by benchmarks/gpu_inference.py on {gpu['device']}" if gpu else
+                  "the rate reported for this network in float16 on one H200 when the GPU path was specified "
+                  "(570-640), not yet measured by cryoves' own script")
+    out(f"**Modelled.** A single machine here has no GPU, let alone several, so multi-GPU throughput is a model "
+        f"(`cryoves.cluster.bench.model_throughput`): a batch of {TARGET} tomograms goes at the slower of the GPUs "
+        f"(network grid at {gpu_rate:.0f} Mvoxel/s per GPU: {gpu_source}) and the CPUs (the "
+        f"{outside['core_seconds']:.0f} core-seconds above per tomogram, as many tomograms at once as the cores, "
+        f"Ray's memory (70 % of RAM) at {FINISH_GB:.1f} GB each and the in-flight limit allow), less the measured "
+        f"overhead. Not modelled: a GPU actor's own CPU use, object transfers between nodes, shared-filesystem "
+        f"bandwidth.\n")
+    out("| nodes x (GPUs, cores, RAM) | GPU-bound tomograms/h | CPU-bound tomograms/h (at once) | modelled tomograms/h "
+        "| limited by | with `--max-in-flight 4` |")
+    out("|---|---|---|---|---|---|")
+    for n_nodes, node in MODEL_NODES:
+        common = {"gpu_mvoxel_s": gpu_rate, "cpu_core_seconds": outside["core_seconds"], "finish_gb": FINISH_GB,
+                  "overhead": max(batch["overhead"], 0.0)}
+        m = model_throughput(node, n_nodes, **common)
+        old = model_throughput(node, n_nodes, max_in_flight=4, **common)
+        out(f"| {n_nodes} x ({node.n_gpus}, {node.n_cores}, {node.memory_gb:g} GB) | {m['gpu_per_hour']:,.0f} | "
+            f"{m['cpu_per_hour']:,.0f} ({m['concurrent']}) | {m['tomograms_per_hour']:,.0f} | {m['limit']} | "
+            f"{old['tomograms_per_hour']:,.0f} |")
+    out("\nOne GPU predicts a tomogram in well under a second, while post-processing it takes tens of "
+        "core-seconds: a node needs on the order of a hundred cores per GPU before the GPU limits, so the "
+        "scaling is set by CPU cores and memory. That is why `cryoves run` keeps as many tomograms in flight as "
+        "the cluster has CPUs (the last column is the former default of 4) and lets Ray place post-processing "
+        "by memory.\n")
+
     out("## GPU\n")
     if gpu:
         out(f"From `benchmarks/gpu_inference.py` on {gpu['device']} ({gpu['date']}, {gpu['model']}): tiled "
@@ -278,10 +456,11 @@ def main() -> None:
             f"{gpu['pipeline_seconds']:.1f} s (network stage {gpu['stage_seconds']['network']:.1f} s including "
             f"CPU resampling, post-processing {gpu['postprocess_seconds']:.1f} s on the CPU).\n")
     else:
-        out("Not measured (no GPU in this session). `python benchmarks/gpu_inference.py --json gpu.json` on a GPU "
-            "machine "
-            "measures tiled PyTorch inference (float32 and float16) of a 174x684x684 network-grid volume and the "
-            "whole pipeline for a 1024x1024x261 tomogram at 14.69 Å; then rerun this script with `--gpu gpu.json`.\n")
+        out("Not measured (no GPU in this session). `bash benchmarks/gpu_session.sh` on a GPU machine (its header "
+            "says how to carry the wheels it needs) runs the GPU equality tests and `benchmarks/gpu_inference.py`: "
+            "tiled PyTorch inference (float32 and float16) of a 174x684x684 network-grid volume, the same in one "
+            "tile, and the whole pipeline for a 1024x1024x261 tomogram at 14.69 Å; then rerun this script with "
+            "`--gpu gpu.json`.\n")
 
     out("## Reproduce\n")
     out("```bash\npython benchmarks/results.py > benchmarks/RESULTS.md        # this page\n"

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from math import prod
 from pathlib import Path
@@ -46,6 +47,8 @@ WARMUP_SHAPE = (64, 128, 128)
 WARMUP_SHAPES = ((64, 128, 128), (32, 96, 96))
 POST_STAGES = STAGES[1:]
 DEVICES = ("cpu", "gpu")
+RAY_MEMORY_SHARE = 0.7
+"""Share of a node's memory Ray offers tasks by default (most of the rest is its object store)."""
 
 Progress = Callable[[str], None]
 
@@ -172,6 +175,40 @@ def project(stages: dict, params: SegmentParams | None = None) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Node:
+    """One machine of a Ray cluster, as the throughput model sees it."""
+
+    n_gpus: int
+    n_cores: int
+    memory_gb: float
+
+
+def model_throughput(node: Node, n_nodes: int, *, gpu_mvoxel_s: float, cpu_core_seconds: float,
+                     finish_gb: float, overhead: float, max_in_flight: int | None = None,
+                     params: SegmentParams | None = None) -> dict:
+    """Modelled `cryoves run` throughput for TARGET tomograms on `n_nodes` identical nodes.
+
+    The batch goes at the slower of two rates: the GPUs (each predicts the network grid at
+    `gpu_mvoxel_s`), and the CPUs (`cpu_core_seconds` of single-core work per tomogram outside the
+    network, as many tomograms at once as the cores, Ray's memory at `finish_gb` each and the in-flight
+    limit allow), less the measured scheduling `overhead` (a fraction of the time).
+    """
+    params = params or SegmentParams()
+    net_voxels = prod(network_shape(TARGET_SHAPE, TARGET_VOXEL_SIZE_A, params.inference.network_voxel_size_a))
+    gpu_per_hour = n_nodes * node.n_gpus * 3600.0 * gpu_mvoxel_s * 1e6 / net_voxels
+    cores = n_nodes * node.n_cores
+    by_memory = n_nodes * int(node.memory_gb * RAY_MEMORY_SHARE // finish_gb)
+    in_flight = max_in_flight or max(4, cores)
+    concurrent = min(cores, by_memory, in_flight)
+    cpu_per_hour = concurrent * 3600.0 / cpu_core_seconds
+    cpu_limit = next(name for name, n in (("CPU cores", cores), ("memory", by_memory), ("in-flight limit", in_flight))
+                     if n == concurrent)
+    limit = "GPU" if gpu_per_hour < cpu_per_hour else cpu_limit
+    return {"gpu_per_hour": gpu_per_hour, "cpu_per_hour": cpu_per_hour, "concurrent": concurrent,
+            "tomograms_per_hour": min(gpu_per_hour, cpu_per_hour) * (1.0 - overhead), "limit": limit}
+
+
 def phantom_probability(phantom: Phantom, sigma_vox: float = 1.0) -> np.ndarray:
     """A stand-in for a trained network's output: the true vesicle mask blurred by `sigma_vox` voxels.
 
@@ -262,4 +299,4 @@ def _gpu_name(device: str) -> str | None:
 
 
 __all__ = ["SIZES", "run_bench", "format_bench", "project", "time_pipeline", "phantom_probability", "fitted_exponent",
-           "hardware"]
+           "hardware", "Node", "model_throughput"]

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from cryoves.cluster.bench import (SIZES, TARGET_SHAPE, fitted_exponent, format_bench, project, run_bench)
+from cryoves.cluster.bench import (SIZES, TARGET_SHAPE, Node, fitted_exponent, format_bench, model_throughput, project,
+                                   run_bench)
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.segment import STAGES
 
@@ -48,6 +49,22 @@ def test_projection_uses_network_grid_for_the_network_and_input_grid_after():
     assert p["network_seconds"] == pytest.approx(174 * 684 * 684 / 1e6)
     assert p["postprocess_seconds"] == pytest.approx(TARGET_SHAPE[0] * TARGET_SHAPE[1] * TARGET_SHAPE[2] / 2e6)
     assert p["tomograms_per_hour"] == pytest.approx(3600 / p["seconds_per_tomogram"])
+
+
+def test_throughput_model_takes_the_slower_resource():
+    """174x684x684 network voxels (81.4 M): 1 GPU at 81.4 Mvoxel/s does 3600 tomograms/h; 16 cores at 36
+    core-seconds each do 1600/h; memory (128 GB x 0.7 / 8 GB = 11 at once) caps them at 1100/h."""
+    net_mvoxel = 174 * 684 * 684 / 1e6
+    common = {"gpu_mvoxel_s": net_mvoxel, "cpu_core_seconds": 36.0, "overhead": 0.0}
+    roomy = model_throughput(Node(1, 16, 1024.0), 1, finish_gb=8.0, **common)
+    assert roomy["gpu_per_hour"] == pytest.approx(3600) and roomy["cpu_per_hour"] == pytest.approx(1600)
+    assert roomy["limit"] == "CPU cores" and roomy["tomograms_per_hour"] == pytest.approx(1600)
+    tight = model_throughput(Node(1, 16, 128.0), 1, finish_gb=8.0, **common)
+    assert tight["concurrent"] == 11 and tight["limit"] == "memory"
+    capped = model_throughput(Node(1, 16, 1024.0), 1, finish_gb=8.0, max_in_flight=4, **common)
+    assert capped["limit"] == "in-flight limit" and capped["cpu_per_hour"] == pytest.approx(400)
+    gpu_bound = model_throughput(Node(1, 64, 1024.0), 4, finish_gb=8.0, **common | {"overhead": 0.1})
+    assert gpu_bound["limit"] == "GPU" and gpu_bound["tomograms_per_hour"] == pytest.approx(4 * 3600 * 0.9)
 
 
 def test_fitted_exponent_recovers_a_power_law():
