@@ -7,7 +7,9 @@ Per tomogram, three kinds of work, pipelined across tomograms:
 2. `Predictor` actors (one per GPU, or CPU actors on a machine without GPUs) each load the model
    once and predict batches of tiles: exactly the batches `predict_tiled` forms, so one large
    tomogram is spread over several actors and the probability map is bit-identical.
-3. `_finish` (CPU task): assemble the map, `probability_on_input_grid`, `postprocess`, `write_outputs`.
+3. `_finish` (CPU task): assemble the map, `probability_on_input_grid`, `postprocess`, `write_outputs`;
+   its sphere refinement goes to `_refine_chunk` tasks over chunks of vesicles, which read the
+   tomogram themselves (`refine.Refiner`), so one large tomogram also uses the cluster's cores.
 
 The driver keeps at most `max_in_flight` tomograms between 1 and 3 (backpressure through
 `ray.wait`; by default as many as the cluster has CPUs, at least 4), so memory stays flat however
@@ -42,6 +44,7 @@ from cryoves.engine.inference import (InferenceParams, plan_inference, predict_b
 from cryoves.engine.job import REGION_SUFFIXES, Job, is_done, load_region, prepare_job
 from cryoves.engine.mrc import read_volume
 from cryoves.engine.outputs import companion_file, tomogram_name, write_outputs, write_run_record
+from cryoves.engine.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
 from cryoves.engine.segment import SegmentParams, oriented, postprocess
 from cryoves.engine.spheres import rendered_spheres
 
@@ -61,6 +64,8 @@ FINISH_BYTES_PER_VOXEL = 32
 voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 30 (8.2 GB) on 1024x1024x261 at 14.69 Å.
 Ray then runs no more post-processing tasks on a node than its memory holds."""
 MIN_IN_FLIGHT = 4
+VESICLES_PER_TASK = 256
+"""Sphere refinement of a tomogram with more vesicles than this is spread over tasks of this many."""
 
 RESULT_SCHEMA = pa.schema([
     ("name", pa.string()),
@@ -200,8 +205,30 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
 
 
 @ray.remote(max_retries=TASK_RETRIES)
+def _refine_chunk(path: str, voxel_size_a: float | None, params: SegmentParams, centers: np.ndarray,
+                  radii: np.ndarray) -> RefineResult:
+    """`refine_batch` for some of a tomogram's vesicles, on the tomogram read here (memory-mapped)."""
+    return refine_batch(oriented(read_volume(path, voxel_size_a).data, params), centers, radii, params.refine)
+
+
+def chunked_refiner(tomogram: np.ndarray, path: str, voxel_size_a: float | None, params: SegmentParams,
+                    vesicles_per_task: int) -> Refiner:
+    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles of `tomogram` (read from `path`)
+    in `_refine_chunk` tasks; a tomogram with no more vesicles than that is refined here."""
+    def refine(centers: np.ndarray, radii: np.ndarray, refine_params: RefineParams) -> RefineResult:
+        if len(centers) <= vesicles_per_task:
+            return refine_batch(tomogram, centers, radii, refine_params)
+        chunks = [_refine_chunk.remote(path, voxel_size_a, params, centers[i:i + vesicles_per_task],
+                                       radii[i:i + vesicles_per_task])
+                  for i in range(0, len(centers), vesicles_per_task)]
+        return concat_refine_results(ray.get(chunks))
+
+    return refine
+
+
+@ray.remote(max_retries=TASK_RETRIES)
 def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_size_a: float | None,
-            write_probability: bool, truth_dir: str | None, *batches) -> int:
+            write_probability: bool, truth_dir: str | None, vesicles_per_task: int, *batches) -> int:
     """Assemble the map, post-process and write every output, as `segment_file` does; → vesicle count."""
     start = time.perf_counter()
     volume = read_volume(path, voxel_size_a)
@@ -212,7 +239,8 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
     probability = probability_on_input_grid(prob_net, tomogram.shape)
     region = job.record["region"]
     mask = load_region(region, tomogram.shape, job.volume.voxel_size_a) if region else None
-    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask)
+    refiner = chunked_refiner(tomogram, path, voxel_size_a, params, vesicles_per_task)
+    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask, refiner=refiner)
     result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
     total = time.perf_counter() - start + result.seconds["network"]
     record = job.record | {"total_seconds": total}
@@ -347,7 +375,7 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
               voxel_size_a: float | None = None, max_in_flight: int | None = None,
               progress: Progress | None = None,
               write_probability: bool = False, truth_dir: str | None = None,
-              region_dir: str | None = None) -> pa.Table:
+              region_dir: str | None = None, vesicles_per_task: int = VESICLES_PER_TASK) -> pa.Table:
     """Segment every tomogram of `inputs` (see `expand_inputs`) on Ray into `out_dir`.
 
     `address`: None starts a local Ray instance (or uses the one this process already runs);
@@ -359,9 +387,12 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
     tomograms whose ground truth is there (NAME.labels.mrc or NAME.vesicles.parquet) are scored into
     `out_dir/metrics/NAME.parquet`. With `region_dir`, tomograms whose region is there
     (NAME.region.mrc or NAME.mod, see `cryoves segment --region`) are segmented inside it.
+    `vesicles_per_task`: sphere refinement runs in tasks of at most this many vesicles.
     """
     if max_in_flight is not None and max_in_flight < 1:
         raise CryovesError(f"max_in_flight must be >= 1, got {max_in_flight}")
+    if vesicles_per_task < 1:
+        raise CryovesError(f"vesicles_per_task must be >= 1, got {vesicles_per_task}")
     if num_gpu_actors is not None and num_gpu_actors < 1:
         raise CryovesError(f"num_gpu_actors must be >= 1, got {num_gpu_actors}")
     if weights is not None and not Path(weights).exists():
@@ -372,7 +403,7 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
     started_ray = _connect(address)
     try:
         return _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a,
-                    max_in_flight, progress, write_probability, truth_dir, region_dir)
+                    max_in_flight, progress, write_probability, truth_dir, region_dir, vesicles_per_task)
     finally:
         if started_ray:
             ray.shutdown()
@@ -390,7 +421,7 @@ def _connect(address: str | None) -> bool:
 
 
 def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a, max_in_flight,
-         progress, write_probability, truth_dir, region_dir) -> pa.Table:
+         progress, write_probability, truth_dir, region_dir, vesicles_per_task) -> pa.Table:
     from tqdm import tqdm
 
     n_gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -463,9 +494,9 @@ def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_
                     finish_row(item, "error", str(exc))
                     continue
                 memory = finish_memory_bytes(item.meta["n_voxels"], _largest_node_memory())
-                item.finish_ref = _finish.options(memory=memory).remote(str(item.path), str(out_dir), item.meta, params, voxel_size_a,
-                                                 write_probability, truth_dir and str(truth_dir),
-                                                 *[result for _, _, _, result in item.calls])
+                item.finish_ref = _finish.options(memory=memory).remote(
+                    str(item.path), str(out_dir), item.meta, params, voxel_size_a, write_probability,
+                    truth_dir and str(truth_dir), vesicles_per_task, *[result for _, _, _, result in item.calls])
                 item.volume_ref = None
                 flying[item.finish_ref] = item
             else:  # outputs written, or a failure in its tiles or post-processing

@@ -195,6 +195,27 @@ class RefineResult(NamedTuple):
     n_iterations: np.ndarray
 
 
+Refiner = Callable[[np.ndarray, np.ndarray, RefineParams], RefineResult]
+"""(centres, starting radii, params) → `refine_batch`'s result on a bound tomogram: the seam where
+`cryoves run` spreads the vesicles of one tomogram over tasks (`concat_refine_results` joins them)."""
+
+
+def concat_refine_results(parts: list[RefineResult]) -> RefineResult:
+    """One RefineResult from results over consecutive chunks of vesicles, in order.
+
+    Profiles are as long as the largest box of their batch needs; shorter ones are padded with NaN,
+    as the empty shells beyond a smaller box are in a batch that holds a larger one.
+    """
+    n_bins = max(part.profiles.shape[1] for part in parts)
+    profiles = [np.pad(part.profiles, ((0, 0), (0, n_bins - part.profiles.shape[1])), constant_values=np.nan)
+                for part in parts]
+    return RefineResult(np.concatenate([part.centers for part in parts]),
+                        np.concatenate([part.box_radius for part in parts]),
+                        RadiusEstimate(*(np.concatenate(fields) for fields in zip(*(part.estimate for part in parts)))),
+                        np.concatenate(profiles),
+                        np.concatenate([part.n_iterations for part in parts]))
+
+
 def _box_radius(radius, extra, params):
     return np.ceil(np.nan_to_num(radius, nan=1.0)).astype(np.int64) + params.box_margin_vox + extra
 
@@ -326,11 +347,12 @@ def build_table(ids, batch: RefineResult, density, resampled, correlation, voxel
 
 def refine_spheres(tomogram: np.ndarray, labels: np.ndarray, voxel_size_a: float,
                    params: RefineParams = RefineParams(),
-                   progress: Callable[[int, int], None] | None = None) -> pa.Table:
+                   progress: Callable[[int, int], None] | None = None, refiner: Refiner | None = None) -> pa.Table:
     """Fit a sphere to every segment of ``labels`` on the raw ``tomogram``; one row per segment.
 
     Rows whose profile fails (empty search window, no halo) get outcome "removed" and NaN features.
     ``id`` is the segment's label in ``labels``. The Parquet metadata should carry ``asdict(params)``.
+    ``refiner`` replaces `refine_batch` on ``tomogram`` (same result, elsewhere: see `Refiner`).
     """
     tomogram = np.asarray(tomogram)
     labels = np.asarray(labels)
@@ -340,7 +362,10 @@ def refine_spheres(tomogram: np.ndarray, labels: np.ndarray, voxel_size_a: float
     if not voxel_size_a > 0:
         raise CryovesError(f"voxel_size_a must be > 0 Å, got {voxel_size_a}")
     ids, centers, r0 = segment_spheres(labels)
-    batch = refine_batch(tomogram, centers, r0, params, progress=progress)
+    if refiner is None:
+        batch = refine_batch(tomogram, centers, r0, params, progress=progress)
+    else:
+        batch = refiner(centers, r0, params)
     density, resampled = measure_spheres(batch.profiles, batch.estimate, params)
     ok = batch.estimate.ok
     mean_profile = resampled[ok].mean(axis=0) if ok.any() else np.zeros(params.n_profile_points)

@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from cryoves.engine.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
 from cryoves.engine.outliers import OutlierParams, detect_outliers
-from cryoves.engine.refine import RefineParams, refine_spheres
+from cryoves.engine.refine import RefineParams, Refiner, refine_spheres
 from cryoves.engine.segments import LocalizeParams, label_segments, localize
 from cryoves.engine.spheres import OverlapParams, render_labels, resolve_overlaps
 from cryoves.engine.threshold import ThresholdParams, global_threshold
@@ -74,11 +74,12 @@ def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params
 
 
 def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: float, params: SegmentParams,
-                region: np.ndarray | None = None, progress: Progress | None = None) -> Segmentation:
+                region: np.ndarray | None = None, progress: Progress | None = None,
+                refiner: Refiner | None = None) -> Segmentation:
     """All stages after the network, on the input grid and the raw tomogram intensities.
 
     `tomogram` is already `oriented` (dark membranes). `region` (bool, input grid) restricts detection
-    to the presynaptic cytoplasm (method.md §2.8).
+    to the presynaptic cytoplasm (method.md §2.8). `refiner`: see `refine.Refiner`.
     """
     if probability.shape != tomogram.shape:
         raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must share a grid")
@@ -94,7 +95,7 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     with _timed("localize", seconds, progress):
         local_labels = localize(probability, global_labels, threshold, voxel_size_a, params.localize)
     with _timed("refine", seconds, progress):
-        spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine)
+        spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine, refiner=refiner)
         sphere_labels = render_labels(tomogram.shape, spheres)
     with _timed("outliers", seconds, progress):
         checked = detect_outliers(tomogram, spheres, voxel_size_a, params.outliers, params.refine)
