@@ -53,6 +53,7 @@ from cryoves.engine.phantom import PRESETS, make_phantom, write_phantom
 from cryoves.engine.refine import RefineParams, refine_spheres
 from cryoves.engine.segment import SegmentParams, oriented, postprocess
 from cryoves.engine.threshold import ThresholdParams
+from cryoves.kernels.labels import label_stats, label_stats_reference, relabel, relabel_reference
 from cryoves.kernels.radial import (
     back_project,
     back_project_reference,
@@ -130,6 +131,10 @@ def kernel_speedups() -> list[tuple[str, float, float]]:
          ((64, 128, 128), ball_centers, ball_radii, ids)),
         ("extract_boxes 64x128x128, 50 boxes of 33³", extract_boxes, extract_boxes_reference, (volume, centers, 16)),
         ("xcorr_shift 50 boxes of 9³ (FFT vs direct)", xcorr_shift, xcorr_shift_reference, (boxes, models)),
+        ("label_stats, phantom labels 64x128x128", label_stats, label_stats_reference,
+         (phantom.labels, int(phantom.labels.max()))),
+        ("relabel, phantom labels 64x128x128", relabel, relabel_reference,
+         (phantom.labels, np.arange(int(phantom.labels.max()) + 1, dtype=np.uint32)[::-1].copy())),
         (f"per-vesicle stages (refine + render), phantom 64x128x128, {int(phantom.labels.max())} vesicles",
          per_vesicle_stages, partial(per_vesicle_stages, reference=True),
          (phantom.tomogram, phantom.labels.astype(np.uint32))),
@@ -416,7 +421,8 @@ def main() -> None:
         f"`cryoves run` on a local Ray instance {batch['ray_s']:.1f} s, of which {batch['startup_s']:.1f} s until "
         f"the first tomogram was done (Ray's start, the actor's model load: once per batch), then "
         f"{batch['ray_per_min']:.0f} tomograms/min: scheduling overhead {100 * batch['overhead']:+.1f} % "
-        f"(negative: Ray's pipelining of the network and post-processing gains more than it costs). One {TARGET} tomogram outside the network on one core: "
+        f"(negative: Ray's pipelining of the network and post-processing gains more than it costs). "
+        f"One tomogram of {TARGET}, the work outside the network on one core: "
         f"`_prepare` {outside['prepare_s']:.1f} s + `_finish` {outside['finish_s']:.1f} s = "
         f"{outside['core_seconds']:.0f} core-seconds ({outside['n_vesicles']} vesicles); their processes grow by "
         f"{outside['prepare_peak_gb']:.1f} and {outside['finish_peak_gb']:.1f} GB at most "
