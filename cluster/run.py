@@ -59,9 +59,9 @@ TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 CLUSTER_CHECK_S = 5.0
 """How often the driver checks that the cluster can still hold every inference actor."""
-FINISH_BYTES_PER_VOXEL = 32
-"""Memory a `_finish` task asks Ray for, per input voxel: its resident memory grows by 31 bytes per
-voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 30 (8.2 GB) on 1024x1024x261 at 14.69 Å.
+FINISH_BYTES_PER_VOXEL = 22
+"""Memory a `_finish` task asks Ray for, per input voxel: its resident memory grows by 21 bytes per
+voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 20 (5.5 GB) on 1024x1024x261 at 14.69 Å.
 Ray then runs no more post-processing tasks on a node than its memory holds."""
 MIN_IN_FLIGHT = 4
 VESICLES_PER_TASK = 256

@@ -17,7 +17,7 @@ from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
-from cryoves.kernels.labels import label_stats, relabel
+from cryoves.kernels.labels import label_dtype, label_stats, relabel
 
 _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
 
@@ -27,7 +27,8 @@ _MAX_SPLIT_DEPTH = 8  # a split piece is split again at most this many times (sp
 
 
 def label_segments(probability: np.ndarray, threshold: float, connectivity: int = 6) -> np.ndarray:
-    """Connected components of ``{P > threshold}`` (float64 comparison), ids 1..n in raster order.
+    """Connected components of ``{P > threshold}`` (float64 comparison), ids 1..n in raster order
+    (`label_dtype(n)`: uint16 unless there are more than 65,535).
 
     ``connectivity`` is 6 (faces; current code) or 26 (faces, edges, corners; paper-era code).
     """
@@ -35,8 +36,8 @@ def label_segments(probability: np.ndarray, threshold: float, connectivity: int 
     if probability.ndim != 3:
         raise ValueError(f"probability must be 3-D (z, y, x), got shape {probability.shape}")
     structure = _structure(connectivity)
-    labels, _ = ndimage.label(probability > np.float64(threshold), structure=structure, output=np.uint32)
-    return labels
+    labels, n = ndimage.label(probability > np.float64(threshold), structure=structure, output=np.uint32)
+    return labels.astype(label_dtype(n), copy=False)
 
 
 def segment_stats(labels: np.ndarray) -> pa.Table:
@@ -117,7 +118,7 @@ class LocalizeParams:
 def localize(probability: np.ndarray, labels: np.ndarray, threshold: float, voxel_size_a: float,
              params: LocalizeParams, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
     """Split merged segments by raising the threshold locally, optionally grow small ones, then
-    discard by extent and volume; returns uint32 labels numbered 1..n (ascending former id).
+    discard by extent and volume; returns labels numbered 1..n (ascending former id), `label_dtype(n)`.
 
     ``labels`` are the global labels of ``{P > threshold}`` (`label_segments`); ``progress(done, total)``
     is called after each split candidate.
@@ -309,9 +310,9 @@ def _grow(probability, out, stats: _Stats, threshold: float, v_min_vox: float, p
 def _relabel(labels: np.ndarray, keep: np.ndarray, max_id: int) -> np.ndarray:
     """Keep the ids in ``keep`` (ascending), renumbered 1..n; everything else becomes 0."""
     if keep.shape[0] == 0:
-        return np.zeros(labels.shape, np.uint32)
-    lut = np.zeros(max_id + 1, np.uint32)
-    lut[keep] = np.arange(1, keep.shape[0] + 1, dtype=np.uint32)
+        return np.zeros(labels.shape, label_dtype(0))
+    lut = np.zeros(max_id + 1, label_dtype(keep.shape[0]))
+    lut[keep] = np.arange(1, keep.shape[0] + 1)
     return relabel(labels, lut)
 
 

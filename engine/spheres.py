@@ -131,7 +131,7 @@ def rendered_spheres(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def render_labels(shape, table: pa.Table) -> np.ndarray:
-    """uint32 labels of the kept and repaired spheres, numbered 1..n in table order (0: background).
+    """Labels (`label_dtype`) of the kept and repaired spheres, numbered 1..n in table order (0: background).
 
     Label k is the k-th kept/repaired row, not its ``id``; shared voxels go to the nearer centre
     relative to the radius (kernels/render.py).

@@ -6,7 +6,12 @@ import numpy as np
 
 from cryoves.kernels.radial import _threads_for
 
-__all__ = ["label_stats", "label_stats_reference", "relabel", "relabel_reference"]
+__all__ = ["label_dtype", "label_stats", "label_stats_reference", "relabel", "relabel_reference"]
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """uint16 for up to 65,535 labels (half the memory of a whole-volume label array), else uint32."""
+    return np.dtype(np.uint16 if max_label <= np.iinfo(np.uint16).max else np.uint32)
 
 
 def label_stats(labels: np.ndarray, max_label: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ table order.
 import numba
 import numpy as np
 
-from cryoves.kernels.labels import relabel
+from cryoves.kernels.labels import label_dtype, relabel
 from cryoves.kernels.radial import _threads_for
 
 __all__ = ["render_spheres", "render_spheres_reference"]
@@ -36,13 +36,14 @@ def _check(shape, centers_vox, radii_vox, ids):
 
 
 def render_spheres(shape, centers_vox, radii_vox, ids):
-    """Label volume (uint32) with ball i painted as ``ids[i]``; overlaps go to the smallest power."""
+    """Label volume (`label_dtype` of the largest id) with ball i painted as ``ids[i]``; overlaps go to
+    the smallest power."""
     shape, centers, radii, ids = _check(shape, centers_vox, radii_vox, ids)
     index = np.zeros(shape, dtype=np.uint32)  # 1 + ball index; mapped to ids below
     if centers.shape[0]:
         with _threads_for(index.size):
             _render(index, centers, radii)
-    return relabel(index, np.concatenate([np.zeros(1, dtype=np.uint32), ids]))
+    return relabel(index, np.concatenate([[0], ids]).astype(label_dtype(ids.max() if ids.size else 0)))
 
 
 @numba.njit(parallel=True, cache=True)
@@ -83,7 +84,7 @@ def _render(index, centers, radii):
 def render_spheres_reference(shape, centers_vox, radii_vox, ids):
     """Plain NumPy version of :func:`render_spheres` (whole-volume distances per ball), for tests."""
     shape, centers, radii, ids = _check(shape, centers_vox, radii_vox, ids)
-    labels = np.zeros(shape, dtype=np.uint32)
+    labels = np.zeros(shape, dtype=label_dtype(ids.max() if ids.size else 0))
     best = np.full(shape, np.inf)
     z, y, x = (np.arange(s, dtype=np.float64) for s in shape)
     for (cz, cy, cx), r, label in zip(centers, radii, ids):

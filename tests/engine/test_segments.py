@@ -68,7 +68,7 @@ def test_label_connectivity():
     assert label_segments(p, 0.5, 6).max() == 2
     assert label_segments(p, 0.5, 26).max() == 1
     labels = label_segments(p, 0.5)
-    assert labels.dtype == np.uint32
+    assert labels.dtype == np.uint16  # up to 65,535 segments
     with pytest.raises(ValueError, match="connectivity must be 6 or 26"):
         label_segments(p, 0.5, 18)
 
@@ -143,7 +143,7 @@ def test_single_sphere_kept():
 def test_nothing_above_threshold_is_empty_not_error():
     p = np.full(SHAPE, 0.3, np.float32)
     labels, local = run(p)
-    assert labels.max() == 0 and local.max() == 0 and local.dtype == np.uint32
+    assert labels.max() == 0 and local.max() == 0 and local.dtype == np.uint16
     assert segment_stats(local).num_rows == 0
 
 

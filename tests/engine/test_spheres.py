@@ -68,7 +68,7 @@ def test_render_labels_consecutive_kept_and_repaired_only():
     table = _table([[10, 10, 10], [10, 10, 30], [10, 30, 10], [10, 30, 30]], [5.0, 5.0, 5.0, 5.0],
                    ["removed", "kept", "repaired", "kept"])
     labels = render_labels((21, 41, 41), table)
-    assert labels.dtype == np.uint32
+    assert labels.dtype == np.uint16
     npt.assert_array_equal(np.unique(labels), [0, 1, 2, 3])
     assert labels[10, 10, 30] == 1 and labels[10, 30, 10] == 2 and labels[10, 30, 30] == 3
     assert labels[10, 10, 10] == 0

@@ -50,3 +50,9 @@ def test_relabel_equals_the_gather(labels, rng, lut_dtype):
 def test_relabel_refuses_labels_outside_the_table(labels):
     with pytest.raises(ValueError, match="no entry"):
         relabel(labels, np.arange(int(labels.max()), dtype=np.uint32))
+
+
+def test_label_dtype_is_uint16_up_to_65535_labels():
+    from cryoves.kernels.labels import label_dtype
+
+    assert label_dtype(0) == np.uint16 and label_dtype(65_535) == np.uint16 and label_dtype(65_536) == np.uint32

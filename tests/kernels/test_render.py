@@ -15,7 +15,7 @@ def rng():
 @pytest.mark.parametrize("radius, count", [(0, 1), (1, 7), (2, 33), (5, 515)])
 def test_lone_ball_voxel_count(radius, count):
     labels = render_spheres((13, 13, 13), [[6, 6, 6]], [radius], [3])
-    assert labels.dtype == np.uint32
+    assert labels.dtype == np.uint16  # up to 65,535 balls
     assert (labels == 3).sum() == count
     npt.assert_array_equal(labels, render_spheres_reference((13, 13, 13), [[6, 6, 6]], [radius], [3]))
     # a digital ball's longest side is 2r + 1
@@ -62,3 +62,9 @@ def test_overlap_goes_to_nearest_centre_not_painting_order():
 def test_bad_ids():
     with pytest.raises(ValueError, match="ids"):
         render_spheres((3, 3, 3), [[1, 1, 1]], [1], [0])
+
+
+def test_ids_above_uint16_are_kept_exactly():
+    labels = render_spheres((9, 9, 9), [[4, 4, 4]], [2], [70_000])
+    assert labels.dtype == np.uint32 and labels[4, 4, 4] == 70_000
+    npt.assert_array_equal(labels, render_spheres_reference((9, 9, 9), [[4, 4, 4]], [2], [70_000]))
