@@ -59,10 +59,10 @@ TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 CLUSTER_CHECK_S = 5.0
 """How often the driver checks that the cluster can still hold every inference actor."""
-FINISH_BYTES_PER_VOXEL = 22
-"""Memory a `_finish` task asks Ray for, per input voxel: its resident memory grows by 21 bytes per
-voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 20 (5.5 GB) on 1024x1024x261 at 14.69 Å.
-Ray then runs no more post-processing tasks on a node than its memory holds."""
+FINISH_BYTES_PER_VOXEL = 18
+"""Memory a `_finish` task asks Ray for, per input voxel: its resident memory grows by 16-17.5 bytes
+per voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 16 (4.4 GB) on 1024x1024x261 at
+14.69 Å. Ray then runs no more post-processing tasks on a node than its memory holds."""
 MIN_IN_FLIGHT = 4
 VESICLES_PER_TASK = 256
 """Sphere refinement of a tomogram with more vesicles than this is spread over tasks of this many."""
@@ -240,7 +240,8 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
     region = job.record["region"]
     mask = load_region(region, tomogram.shape, job.volume.voxel_size_a) if region else None
     refiner = chunked_refiner(tomogram, path, voxel_size_a, params, vesicles_per_task)
-    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask, refiner=refiner)
+    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask, refiner=refiner,
+                         keep_stages=False)
     result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
     total = time.perf_counter() - start + result.seconds["network"]
     record = job.record | {"total_seconds": total}

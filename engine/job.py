@@ -91,7 +91,7 @@ def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *,
     start = time.perf_counter()
     tomogram = np.asarray(job.volume.data, dtype=np.float32)
     mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)
-    result = segment(tomogram, job.volume.voxel_size_a, logit_fn, params, mask, progress)
+    result = segment(tomogram, job.volume.voxel_size_a, logit_fn, params, mask, progress, keep_stages=write_stages)
     paths = {}
     if pyto:
         _, centers, radii = rendered_spheres(result.vesicles)

@@ -45,7 +45,7 @@ class Segmentation:
 
     probability: np.ndarray          # float32, input grid
     threshold: float                 # the global threshold t*
-    labels: dict[str, np.ndarray]    # "global", "local", "sphere", "final"
+    labels: dict[str, np.ndarray]    # "global", "local", "sphere" (unless not kept), "final"
     vesicles: pa.Table               # one row per fitted sphere; final label k = k-th kept/repaired row
     seconds: dict[str, float]        # wall time per stage
     warnings: tuple[str, ...] = ()   # what a user should check (also in the run record)
@@ -61,25 +61,28 @@ def oriented(tomogram: np.ndarray, params: SegmentParams) -> np.ndarray:
 
 
 def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params: SegmentParams,
-            region: np.ndarray | None = None, progress: Progress | None = None) -> Segmentation:
+            region: np.ndarray | None = None, progress: Progress | None = None, *,
+            keep_stages: bool = True) -> Segmentation:
     """Predict the probability map of `tomogram` and post-process it (`postprocess`)."""
     tomogram = oriented(tomogram, params)
     seconds: dict[str, float] = {}
     with _timed("network", seconds, progress):
         prob_net = predict_probability(tomogram, voxel_size_a, logit_fn, params.inference)
         probability = probability_on_input_grid(prob_net, tomogram.shape)
-    result = postprocess(tomogram, probability, voxel_size_a, params, region, progress)
+    result = postprocess(tomogram, probability, voxel_size_a, params, region, progress, keep_stages=keep_stages)
     result.seconds.update(seconds)
     return result
 
 
 def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: float, params: SegmentParams,
-                region: np.ndarray | None = None, progress: Progress | None = None,
-                refiner: Refiner | None = None) -> Segmentation:
+                region: np.ndarray | None = None, progress: Progress | None = None, *,
+                refiner: Refiner | None = None, keep_stages: bool = True) -> Segmentation:
     """All stages after the network, on the input grid and the raw tomogram intensities.
 
     `tomogram` is already `oriented` (dark membranes). `region` (bool, input grid) restricts detection
-    to the presynaptic cytoplasm (method.md §2.8). `refiner`: see `refine.Refiner`.
+    to the presynaptic cytoplasm (method.md §2.8). `refiner`: see `refine.Refiner`. Without
+    `keep_stages` only the final labels are returned, and each earlier label volume is released as
+    soon as the next stage has used it (a third less memory at the peak).
     """
     if probability.shape != tomogram.shape:
         raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must share a grid")
@@ -94,17 +97,20 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         global_labels = label_segments(probability, threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
         local_labels = localize(probability, global_labels, threshold, voxel_size_a, params.localize)
+    stages = {"global": global_labels} if keep_stages else {}
+    del global_labels
     with _timed("refine", seconds, progress):
         spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine, refiner=refiner)
-        sphere_labels = render_labels(tomogram.shape, spheres)
+        if keep_stages:
+            stages |= {"local": local_labels, "sphere": render_labels(tomogram.shape, spheres)}
+    del local_labels
     with _timed("outliers", seconds, progress):
         checked = detect_outliers(tomogram, spheres, voxel_size_a, params.outliers, params.refine)
     with _timed("overlap", seconds, progress):
         final = resolve_overlaps(checked, voxel_size_a, params.overlap)
         final_labels = render_labels(tomogram.shape, final)
     vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
-    labels = {"global": global_labels, "local": local_labels, "sphere": sphere_labels, "final": final_labels}
-    return Segmentation(probability, float(threshold), labels, vesicles, seconds, warnings)
+    return Segmentation(probability, float(threshold), stages | {"final": final_labels}, vesicles, seconds, warnings)
 
 
 def _contrast_warnings(tomogram: np.ndarray, search) -> tuple[str, ...]:

@@ -55,6 +55,15 @@ def test_accuracy_from_a_truth_derived_map(scene):
     assert result.labels["local"].max() > result.labels["global"].max()
 
 
+def test_without_kept_stages_only_the_final_labels_come_back_and_nothing_else_changes(scene):
+    phantom, probability = scene
+    kept = postprocess(phantom.tomogram, probability, 22.0, SegmentParams())
+    lean = postprocess(phantom.tomogram, probability, 22.0, SegmentParams(), keep_stages=False)
+    assert set(lean.labels) == {"final"}
+    np.testing.assert_array_equal(lean.labels["final"], kept.labels["final"])
+    np.testing.assert_equal(lean.vesicles.to_pydict(), kept.vesicles.to_pydict())  # NaN == NaN
+
+
 def test_final_labels_are_the_kept_spheres_in_table_order(scene):
     phantom, probability = scene
     result = postprocess(phantom.tomogram, probability, 22.0, SegmentParams())
