@@ -181,8 +181,8 @@ def scaling() -> dict:
 def work_outside_network() -> dict:
     """One TARGET tomogram's work outside the network, as `cryoves run` splits it, on one core.
 
-    `_prepare` (read, checksum, rescale, normalise) and `_finish` (resample the map, post-process,
-    write) each run in a fresh process with one numba thread, on a phantom of the target size itself
+    `_prepare` (read, checksum, rescale, normalise) and `_finish` (resample the map, post-process
+    without kept stages, write) each run in a fresh process with one numba thread, on a phantom of the target size itself
     and the bundled network's map (computed here, untimed): seconds, and the peak growth of the process's
     resident memory over the work, which is what `cryoves run` asks Ray for per tomogram.
     """
@@ -220,7 +220,7 @@ def _one_core_step(tmp: str, step: str, params: SegmentParams) -> dict:
             prepare_network_input(tomogram, job.volume.voxel_size_a, params.inference)
         else:
             probability = probability_on_input_grid(prob_net, tomogram.shape)
-            result = postprocess(tomogram, probability, job.volume.voxel_size_a, params)
+            result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, keep_stages=False)
             write_outputs(tmp, job.name, job.volume, result, job.record)
             n_vesicles = int(result.vesicles.num_rows)
         seconds = time.perf_counter() - start
