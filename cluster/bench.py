@@ -241,13 +241,13 @@ def hardware(device: str = "cpu") -> dict:
 
 
 def time_pipeline(phantom: Phantom, logit_fn, params: SegmentParams) -> tuple[dict, int]:
-    """Network then post-processing of one phantom: (seconds per stage, vesicles kept)."""
+    """Network then post-processing of one phantom as `segment` runs it: (seconds per stage, vesicles kept)."""
     tomogram = phantom.tomogram
     start = time.perf_counter()
     prob_net = predict_probability(tomogram, phantom.voxel_size_a, logit_fn, params.inference)
     probability = probability_on_input_grid(prob_net, tomogram.shape)
     network_s = time.perf_counter() - start
-    result = postprocess(tomogram, probability, phantom.voxel_size_a, params)
+    result = postprocess(tomogram, probability, phantom.voxel_size_a, params, keep_stages=False)
     kept = rendered_spheres(result.vesicles)[0].sum()
     return {"network": network_s} | result.seconds, int(kept)
 
