@@ -8,8 +8,9 @@ Per tomogram, three kinds of work, pipelined across tomograms:
    once and predict batches of tiles: exactly the batches `predict_tiled` forms, so one large
    tomogram is spread over several actors and the probability map is bit-identical.
 3. `_finish` (CPU task): assemble the map, `probability_on_input_grid`, `postprocess`, `write_outputs`;
-   its sphere refinement goes to `_refine_chunk` tasks over chunks of vesicles, which read the
-   tomogram themselves (`refine.Refiner`), so one large tomogram also uses the cluster's cores.
+   its sphere refinement goes to `_refine_chunk` tasks over chunks of vesicles, which share the
+   tomogram through the object store (`refine.Refiner`), so one large tomogram also uses the
+   cluster's cores.
 
 The driver keeps at most `max_in_flight` tomograms between 1 and 3 (backpressure through
 `ray.wait`; by default as many as the cluster has CPUs, at least 4), so memory stays flat however
@@ -204,23 +205,19 @@ def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str
     return meta, network_input
 
 
-@ray.remote(max_retries=TASK_RETRIES)
-def _refine_chunk(path: str, voxel_size_a: float | None, params: SegmentParams, centers: np.ndarray,
-                  radii: np.ndarray) -> RefineResult:
-    """`refine_batch` for some of a tomogram's vesicles, on the tomogram read here (memory-mapped)."""
-    return refine_batch(oriented(read_volume(path, voxel_size_a).data, params), centers, radii, params.refine)
+_refine_chunk = ray.remote(max_retries=TASK_RETRIES)(refine_batch)
+"""`refine_batch` as a task, for some of a tomogram's vesicles."""
 
 
-def chunked_refiner(tomogram: np.ndarray, path: str, voxel_size_a: float | None, params: SegmentParams,
-                    vesicles_per_task: int) -> Refiner:
-    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles of `tomogram` (read from `path`)
-    in `_refine_chunk` tasks; a tomogram with no more vesicles than that is refined here."""
-    def refine(centers: np.ndarray, radii: np.ndarray, refine_params: RefineParams) -> RefineResult:
+def chunked_refiner(tomogram: np.ndarray, vesicles_per_task: int) -> Refiner:
+    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles of `tomogram` in `_refine_chunk`
+    tasks, the tomogram put once into the object store; a tomogram with no more vesicles is refined here."""
+    def refine(centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
         if len(centers) <= vesicles_per_task:
-            return refine_batch(tomogram, centers, radii, refine_params)
-        chunks = [_refine_chunk.remote(path, voxel_size_a, params, centers[i:i + vesicles_per_task],
-                                       radii[i:i + vesicles_per_task])
-                  for i in range(0, len(centers), vesicles_per_task)]
+            return refine_batch(tomogram, centers, radii, params)
+        shared = ray.put(tomogram)
+        chunks = [_refine_chunk.remote(shared, centers[i:i + vesicles_per_task], radii[i:i + vesicles_per_task],
+                                       params) for i in range(0, len(centers), vesicles_per_task)]
         return concat_refine_results(ray.get(chunks))
 
     return refine
@@ -239,7 +236,7 @@ def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_si
     probability = probability_on_input_grid(prob_net, tomogram.shape)
     region = job.record["region"]
     mask = load_region(region, tomogram.shape, job.volume.voxel_size_a) if region else None
-    refiner = chunked_refiner(tomogram, path, voxel_size_a, params, vesicles_per_task)
+    refiner = chunked_refiner(tomogram, vesicles_per_task)
     result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask, refiner=refiner,
                          keep_stages=False)
     result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
