@@ -281,19 +281,16 @@ class PredictorPool:
         resources = ray.cluster_resources()
         return int(resources.get("GPU", 0)) if self.gpus else max(int(resources.get("CPU", 0)) - 1, 0)
 
-    def fit_cluster(self) -> list[int]:
-        """Give up actors the cluster can no longer place, those last seen on dead nodes first; → their indices."""
+    def fit_cluster(self) -> None:
+        """Give up actors the cluster can no longer place, those last seen on dead nodes first."""
         excess = len(self.actors) - self.capacity()
         if excess <= 0:
-            return []
+            return
         alive = {node["NodeID"] for node in ray.nodes() if node["Alive"]}
-        order = sorted(self.actors, key=lambda i: (self.node_id[i] in alive, -i))
-        lost = order[:excess]
-        for i in lost:
+        for i in sorted(self.actors, key=lambda i: (self.node_id[i] in alive, -i))[:excess]:
             ray.kill(self.actors.pop(i), no_restart=True)
             del self.queued[i], self.node_id[i]
         log.warning("the cluster lost %d inference actor(s); %d remain", excess, len(self.actors))
-        return lost
 
     def submit(self, volume_ref, meta: dict, params: InferenceParams) -> list[tuple]:
         """One call per batch of tiles of a tomogram → [(actor index, tiles, where ref, result ref)]."""

@@ -177,8 +177,6 @@ class _Stats:
 
 def _stats(labels: np.ndarray) -> _Stats:
     """Volumes, boxes and centroids of the labels present, in one pass (`label_stats`)."""
-    if np.issubdtype(labels.dtype, np.signedinteger):  # checked non-negative: same values unsigned
-        labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))
     count, sums, lo, hi = label_stats(labels, int(labels.max()) if labels.size else 0)
     ids = np.flatnonzero(count).astype(np.uint32)
     volume = count[ids]
@@ -328,6 +326,8 @@ def _check_labels(labels) -> np.ndarray:
         raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"labels must be an integer array, got {labels.dtype}")
-    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
-        raise ValueError("labels must be >= 0")
+    if np.issubdtype(labels.dtype, np.signedinteger):
+        if labels.size and labels.min() < 0:
+            raise ValueError("labels must be >= 0")
+        labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))  # same values, as the label kernels take
     return labels
