@@ -15,13 +15,13 @@ from datetime import date
 
 import numpy as np
 
-from cryoves.engine.inference import InferenceParams, predict_probability, probability_on_input_grid
-from cryoves.engine.metrics import dice, match_vesicles, spheres_from_labels
-from cryoves.engine.model import load_logit_fn, model_gaussian_sigma_vox
-from cryoves.engine.outliers import OutlierParams
-from cryoves.engine.phantom import make_phantom
-from cryoves.engine.segment import SegmentParams, postprocess
-from cryoves.engine.segments import LocalizeParams
+from cryoves.engine.network.inference import InferenceParams, predict_probability, probability_on_input_grid
+from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.pipeline import SegmentParams, postprocess
+from cryoves.engine.scoring.matching import dice, match_vesicles, spheres_from_labels
+from cryoves.engine.stages.localize import LocalizeParams
+from cryoves.engine.stages.outliers import OutlierParams
+from cryoves.engine.synthetic.phantom import make_phantom
 from cryoves.engine.units import nm_to_vox
 
 SCENES = [("default", 22.0), ("crowded", 22.0), ("low_snr", 22.0), ("default", 14.7), ("distractors", 22.0)]

@@ -23,7 +23,7 @@ import json
 import platform
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from math import prod
 from pathlib import Path
 
@@ -44,12 +44,12 @@ import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from cryoves.cluster.bench import TARGET_SHAPE, TARGET_VOXEL_SIZE_A, WARMUP_SHAPE, hardware, time_pipeline  # noqa: E402
-from cryoves.engine.inference import InferenceParams, plan_inference, predict_tiled  # noqa: E402
-from cryoves.engine.outputs import package_versions, peak_memory_mb  # noqa: E402
-from cryoves.engine.phantom import make_phantom  # noqa: E402
-from cryoves.engine.rescale import network_shape  # noqa: E402
-from cryoves.engine.segment import SegmentParams  # noqa: E402
-from cryoves.engine.torch_unet import load_torch_unet, make_torch_logit_fn  # noqa: E402
+from cryoves.engine.io.outputs import package_versions, peak_memory_mb  # noqa: E402
+from cryoves.engine.network.inference import InferenceParams, plan_inference, predict_tiled  # noqa: E402
+from cryoves.engine.network.rescale import network_shape  # noqa: E402
+from cryoves.engine.network.torch_unet import load_torch_unet, make_torch_logit_fn  # noqa: E402
+from cryoves.engine.pipeline import SegmentParams  # noqa: E402
+from cryoves.engine.synthetic.phantom import make_phantom  # noqa: E402
 
 SMALL = {"network_shape": (48, 96, 96), "tomogram_shape": (64, 128, 128), "voxel_size_a": 22.0}
 
@@ -121,7 +121,7 @@ def main() -> None:
     plan = plan_inference(net_shape, params.inference)
     record = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU ({platform.machine()})",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "network_shape": list(net_shape),
         "memory_gb": memory_gb,
         "plan": {"n_tiles": len(plan.tiles), "window_shape": list(plan.window_shape),

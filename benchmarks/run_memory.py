@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.cluster.run import run_batch
-from cryoves.engine.inference import InferenceParams
-from cryoves.engine.model import model_gaussian_sigma_vox, weights_sha256
-from cryoves.engine.mrc import write_volume
-from cryoves.engine.phantom import make_phantom
-from cryoves.engine.segment import SegmentParams
+from cryoves.engine.io.mrc import write_volume
+from cryoves.engine.network.inference import InferenceParams
+from cryoves.engine.network.model import model_gaussian_sigma_vox, weights_sha256
+from cryoves.engine.pipeline import SegmentParams
+from cryoves.engine.synthetic.phantom import make_phantom
 
 SHAPE = (32, 64, 64)
 

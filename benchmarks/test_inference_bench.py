@@ -13,7 +13,7 @@ import pytest
 from scipy import ndimage
 from scipy.special import expit
 
-from cryoves.engine.inference import InferenceParams, plan_inference, predict_tiled
+from cryoves.engine.network.inference import InferenceParams, plan_inference, predict_tiled
 
 SHAPES = [(48, 48, 48)] + ([(64, 192, 192)] if os.environ.get("CRYOVES_BENCH_LARGE") else [])
 WINDOW, KEEP = 64, 24
@@ -21,7 +21,7 @@ WINDOW, KEEP = 64, 24
 
 @pytest.fixture(scope="module")
 def logit_fn(cryovesnet_weights_path):
-    from cryoves.engine.model import build_unet, load_unet, make_logit_fn
+    from cryoves.engine.network.model import build_unet, load_unet, make_logit_fn
 
     return make_logit_fn(load_unet(cryovesnet_weights_path) if cryovesnet_weights_path.is_file() else build_unet())
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from cryoves.engine.phantom import make_phantom
+from cryoves.engine.synthetic.phantom import make_phantom
 
 SHAPE = (128, 256, 256)
 

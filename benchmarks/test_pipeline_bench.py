@@ -22,15 +22,15 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.cluster.bench import BENCH_VOXEL_SIZE_A, SIZES, fitted_exponent, phantom_probability
-from cryoves.engine.inference import predict_probability, probability_on_input_grid
-from cryoves.engine.outliers import detect_outliers
-from cryoves.engine.outputs import peak_memory_mb
-from cryoves.engine.phantom import PRESETS, make_phantom
-from cryoves.engine.refine import refine_spheres
-from cryoves.engine.segment import SegmentParams, postprocess
-from cryoves.engine.segments import label_segments, localize
-from cryoves.engine.spheres import render_labels, resolve_overlaps
-from cryoves.engine.threshold import global_threshold
+from cryoves.engine.io.outputs import peak_memory_mb
+from cryoves.engine.network.inference import predict_probability, probability_on_input_grid
+from cryoves.engine.pipeline import SegmentParams, postprocess
+from cryoves.engine.stages.localize import label_segments, localize
+from cryoves.engine.stages.outliers import detect_outliers
+from cryoves.engine.stages.overlaps import render_labels, resolve_overlaps
+from cryoves.engine.stages.refine import refine_spheres
+from cryoves.engine.stages.threshold import global_threshold
+from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
 from cryoves.kernels.radial import extract_boxes, extract_boxes_reference, xcorr_shift, xcorr_shift_reference
 
 LARGE = bool(os.environ.get("CRYOVES_BENCH_LARGE"))
@@ -131,7 +131,7 @@ def test_postprocess(benchmark, size):
 
 @pytest.fixture(scope="module")
 def logit_fn():
-    from cryoves.engine.model import MODEL_WEIGHTS, build_unet, bundled_model_dir, load_logit_fn, make_logit_fn
+    from cryoves.engine.network.model import MODEL_WEIGHTS, build_unet, bundled_model_dir, load_logit_fn, make_logit_fn
 
     if (bundled_model_dir() / MODEL_WEIGHTS).is_file():
         return load_logit_fn(None)
@@ -185,8 +185,8 @@ def test_compile_time(benchmark):
         pytest.skip("set CRYOVES_BENCH_LARGE=1 (compiles every kernel from scratch, tens of seconds)")
     benchmark.group = "compile: first post-processing call, empty numba cache"
     code = ("from cryoves.cluster.bench import phantom_probability\n"
-            "from cryoves.engine.phantom import make_phantom\n"
-            "from cryoves.engine.segment import SegmentParams, postprocess\n"
+            "from cryoves.engine.synthetic.phantom import make_phantom\n"
+            "from cryoves.engine.pipeline import SegmentParams, postprocess\n"
             "p = make_phantom((32, 64, 64), 22.0, 0)\n"
             "import time; t = time.perf_counter()\n"
             "postprocess(p.tomogram, phantom_probability(p), 22.0, SegmentParams())\n"

@@ -8,9 +8,8 @@ import numpy as np
 import numpy.testing as npt
 import pytest
 
-from cryoves.engine.refine import RefineParams, refine_spheres
-from cryoves.kernels.radial import (back_project, back_project_reference, radial_profiles,
-                                    radial_profiles_reference)
+from cryoves.engine.stages.refine import RefineParams, refine_spheres
+from cryoves.kernels.radial import back_project, back_project_reference, radial_profiles, radial_profiles_reference
 from cryoves.kernels.render import render_spheres, render_spheres_reference
 
 RNG = np.random.default_rng(11)
@@ -98,7 +97,7 @@ def test_refine_spheres_100(benchmark):
 
 @pytest.fixture(scope="module")
 def phantom_segments():
-    from cryoves.engine.phantom import make_phantom
+    from cryoves.engine.synthetic.phantom import make_phantom
 
     phantom = make_phantom((64, 128, 128), 22.0, seed=3)
     return phantom.tomogram, phantom.labels.astype(np.uint32)
@@ -108,9 +107,9 @@ def phantom_segments():
 @pytest.mark.parametrize("kernels", ["numba", "reference"])
 def test_per_vesicle_stages(benchmark, kernels, phantom_segments, monkeypatch):
     """The whole per-vesicle work with the Numba kernels against the same code on the NumPy references."""
-    import cryoves.engine.refine as refine
-    import cryoves.engine.spheres as spheres
-    from cryoves.engine.spheres import render_labels
+    import cryoves.engine.stages.overlaps as spheres
+    import cryoves.engine.stages.refine as refine
+    from cryoves.engine.stages.overlaps import render_labels
     from cryoves.kernels import radial
 
     tomogram, labels = phantom_segments

@@ -13,9 +13,9 @@ import time
 import pytest
 
 from cryoves.engine.job import prepare_job, segment_file
-from cryoves.engine.model import bundled_model_dir, load_logit_fn
-from cryoves.engine.phantom import make_phantom, write_phantom
-from cryoves.engine.segment import SegmentParams
+from cryoves.engine.network.model import bundled_model_dir, load_logit_fn
+from cryoves.engine.pipeline import SegmentParams
+from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
 
 ray = pytest.importorskip("ray")
 from cryoves.cluster.run import run_batch  # noqa: E402

@@ -8,8 +8,8 @@ import numpy as np
 import numpy.testing as npt
 import pytest
 
-from cryoves.engine.segments import LocalizeParams, label_segments, localize
-from cryoves.engine.threshold import ThresholdParams, global_threshold
+from cryoves.engine.stages.localize import LocalizeParams, label_segments, localize
+from cryoves.engine.stages.threshold import ThresholdParams, global_threshold
 from cryoves.kernels.shell import shell_sums, shell_sums_reference
 
 SHAPE = (64, 128, 128)

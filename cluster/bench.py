@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from math import prod
 from pathlib import Path
 
@@ -25,13 +25,13 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.inference import InferenceParams, predict_probability, probability_on_input_grid
-from cryoves.engine.model import load_logit_fn, model_gaussian_sigma_vox
-from cryoves.engine.outputs import package_versions, peak_memory_mb
-from cryoves.engine.phantom import Phantom, make_phantom
-from cryoves.engine.rescale import network_shape
-from cryoves.engine.segment import STAGES, SegmentParams, postprocess
-from cryoves.engine.spheres import rendered_spheres
+from cryoves.engine.io.outputs import package_versions, peak_memory_mb
+from cryoves.engine.network.inference import InferenceParams, predict_probability, probability_on_input_grid
+from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.rescale import network_shape
+from cryoves.engine.pipeline import STAGES, SegmentParams, postprocess
+from cryoves.engine.stages.overlaps import rendered_spheres
+from cryoves.engine.synthetic.phantom import Phantom, make_phantom
 
 SIZES: dict[str, tuple[int, int, int]] = {
     "small": (64, 128, 128),
@@ -57,8 +57,9 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
               seed: int = 0, repeats: int | None = None, progress: Progress | None = None) -> dict:
     """Benchmark one phantom of `size` (small, medium, large) with the network on `device` (cpu, gpu).
 
-    `weights` is what `--weights` takes elsewhere (None: the bundled model); `shape` overrides the size's shape (tests use a smaller one). Each stage's time is
-    the fastest of `repeats` timed runs (None: 3 for small, 1 otherwise).
+    `weights` is what `--weights` takes elsewhere (None: the bundled model); `shape` overrides the
+    size's shape (tests use a smaller one). Each stage's time is the fastest of `repeats` timed runs
+    (None: 3 for small, 1 otherwise).
     """
     if size not in SIZES:
         raise CryovesError(f"--size {size!r} is unknown; choose one of {', '.join(SIZES)}")
@@ -115,7 +116,7 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
         "projection": project(stages, params),
         "hardware": hardware(device),
         "versions": _versions(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -32,7 +32,7 @@ def _add_voxel_size(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from cryoves.engine.mrc import inspect_volume
+    from cryoves.engine.io.mrc import inspect_volume
 
     refused = 0
     for path in args.files:
@@ -49,7 +49,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_phantom(args: argparse.Namespace) -> int:
-    from cryoves.engine.phantom import PRESETS, make_phantom, write_phantom
+    from cryoves.engine.synthetic.phantom import PRESETS, make_phantom, write_phantom
 
     if args.preset not in PRESETS:
         raise CryovesError(f"--preset {args.preset!r} is unknown; choose one of {', '.join(PRESETS)}")
@@ -67,9 +67,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cryoves.engine.atomic import atomic_output
-    from cryoves.engine.evaluation import evaluate, load_spheres
-    from cryoves.engine.mrc import read_volume
+    from cryoves.engine.io.atomic import atomic_output
+    from cryoves.engine.io.mrc import read_volume
+    from cryoves.engine.scoring.evaluate import evaluate, load_spheres
 
     if len(args.files) < 2:
         raise CryovesError("evaluate needs at least one prediction and the ground truth: cryoves evaluate PRED... GT")
@@ -104,8 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from cryoves.engine.mrc import read_volume
-    from cryoves.engine.train import TrainParams, paired_files, prepare_pair, synthetic_pairs, train
+    from cryoves.engine.io.mrc import read_volume
+    from cryoves.engine.network.train import TrainParams, paired_files, prepare_pair, synthetic_pairs, train
 
     params = TrainParams(epochs=args.epochs, seed=args.seed, patches_per_tomogram=args.patches_per_tomogram)
     pairs, sources = [], []
@@ -137,9 +137,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _segment_params(args: argparse.Namespace):
-    from cryoves.engine.inference import InferenceParams
-    from cryoves.engine.model import model_gaussian_sigma_vox
-    from cryoves.engine.segment import SegmentParams
+    from cryoves.engine.network.inference import InferenceParams
+    from cryoves.engine.network.model import model_gaussian_sigma_vox
+    from cryoves.engine.pipeline import SegmentParams
 
     inference = InferenceParams(tta=args.tta, memory_gb=args.memory_gb,
                                 gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))
@@ -162,8 +162,8 @@ def _stage_bar(name: str, stages):
 
 def cmd_segment(args: argparse.Namespace) -> int:
     from cryoves.engine.job import is_done, prepare_job, segment_file
-    from cryoves.engine.model import load_logit_fn, weights_sha256
-    from cryoves.engine.segment import STAGES
+    from cryoves.engine.network.model import load_logit_fn, weights_sha256
+    from cryoves.engine.pipeline import STAGES
 
     params = _segment_params(args)
     checksum = weights_sha256(args.weights)
@@ -193,7 +193,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _run_record(out_dir, name: str) -> dict:
-    from cryoves.engine.outputs import read_run_record
+    from cryoves.engine.io.outputs import read_run_record
 
     return read_run_record(out_dir, name)
 
@@ -203,11 +203,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from cryoves.engine.inference import predict_probability, probability_on_input_grid
-    from cryoves.engine.model import load_logit_fn
-    from cryoves.engine.mrc import read_volume, write_volume
-    from cryoves.engine.outputs import tomogram_name
-    from cryoves.engine.segment import oriented
+    from cryoves.engine.io.mrc import read_volume, write_volume
+    from cryoves.engine.io.outputs import tomogram_name
+    from cryoves.engine.network.inference import predict_probability, probability_on_input_grid
+    from cryoves.engine.network.model import load_logit_fn
+    from cryoves.engine.pipeline import oriented
 
     segment_params = _segment_params(args)
     params = segment_params.inference
@@ -240,13 +240,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     import pyarrow as pa
 
-    from cryoves.engine.evaluation import evaluate, load_spheres
+    from cryoves.engine.io.mrc import read_volume
+    from cryoves.engine.io.tables import write_table
     from cryoves.engine.job import prepare_job, segment_file
-    from cryoves.engine.model import load_logit_fn, weights_sha256
-    from cryoves.engine.mrc import read_volume
-    from cryoves.engine.phantom import make_phantom, write_phantom
-    from cryoves.engine.segment import STAGES
-    from cryoves.engine.tables import write_table
+    from cryoves.engine.network.model import load_logit_fn, weights_sha256
+    from cryoves.engine.pipeline import STAGES
+    from cryoves.engine.scoring.evaluate import evaluate, load_spheres
+    from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
 
     out = Path(args.out)
     print(f"making a synthetic presynaptic tomogram {tuple(args.shape)} at 22 Å (seed {args.seed}) ...")
@@ -274,7 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cryoves.cluster.run import expand_inputs, run_batch
-    from cryoves.engine.model import weights_sha256
+    from cryoves.engine.network.model import weights_sha256
 
     paths = expand_inputs(args.inputs)
     params = _segment_params(args)
@@ -366,7 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("files", nargs="+", metavar="PRED... GT")
     evaluate.add_argument("--probability", metavar="PROB.mrc", help="probability map on the GT grid: adds its Dice")
-    evaluate.add_argument("--out", default="metrics.parquet", help="metrics table to append to (default: metrics.parquet)")
+    evaluate.add_argument("--out", default="metrics.parquet",
+                          help="metrics table to append to (default: metrics.parquet)")
     _add_voxel_size(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 

@@ -39,15 +39,20 @@ import pyarrow as pa
 import ray
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.evaluation import TRUTH_SUFFIXES, write_metrics
-from cryoves.engine.inference import (InferenceParams, plan_inference, predict_batch, prepare_network_input,
-                                      probability_on_input_grid)
+from cryoves.engine.io.mrc import read_volume
+from cryoves.engine.io.outputs import companion_file, tomogram_name, write_outputs, write_run_record
 from cryoves.engine.job import REGION_SUFFIXES, Job, is_done, load_region, prepare_job
-from cryoves.engine.mrc import read_volume
-from cryoves.engine.outputs import companion_file, tomogram_name, write_outputs, write_run_record
-from cryoves.engine.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
-from cryoves.engine.segment import SegmentParams, oriented, postprocess
-from cryoves.engine.spheres import rendered_spheres
+from cryoves.engine.network.inference import (
+    InferenceParams,
+    plan_inference,
+    predict_batch,
+    prepare_network_input,
+    probability_on_input_grid,
+)
+from cryoves.engine.pipeline import SegmentParams, oriented, postprocess
+from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
+from cryoves.engine.stages.overlaps import rendered_spheres
+from cryoves.engine.stages.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +173,7 @@ class Predictor:
     """Holds the model (loaded once) and predicts batches of tiles of network-grid volumes."""
 
     def __init__(self, index: int, weights: str | None) -> None:
-        from cryoves.engine.model import load_logit_fn  # TensorFlow loads in the actor, not the driver
+        from cryoves.engine.network.model import load_logit_fn  # TensorFlow loads in the actor, not the driver
 
         self.index = index
         self.logit_fn = load_logit_fn(weights)

@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.imod import rasterise_region
-from cryoves.engine.inference import LogitFn
-from cryoves.engine.mrc import Volume, read_volume
-from cryoves.engine.outputs import (file_sha256, params_digest, read_run_record, tomogram_name,
-                                    write_outputs)
-from cryoves.engine.pyto import write_pyto
-from cryoves.engine.segment import Progress, SegmentParams, segment
-from cryoves.engine.spheres import rendered_spheres
+from cryoves.engine.io.imod import rasterise_region
+from cryoves.engine.io.mrc import Volume, read_volume
+from cryoves.engine.io.outputs import file_sha256, params_digest, read_run_record, tomogram_name, write_outputs
+from cryoves.engine.io.pyto import write_pyto
+from cryoves.engine.network.inference import LogitFn
+from cryoves.engine.pipeline import Progress, SegmentParams, segment
+from cryoves.engine.stages.overlaps import rendered_spheres
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ FOLDERS = ("engine", "kernels", "cluster")
 # module prefix -> the only files that may import it
 CONFINED_IMPORTS = {
     "ray": ("cluster/",),
-    "tensorflow": ("engine/model.py",),
-    "keras": ("engine/model.py", "engine/train.py"),
-    "csbdeep": ("engine/model.py",),
-    "torch": ("engine/torch_unet.py",),
+    "tensorflow": ("engine/network/model.py",),
+    "keras": ("engine/network/model.py", "engine/network/train.py"),
+    "csbdeep": ("engine/network/model.py",),
+    "torch": ("engine/network/torch_unet.py",),
 }
 
 
@@ -79,7 +79,8 @@ def test_wheel_holds_only_the_cryoves_namespace(tmp_path):
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__"))
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+         str(source)],
         check=True, capture_output=True,
     )
     (wheel,) = tmp_path.glob("cryoves-*.whl")
@@ -89,4 +90,13 @@ def test_wheel_holds_only_the_cryoves_namespace(tmp_path):
     for folder in FOLDERS:
         assert f"cryoves/{folder}/__init__.py" in names
     assert not any(name.startswith("cryoves/__init__") for name in names)  # an implicit namespace package
-    assert {"cryoves/engine/bundled_model/weights.npz", "cryoves/engine/bundled_model/config.json"} <= set(names)
+    bundled = "cryoves/engine/network/bundled_model/"
+    assert {bundled + "weights.npz", bundled + "config.json"} <= set(names)
+
+
+def test_ruff_is_clean():
+    ruff = shutil.which("ruff")
+    if ruff is None:
+        pytest.skip("ruff is not installed (it comes with the test extra)")
+    result = subprocess.run([ruff, "check", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout

@@ -4,10 +4,18 @@ import json
 
 import pytest
 
-from cryoves.cluster.bench import (SIZES, TARGET_SHAPE, Node, fitted_exponent, format_bench, model_throughput, project,
-                                   run_bench)
+from cryoves.cluster.bench import (
+    SIZES,
+    TARGET_SHAPE,
+    Node,
+    fitted_exponent,
+    format_bench,
+    model_throughput,
+    project,
+    run_bench,
+)
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.segment import STAGES
+from cryoves.engine.pipeline import STAGES
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +99,13 @@ def test_gpu_without_cuda_is_refused():
 
 def test_bench_and_gpu_script_imports_need_no_tensorflow():
     """benchmarks/gpu_inference.py runs where only torch, numpy, scipy, h5py, pyarrow, numba are installed."""
+    import importlib.util
     import subprocess
     import sys
 
-    import importlib.util
-
-    modules = "cryoves.cluster.bench, cryoves.engine.segment"
+    modules = "cryoves.cluster.bench, cryoves.engine.pipeline"
     if importlib.util.find_spec("torch") is not None:  # the gpu extra
-        modules += ", cryoves.engine.torch_unet"
+        modules += ", cryoves.engine.network.torch_unet"
     code = (f"import sys, {modules}\n"
             "print(sorted(m for m in ('tensorflow', 'keras', 'ray') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -10,13 +10,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.inference import InferenceParams
+from cryoves.engine.io.mrc import write_volume
 from cryoves.engine.job import prepare_job, segment_file
-from cryoves.engine.model import bundled_model_dir, load_logit_fn
-from cryoves.engine.mrc import write_volume
-from cryoves.engine.phantom import make_phantom, write_phantom
-from cryoves.engine.segment import SegmentParams
-from cryoves.engine.threshold import ThresholdParams
+from cryoves.engine.network.inference import InferenceParams
+from cryoves.engine.network.model import bundled_model_dir, load_logit_fn
+from cryoves.engine.pipeline import SegmentParams
+from cryoves.engine.stages.threshold import ThresholdParams
+from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
 
 ray = pytest.importorskip("ray")
 from cryoves.cluster.run import expand_inputs, run_batch  # noqa: E402

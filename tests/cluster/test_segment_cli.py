@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from cryoves.cluster.cli import main
-from cryoves.engine.evaluation import evaluate, load_spheres
-from cryoves.engine.mrc import read_volume, write_volume
-from cryoves.engine.phantom import make_phantom, write_phantom
+from cryoves.engine.io.mrc import read_volume, write_volume
+from cryoves.engine.scoring.evaluate import evaluate, load_spheres
+from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@ import pytest
 from imodmodel.models import Contour, ImodModel, Object
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.imod import rasterise_region, read_vesicle_model, write_vesicle_model
+from cryoves.engine.io.imod import rasterise_region, read_vesicle_model, write_vesicle_model
 
 
 def test_vesicle_model_round_trip(tmp_path):

@@ -10,15 +10,22 @@ from scipy import ndimage
 from scipy.special import expit
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.inference import (InferenceParams, plan_inference, plan_tiles, predict_probability,
-                                      predict_tiled, prepare_network_input, probability_on_input_grid,
-                                      read_tile)
+from cryoves.engine.network.inference import (
+    InferenceParams,
+    plan_inference,
+    plan_tiles,
+    predict_probability,
+    predict_tiled,
+    prepare_network_input,
+    probability_on_input_grid,
+    read_tile,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny_logit_fn():
     """The same architecture (same receptive field) with 2 base filters and random weights."""
-    from cryoves.engine.model import build_unet, make_logit_fn
+    from cryoves.engine.network.model import build_unet, make_logit_fn
 
     model = build_unet(n_filter_base=2)
     rng = np.random.default_rng(0)
@@ -149,7 +156,7 @@ def test_predict_probability_and_back_to_input_grid(tiny_logit_fn):
 
 def test_real_weights_find_a_dark_ring(cryovesnet_weights):
     """A hollow dark shell of vesicle size (~40 nm) lights up; flat background does not."""
-    from cryoves.engine.model import load_unet, make_logit_fn
+    from cryoves.engine.network.model import load_unet, make_logit_fn
 
     z, y, x = np.mgrid[:48, :48, :48].astype(np.float32) - 23.5
     r = np.sqrt(z * z + y * y + x * x)
@@ -161,6 +168,6 @@ def test_real_weights_find_a_dark_ring(cryovesnet_weights):
 
 
 def test_importing_inference_and_model_does_not_import_tensorflow():
-    code = ("import sys, cryoves.engine.inference, cryoves.engine.model; "
+    code = ("import sys, cryoves.engine.network.inference, cryoves.engine.network.model; "
             "sys.exit(any(m.split('.')[0] in ('tensorflow', 'keras', 'csbdeep') for m in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

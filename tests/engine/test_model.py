@@ -6,7 +6,7 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.model import N_PARAMETERS, build_unet, load_unet, logit_model, make_logit_fn
+from cryoves.engine.network.model import N_PARAMETERS, build_unet, load_unet, logit_model, make_logit_fn
 
 
 @pytest.fixture(scope="module")

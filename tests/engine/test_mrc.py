@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.mrc import inspect_volume, read_volume, write_labels, write_volume
+from cryoves.engine.io.mrc import inspect_volume, read_volume, write_labels, write_volume
 
 
 def test_float_round_trip_keeps_data_voxel_size_and_origin(tmp_path, rng):

@@ -6,8 +6,8 @@ import pytest
 from scipy.spatial.distance import mahalanobis as scipy_mahalanobis
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.outliers import OutlierParams, detect_outliers, mahalanobis
-from cryoves.engine.refine import refine_spheres
+from cryoves.engine.stages.outliers import OutlierParams, detect_outliers, mahalanobis
+from cryoves.engine.stages.refine import refine_spheres
 
 VOXEL_A = 20.0
 SHAPE = (64, 96, 96)

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from cryoves.engine.imod import read_vesicle_model
-from cryoves.engine.mrc import Volume, read_volume
-from cryoves.engine.outputs import read_run_record, write_outputs
-from cryoves.engine.phantom import make_phantom
-from cryoves.engine.segment import SegmentParams, postprocess
-from cryoves.engine.tables import VESICLE_SCHEMA
+from cryoves.engine.io.imod import read_vesicle_model
+from cryoves.engine.io.mrc import Volume, read_volume
+from cryoves.engine.io.outputs import read_run_record, write_outputs
+from cryoves.engine.io.tables import VESICLE_SCHEMA
+from cryoves.engine.pipeline import SegmentParams, postprocess
+from cryoves.engine.synthetic.phantom import make_phantom
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -29,12 +29,7 @@ def test_vesicle_schema_matches_the_readme():
 
 
 @pytest.fixture(scope="module")
-def written(tmp_path_factory):
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_segment import probability_from_truth
-
+def written(tmp_path_factory, probability_from_truth):
     phantom = make_phantom((48, 128, 128), 20.0, seed=3)
     result = postprocess(phantom.tomogram, probability_from_truth(phantom.labels, 3), 20.0, SegmentParams())
     volume = Volume(phantom.tomogram, 20.0, (100.0, -40.0, 12.5))

@@ -9,11 +9,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from cryoves.cluster.cli import main
-from cryoves.engine import phantom as phantom_module
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.mrc import read_volume
-from cryoves.engine.phantom import KINDS, PRESETS, Phantom, make_phantom, write_phantom
-from cryoves.engine.phantom_imaging import PM_THICKNESS_NM
+from cryoves.engine.io.mrc import read_volume
+from cryoves.engine.synthetic import phantom as phantom_module
+from cryoves.engine.synthetic.imaging import PM_THICKNESS_NM
+from cryoves.engine.synthetic.phantom import KINDS, PRESETS, Phantom, make_phantom, write_phantom
 
 SHAPE = (32, 64, 64)
 VOXEL_A = 22.0

@@ -3,9 +3,9 @@ import pytest
 from imodmodel.models import Contour, ImodModel, Object
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.imod import rasterise_tube, read_model, read_vesicle_model
-from cryoves.engine.mrc import Volume, read_volume
-from cryoves.engine.pyto import pyto_labels, write_pyto
+from cryoves.engine.io.imod import rasterise_tube, read_model, read_vesicle_model
+from cryoves.engine.io.mrc import Volume, read_volume
+from cryoves.engine.io.pyto import pyto_labels, write_pyto
 
 SHAPE = (8, 32, 32)
 

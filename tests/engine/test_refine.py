@@ -5,7 +5,7 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.refine import RefineParams, estimate_radius, refine_spheres, segment_spheres
+from cryoves.engine.stages.refine import RefineParams, estimate_radius, refine_spheres, segment_spheres
 
 VOXEL_A = 12.0
 
@@ -145,7 +145,7 @@ def test_refining_chunks_of_vesicles_and_joining_them_is_the_same_table(scene, c
     """`cryoves run` refines a tomogram's vesicles in chunks (`Refiner`): the table must not change."""
     from functools import partial
 
-    from cryoves.engine.refine import concat_refine_results, refine_batch
+    from cryoves.engine.stages.refine import concat_refine_results, refine_batch
 
     labels = ball_labels(SHAPE, CENTERS, RADII)
 

@@ -5,9 +5,9 @@ import numpy.testing as npt
 import pytest
 from skimage.transform import resize
 
-from cryoves.engine import rescale
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.rescale import gaussian_prefilter, mean_std, network_shape, resample_to_shape, zscore
+from cryoves.engine.network import rescale
+from cryoves.engine.network.rescale import gaussian_prefilter, mean_std, network_shape, resample_to_shape, zscore
 
 
 def test_network_shape_example_from_method():

@@ -5,8 +5,8 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.segments import LocalizeParams, label_segments, localize, segment_stats
-from cryoves.engine.threshold import ThresholdParams, ThresholdResult, global_threshold
+from cryoves.engine.stages.localize import LocalizeParams, label_segments, localize, segment_stats
+from cryoves.engine.stages.threshold import ThresholdParams, ThresholdResult, global_threshold
 
 SHAPE = (48, 96, 96)
 SLOPE = 0.01  # P = 1 - SLOPE * d: the boundary of {P > t} is the sphere of radius (1 - t) / SLOPE

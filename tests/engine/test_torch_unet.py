@@ -6,9 +6,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cryoves.engine.inference import InferenceParams, predict_tiled  # noqa: E402
-from cryoves.engine.model import build_unet, make_logit_fn  # noqa: E402
-from cryoves.engine.torch_unet import TorchUNet, load_torch_unet, make_torch_logit_fn  # noqa: E402
+from cryoves.engine.network.inference import InferenceParams, predict_tiled  # noqa: E402
+from cryoves.engine.network.model import build_unet, make_logit_fn  # noqa: E402
+from cryoves.engine.network.torch_unet import TorchUNet, load_torch_unet, make_torch_logit_fn  # noqa: E402
 
 
 def _random_keras_weights(n_filter_base):
@@ -46,7 +46,7 @@ def test_equals_keras_with_random_weights():
 
 
 def test_equals_keras_with_cryovesnet_weights(cryovesnet_weights):
-    from cryoves.engine.model import load_unet
+    from cryoves.engine.network.model import load_unet
 
     x = np.random.default_rng(2).standard_normal((1, 64, 64, 64)).astype(np.float32)
     torch_logits = make_torch_logit_fn(load_torch_unet(cryovesnet_weights))(x)
@@ -65,7 +65,7 @@ def test_tiled_inference_accepts_the_torch_logit_fn():
 
 
 def test_loads_a_cryoves_model_folder(tmp_path):
-    from cryoves.engine.model import save_model
+    from cryoves.engine.network.model import save_model
 
     model, _ = _random_keras_weights(16)
     save_model(model, tmp_path, {})

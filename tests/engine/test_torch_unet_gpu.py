@@ -23,13 +23,13 @@ def _stored() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _keras_probability(x: np.ndarray) -> np.ndarray:
-    from cryoves.engine.model import load_logit_fn
+    from cryoves.engine.network.model import load_logit_fn
 
     return expit(load_logit_fn(None, "cpu")(x)).astype(np.float32)
 
 
 def _torch_probability(x: np.ndarray, device: str, half: bool) -> np.ndarray:
-    from cryoves.engine.torch_unet import load_torch_unet, make_torch_logit_fn
+    from cryoves.engine.network.torch_unet import load_torch_unet, make_torch_logit_fn
 
     return expit(make_torch_logit_fn(load_torch_unet(None, device=device), half=half)(x))
 
@@ -73,7 +73,7 @@ def test_gpu_float16_matches_keras(cuda):
 @pytest.mark.gpu
 def test_gpu_repeats_a_batch_bit_for_bit(cuda):
     """`cryoves run` and `cryoves segment` form the same batches; equal outputs need a deterministic GPU."""
-    from cryoves.engine.torch_unet import load_torch_unet, make_torch_logit_fn
+    from cryoves.engine.network.torch_unet import load_torch_unet, make_torch_logit_fn
 
     x, _ = _stored()
     logit_fn = make_torch_logit_fn(load_torch_unet(None, device="cuda"))

@@ -7,11 +7,11 @@ import pytest
 
 from cryoves.cluster.cli import main
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.inference import InferenceParams, predict_probability
-from cryoves.engine.model import load_logit_fn, model_gaussian_sigma_vox
-from cryoves.engine.mrc import write_labels, write_volume
-from cryoves.engine.phantom import make_phantom
-from cryoves.engine.train import TrainParams, prepare_pair, train
+from cryoves.engine.io.mrc import write_labels, write_volume
+from cryoves.engine.network.inference import InferenceParams, predict_probability
+from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.train import TrainParams, prepare_pair, train
+from cryoves.engine.synthetic.phantom import make_phantom
 
 TINY = TrainParams(epochs=3, batch_size=4, patches_per_tomogram=8, validation_fraction=0.0, seed=1)
 

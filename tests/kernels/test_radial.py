@@ -4,9 +4,16 @@ import numpy as np
 import numpy.testing as npt
 import pytest
 
-from cryoves.kernels.radial import (back_project, back_project_reference, extract_boxes,
-                                    extract_boxes_reference, radial_profiles, radial_profiles_reference,
-                                    xcorr_shift, xcorr_shift_reference)
+from cryoves.kernels.radial import (
+    back_project,
+    back_project_reference,
+    extract_boxes,
+    extract_boxes_reference,
+    radial_profiles,
+    radial_profiles_reference,
+    xcorr_shift,
+    xcorr_shift_reference,
+)
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from cryoves.engine.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
-from cryoves.engine.outliers import OutlierParams, detect_outliers
-from cryoves.engine.refine import RefineParams, Refiner, refine_spheres
-from cryoves.engine.segments import LocalizeParams, label_segments, localize
-from cryoves.engine.spheres import OverlapParams, render_labels, resolve_overlaps
-from cryoves.engine.threshold import ThresholdParams, global_threshold
+from cryoves.engine.network.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
+from cryoves.engine.stages.localize import LocalizeParams, label_segments, localize
+from cryoves.engine.stages.outliers import OutlierParams, detect_outliers
+from cryoves.engine.stages.overlaps import OverlapParams, render_labels, resolve_overlaps
+from cryoves.engine.stages.refine import RefineParams, Refiner, refine_spheres
+from cryoves.engine.stages.threshold import ThresholdParams, global_threshold
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.metrics import dice, match_vesicles, spheres_from_labels
-from cryoves.engine.mrc import read_volume
-from cryoves.engine.tables import write_table
+from cryoves.engine.io.mrc import read_volume
+from cryoves.engine.io.tables import write_table
+from cryoves.engine.scoring.matching import dice, match_vesicles, spheres_from_labels
 from cryoves.engine.units import nm_to_vox
 
 VOXEL_SIZE_TOLERANCE = 1e-3

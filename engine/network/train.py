@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.inference import InferenceParams, prepare_network_input
-from cryoves.engine.rescale import network_shape
+from cryoves.engine.network.inference import InferenceParams, prepare_network_input
+from cryoves.engine.network.rescale import network_shape
 
 LAST_NAME = "last.keras"  # the latest epoch with its optimizer state, for resuming
 
@@ -80,7 +80,7 @@ def synthetic_pairs(n: int, seed: int, inference: InferenceParams = InferencePar
 
     Phantom seeds are `(seed + 1) * 10_000 + i`; evaluation phantoms use seeds below 10_000.
     """
-    from cryoves.engine.phantom import PRESETS, make_phantom
+    from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
 
     rng = np.random.default_rng(seed)
     names = sorted(PRESETS)
@@ -164,7 +164,7 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
 
     Resumes from `out_dir/last.keras` when it exists (an interrupted run). Returns the model config.
     """
-    from cryoves.engine.model import build_unet, import_tensorflow_quietly, load_model, save_model
+    from cryoves.engine.network.model import build_unet, import_tensorflow_quietly, load_model, save_model
 
     import_tensorflow_quietly()
     import keras
@@ -177,7 +177,8 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
     n_val = math.ceil(params.validation_fraction * len(pairs)) if len(pairs) > 1 and params.validation_fraction else 0
     val_pairs = [pairs[i] for i in order[:n_val]]
     train_pairs = [pairs[i] for i in order[n_val:]]
-    val_x, val_y = sample_patches(val_pairs, params, np.random.default_rng(params.seed + 1)) if val_pairs else (None, None)
+    val_rng = np.random.default_rng(params.seed + 1)
+    val_x, val_y = sample_patches(val_pairs, params, val_rng) if val_pairs else (None, None)
 
     state_path = out_dir / "state.json"
     if (out_dir / LAST_NAME).is_file() and state_path.is_file():

@@ -1,7 +1,7 @@
 """PyTorch port of the U-Net (method.md §2.5), loading the same Keras weights, for the GPU fast path.
 
 Runs in float16 and channels-last on CUDA; on CPU in float32. Gives a `LogitFn` like
-`cryoves.engine.model.make_logit_fn`, so `inference.predict_tiled` takes either.
+`cryoves.engine.network.model.make_logit_fn`, so `inference.predict_tiled` takes either.
 """
 
 from pathlib import Path
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.model import BN_EPSILON, LOGIT_LAYER, LogitFn, conv_layers, read_model_weights
+from cryoves.engine.network.model import BN_EPSILON, LOGIT_LAYER, LogitFn, conv_layers, read_model_weights
 
 
 class _ConvBlock(nn.Sequential):

@@ -12,8 +12,8 @@ from imodmodel.models import Contour, ImodModel, Object
 from scipy import ndimage
 from skimage.draw import line_nd, polygon
 
-from cryoves.engine.atomic import atomic_output
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.atomic import atomic_output
 
 IMOD_UNITS_NM = -9
 XY_OFFSET_VOX = np.array([0.5, 0.5, 0.0])

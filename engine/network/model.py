@@ -216,14 +216,14 @@ def bundled_model_dir() -> Path:
     """Where the default model lives inside the installed package."""
     from importlib.resources import files
 
-    return Path(str(files("cryoves.engine") / BUNDLED_MODEL))
+    return Path(str(files("cryoves.engine.network") / BUNDLED_MODEL))
 
 
 def save_model(model: keras.Model, out_dir, config: dict) -> Path:
     """Write a cryoves model folder: weights.npz (layer name -> arrays) and config.json."""
     import json
 
-    from cryoves.engine.atomic import atomic_output
+    from cryoves.engine.io.atomic import atomic_output
 
     out_dir = Path(out_dir)
     arrays = {f"{layer.name}/{i}": w for layer in model.layers for i, w in enumerate(layer.get_weights())}
@@ -284,15 +284,16 @@ def load_logit_fn(weights=None, device: str = "cpu") -> LogitFn:
     if device == "cpu":
         return make_logit_fn(load_model(weights))
     try:
-        from cryoves.engine.torch_unet import load_gpu_logit_fn
+        from cryoves.engine.network.torch_unet import load_gpu_logit_fn
     except ImportError as error:
-        raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: pip install 'cryoves[gpu]'") from None
+        raise CryovesError(f"--device gpu needs PyTorch ({error}); install it with: "
+                           "pip install 'cryoves[gpu]'") from None
     return load_gpu_logit_fn(weights)
 
 
 def weights_sha256(weights=None) -> str:
     """Checksum of the weights that `load_model(weights)` reads, for run records and resume."""
-    from cryoves.engine.outputs import file_sha256
+    from cryoves.engine.io.outputs import file_sha256
 
     path = bundled_model_dir() if weights is None else Path(weights)
     if path.is_dir():

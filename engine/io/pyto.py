@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 from imodmodel.models import ImodModel
 
-from cryoves.engine.atomic import atomic_output
-from cryoves.engine.imod import rasterise_tube, read_model, write_vesicle_model
-from cryoves.engine.mrc import Volume, write_labels
+from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.io.imod import rasterise_tube, read_model, write_vesicle_model
+from cryoves.engine.io.mrc import Volume, write_labels
 
 REGION_ID = 1
 ACTIVE_ZONE_ID = 2

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from cryoves.engine.metrics import dice, match_vesicles, spheres_from_labels
+from cryoves.engine.scoring.matching import dice, match_vesicles, spheres_from_labels
 
 GT_CENTERS = np.array([[10.0, 10.0, 10.0], [10.0, 30.0, 10.0], [30.0, 30.0, 30.0]])
 GT_RADII = np.array([5.0, 6.0, 8.0])

@@ -11,9 +11,9 @@ from pathlib import Path
 import mrcfile
 import numpy as np
 
-from cryoves.engine.atomic import atomic_output
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.rescale import z_slabs
+from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.network.rescale import z_slabs
 
 MIN_VOXEL_SIZE_A = 1.0
 MAX_VOXEL_SIZE_A = 100.0

@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.segments import (
+from cryoves.engine.stages.localize import (
     LocalizeParams,
     label_segments,
     localize,

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cryoves.engine.atomic import atomic_output
+from cryoves.engine.io.atomic import atomic_output
 
 VESICLE_SCHEMA = pa.schema([
     ("tomogram", pa.string()),

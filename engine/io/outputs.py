@@ -19,10 +19,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cryoves.engine.imod import write_vesicle_model
-from cryoves.engine.mrc import Volume, write_labels, write_volume
-from cryoves.engine.spheres import rendered_spheres
-from cryoves.engine.tables import vesicle_table, write_table
+from cryoves.engine.io.imod import write_vesicle_model
+from cryoves.engine.io.mrc import Volume, write_labels, write_volume
+from cryoves.engine.io.tables import vesicle_table, write_table
+from cryoves.engine.stages.overlaps import rendered_spheres
 
 _PACKAGES = ("cryoves", "numpy", "scipy", "numba", "tensorflow", "keras", "pyarrow", "mrcfile")
 _CHUNK_BYTES = 1 << 24
@@ -77,7 +77,7 @@ def peak_memory_mb() -> float:
 
 def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
                   write_probability: bool = False, write_stages: bool = False) -> dict[str, Path]:
-    """Write every output of one segmented tomogram (`cryoves.engine.segment.Segmentation`).
+    """Write every output of one segmented tomogram (`cryoves.engine.pipeline.Segmentation`).
 
     `write_stages` adds the label volumes of the earlier stages (NAME.global/local/sphere.mrc), for
     per-stage evaluation. `record` (input path and checksum, parameters, digests) is completed with

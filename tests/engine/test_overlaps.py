@@ -6,8 +6,8 @@ import pyarrow as pa
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.refine import TABLE_SCHEMA
-from cryoves.engine.spheres import OverlapParams, render_labels, resolve_overlaps
+from cryoves.engine.stages.overlaps import OverlapParams, render_labels, resolve_overlaps
+from cryoves.engine.stages.refine import TABLE_SCHEMA
 
 VOXEL_A = 10.0  # 1 nm voxels: radius_nm == radius_vox
 

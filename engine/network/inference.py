@@ -15,9 +15,14 @@ import numpy as np
 from scipy.special import expit
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.model import LogitFn
-from cryoves.engine.rescale import (NETWORK_VOXEL_SIZE_A, gaussian_prefilter, network_shape,
-                                    resample_to_shape, zscore)
+from cryoves.engine.network.model import LogitFn
+from cryoves.engine.network.rescale import (
+    NETWORK_VOXEL_SIZE_A,
+    gaussian_prefilter,
+    network_shape,
+    resample_to_shape,
+    zscore,
+)
 
 Progress = Callable[[int, int], None]
 """Called as progress(n_tiles_done, n_tiles_total)."""
@@ -224,7 +229,7 @@ def predict_probability(tomogram: np.ndarray, voxel_size_a: float, logit_fn: Log
                         params: InferenceParams, progress: Progress | None = None) -> np.ndarray:
     """Vesicle probability (float32, network grid) of a tomogram with voxels of `voxel_size_a` Å.
 
-    `logit_fn` comes from `cryoves.engine.model.make_logit_fn(load_unet(weights))`.
+    `logit_fn` comes from `cryoves.engine.network.model.make_logit_fn(load_unet(weights))`.
     """
     return predict_tiled(prepare_network_input(tomogram, voxel_size_a, params), logit_fn, params, progress)
 

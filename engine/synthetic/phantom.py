@@ -1,7 +1,7 @@
 """Synthetic presynaptic tomograms with exact vesicle ground truth, for tests, benchmarks and tuning.
 
 The scene is laid out in nm from the seed alone, so one seed gives the same vesicles at every voxel
-size. `cryoves.engine.phantom_imaging` renders it as band-limited scattering density and images it
+size. `cryoves.engine.synthetic.imaging` renders it as band-limited scattering density and images it
 (CTF, single-axis missing wedge, noise). Dense matter is dark (low values), as in tomograms that are
 not contrast-inverted.
 """
@@ -14,11 +14,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cryoves.engine.atomic import atomic_output
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.mrc import write_labels, write_volume
-from cryoves.engine.phantom_imaging import (PM_THICKNESS_NM, image_density, render_crowd, render_labels,
-                                            render_objects)
+from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.io.mrc import write_labels, write_volume
+from cryoves.engine.synthetic.imaging import PM_THICKNESS_NM, image_density, render_crowd, render_labels, render_objects
 from cryoves.engine.units import vox_to_nm
 
 LAYOUT_STEP_NM = 8.0          # extent is floored to this step, so resampled shapes share one layout

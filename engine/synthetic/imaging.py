@@ -1,4 +1,4 @@
-"""A phantom scene (`cryoves.engine.phantom`) rendered as scattering density and imaged as a tomogram.
+"""A phantom scene (`cryoves.engine.synthetic.phantom`) rendered as scattering density and imaged as a tomogram.
 
 Every object is an analytic, band-limited profile drawn only in its bounding box; imaging is one FFT:
 phase-contrast CTF with envelope, single-axis missing wedge and noise at constant dose. `scene` is the

@@ -22,8 +22,7 @@ import pyarrow as pa
 from scipy.stats import chi2
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.refine import (TABLE_SCHEMA, RefineParams, measure_spheres, profile_correlation,
-                                   refine_batch)
+from cryoves.engine.stages.refine import TABLE_SCHEMA, RefineParams, measure_spheres, profile_correlation, refine_batch
 from cryoves.engine.units import vox_to_nm
 
 __all__ = ["OutlierParams", "mahalanobis", "robust_location_scatter", "detect_outliers",

@@ -5,8 +5,8 @@ import pytest
 
 from cryoves.cluster.cli import main
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.evaluation import evaluate, load_spheres
-from cryoves.engine.mrc import write_labels, write_volume
+from cryoves.engine.io.mrc import write_labels, write_volume
+from cryoves.engine.scoring.evaluate import evaluate, load_spheres
 
 SHAPE = (32, 48, 48)
 BALLS = [((10, 12, 14), 5), ((20, 30, 30), 7), ((16, 36, 10), 6)]

@@ -3,22 +3,11 @@
 import numpy as np
 import pyarrow as pa
 import pytest
-from scipy import ndimage
 
-from cryoves.engine.metrics import match_vesicles
-from cryoves.engine.phantom import make_phantom
-from cryoves.engine.segment import STAGES, SegmentParams, oriented, postprocess
+from cryoves.engine.pipeline import STAGES, SegmentParams, oriented, postprocess
+from cryoves.engine.scoring.matching import match_vesicles
+from cryoves.engine.synthetic.phantom import make_phantom
 from cryoves.engine.units import nm_to_vox
-
-
-def probability_from_truth(labels: np.ndarray, seed: int) -> np.ndarray:
-    """A network-like map: sigmoid of the signed distance to the vesicle surface, with smooth noise,
-    so touching vesicles merge at the global threshold, as they do in the real network's output."""
-    inside = labels > 0
-    signed = ndimage.distance_transform_edt(inside) - ndimage.distance_transform_edt(~inside)
-    noise = ndimage.gaussian_filter(np.random.default_rng(seed).normal(size=labels.shape).astype(np.float32), 2)
-    noise *= 0.3 / noise.std()
-    return (1.0 / (1.0 + np.exp(-np.clip(3.0 * (signed + 0.5 + noise), -50, 50)))).astype(np.float32)
 
 
 def truth_spheres(phantom):
@@ -34,7 +23,7 @@ def found_spheres(vesicles: pa.Table):
 
 
 @pytest.fixture(scope="module")
-def scene():
+def scene(probability_from_truth):
     phantom = make_phantom((64, 160, 160), 22.0, seed=7, preset="crowded")
     return phantom, probability_from_truth(phantom.labels, seed=7)
 
@@ -89,7 +78,7 @@ def test_region_restricts_detection(scene):
     assert len(centers) and centers[:, 2].max() < 80
 
 
-def test_single_vesicle():
+def test_single_vesicle(probability_from_truth):
     phantom = make_phantom((64, 160, 160), 22.0, seed=7, preset="crowded")
     labels = np.where(phantom.labels == 5, 5, 0)
     result = postprocess(phantom.tomogram, probability_from_truth(labels, 0), 22.0, SegmentParams())

@@ -17,8 +17,9 @@ Differences from the reference, each behind :class:`RefineParams` where it matte
   the mean profile over ``[d_m - t_m/2, d_m + t_m/2]`` (paper), not the single minimum (code).
 """
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa

@@ -1,0 +1,2 @@
+"""Accuracy against ground truth: one-to-one vesicle matching and Dice (`matching`), and `cryoves evaluate`
+over files (`evaluate`)."""
