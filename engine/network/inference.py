@@ -20,6 +20,7 @@ from cryoves.engine.network.rescale import (
     NETWORK_VOXEL_SIZE_A,
     gaussian_prefilter,
     network_shape,
+    resample_band_limited,
     resample_to_shape,
     zscore,
 )
@@ -31,6 +32,8 @@ GRID_VOX = 4
 RECEPTIVE_HALF_WIDTH_VOX = 23
 BYTES_PER_WINDOW_VOXEL = 500
 """Peak memory per voxel of a tile window in the network (TensorFlow on CPU: ~350 B measured)."""
+
+RESAMPLERS = {"fourier": resample_band_limited, "linear": resample_to_shape}
 
 # method.md §2.7, in its order; axes of a (B, Z, Y, X) batch: 1 = z, 2 = y, 3 = x.
 _TTA = (
@@ -50,6 +53,7 @@ class InferenceParams:
     """Network-input preparation and tiling of the U-Net pass."""
     network_voxel_size_a: float = NETWORK_VOXEL_SIZE_A
     gaussian_sigma_vox: float = 1.0  # network voxels; 0 = off
+    resampling: str = "fourier"  # to the network grid: "fourier" (band-limited) or "linear" (method.md §2.2)
     tta: int = 1  # 1, 4 (identity + flips x, y, z) or 8 (method.md §2.7)
     memory_gb: float = 4.0  # budget for one batch of tiles in the network
     halo_vox: int = 24  # network voxels on each side of a tile core
@@ -60,6 +64,8 @@ class InferenceParams:
             raise CryovesError(f"network_voxel_size_a must be > 0 Å, got {self.network_voxel_size_a}")
         if self.gaussian_sigma_vox < 0:
             raise CryovesError(f"gaussian_sigma_vox must be >= 0 voxels, got {self.gaussian_sigma_vox}")
+        if self.resampling not in RESAMPLERS:
+            raise CryovesError(f"resampling must be one of {', '.join(RESAMPLERS)}, got {self.resampling!r}")
         if self.tta not in (1, 4, 8):
             raise CryovesError(f"tta must be 1, 4 or 8, got {self.tta}")
         if not self.memory_gb > 0:
@@ -218,7 +224,7 @@ def prepare_network_input(tomogram: np.ndarray, voxel_size_a: float, params: Inf
     if tomogram.ndim != 3:
         raise CryovesError(f"tomogram must be 3-D (z, y, x), got shape {tomogram.shape}")
     shape = network_shape(tomogram.shape, voxel_size_a, params.network_voxel_size_a)
-    net = resample_to_shape(tomogram, shape)
+    net = RESAMPLERS[params.resampling](tomogram, shape)
     net = gaussian_prefilter(net, params.gaussian_sigma_vox)
     if np.shares_memory(net, tomogram):
         net = net.copy()

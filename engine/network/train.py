@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.network.inference import InferenceParams, prepare_network_input
 from cryoves.engine.network.rescale import network_shape
 
@@ -70,31 +71,69 @@ def prepare_pair(tomogram: np.ndarray, labels: np.ndarray, voxel_size_a: float, 
     return TrainingPair(image, mask, source)
 
 
-SYNTHETIC_VOXEL_SIZES_A = (22.0, 14.69, 17.6, 26.4)
-SYNTHETIC_FIELD_NM = (141.0, 422.0, 422.0)  # 64 x 192 x 192 voxels at 22 Å
+SYNTHETIC_FIELD_NM = (140.8, 352.0, 352.0)  # 64 x 160 x 160 voxels at 22 Å
+TRAINING_SEEDS_BELOW = 900_000
+"""Training phantoms take seeds below this; validation phantoms (benchmarks/robustness.py) start here."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Randomisation:
+    """Ranges synthetic training tomograms are drawn from (domain randomisation), so the model does not
+    learn one voxel size, noise level or imaging; (low, high) pairs, drawn log-uniformly where marked."""
+
+    voxel_size_a: tuple[float, float] = (7.0, 30.0)         # log-uniform; rescaled as inference does
+    snr_factor: tuple[float, float] = (0.25, 4.0)           # × the preset's SNR, log-uniform
+    defocus_um: tuple[float, float] = (2.0, 8.0)
+    b_factor_nm2: tuple[float, float] = (5.0, 120.0)        # log-uniform
+    tilt_max_deg: tuple[float, float] = (40.0, 70.0)
+    amplitude_contrast: tuple[float, float] = (0.04, 0.15)
+    denoised_share: float = 0.3                             # share smoothed as a denoiser would (NAD-like input)
+    denoise_sigma_nm: tuple[float, float] = (1.0, 3.0)
+
+
+def _log_uniform(rng: np.random.Generator, bounds: tuple[float, float]) -> float:
+    return float(np.exp(rng.uniform(np.log(bounds[0]), np.log(bounds[1]))))
 
 
 def synthetic_pairs(n: int, seed: int, inference: InferenceParams = InferenceParams(),
+                    randomisation: Randomisation = Randomisation(),
                     progress: Callable[[int, int], None] | None = None) -> list[TrainingPair]:
-    """`n` phantoms with varied preset, voxel size, defocus, tilt range and SNR, on the network grid.
+    """`n` phantoms of the fft imaging family, presets cycled, every imaging parameter drawn from
+    `randomisation`, brought to the network grid as inference prepares its input.
 
-    Phantom seeds are `(seed + 1) * 10_000 + i`; evaluation phantoms use seeds below 10_000.
+    Phantom seeds are `(seed + 1) * 10_000 + i`, below TRAINING_SEEDS_BELOW; the tilt-series family and
+    seeds from TRAINING_SEEDS_BELOW on are the validation set, never trained on.
     """
+    from scipy import ndimage
+
     from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
 
+    if (seed + 1) * 10_000 + n > TRAINING_SEEDS_BELOW:
+        raise CryovesError(f"seed {seed} with {n} tomograms reaches the validation seeds ({TRAINING_SEEDS_BELOW})")
+    r = randomisation
     rng = np.random.default_rng(seed)
     names = sorted(PRESETS)
     pairs = []
     for i in range(n):
-        voxel_size_a = SYNTHETIC_VOXEL_SIZES_A[i % len(SYNTHETIC_VOXEL_SIZES_A)]
-        base = PRESETS[names[i % len(names)]]
-        preset = replace(base, defocus_um=float(rng.uniform(3.0, 7.0)), tilt_max_deg=float(rng.uniform(50.0, 65.0)),
-                         snr=float(base.snr * rng.uniform(0.5, 2.0)))
+        voxel_size_a = _log_uniform(rng, r.voxel_size_a)
+        name = names[i % len(names)]
+        base = PRESETS[name]
+        preset = replace(base, snr=base.snr * _log_uniform(rng, r.snr_factor),
+                         defocus_um=float(rng.uniform(*r.defocus_um)),
+                         b_factor_nm2=_log_uniform(rng, r.b_factor_nm2),
+                         tilt_max_deg=float(rng.uniform(*r.tilt_max_deg)),
+                         amplitude_contrast=float(rng.uniform(*r.amplitude_contrast)))
         shape = tuple(round(f * 10.0 / voxel_size_a) for f in SYNTHETIC_FIELD_NM)
         phantom_seed = (seed + 1) * 10_000 + i
         phantom = make_phantom(shape, voxel_size_a, seed=phantom_seed, preset=preset)
-        source = f"phantom seed {phantom_seed} ({names[i % len(names)]}, {voxel_size_a} Å, {preset.defocus_um:.1f} µm)"
-        pairs.append(prepare_pair(phantom.tomogram, phantom.labels, voxel_size_a, source, inference))
+        tomogram = phantom.tomogram
+        denoise_nm = float(rng.uniform(*r.denoise_sigma_nm)) if rng.random() < r.denoised_share else 0.0
+        if denoise_nm:
+            tomogram = ndimage.gaussian_filter(tomogram, denoise_nm * 10.0 / voxel_size_a, output=np.float32)
+        source = (f"phantom seed {phantom_seed} ({name}, {voxel_size_a:.1f} Å, SNR {preset.snr:.2f}, "
+                  f"defocus {preset.defocus_um:.1f} µm, B {preset.b_factor_nm2:.0f} nm², "
+                  f"tilt ±{preset.tilt_max_deg:.0f}°, denoised σ {denoise_nm:.1f} nm)")
+        pairs.append(prepare_pair(tomogram, phantom.labels, voxel_size_a, source, inference))
         if progress is not None:
             progress(i + 1, n)
     return pairs
@@ -164,7 +203,7 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
 
     Resumes from `out_dir/last.keras` when it exists (an interrupted run). Returns the model config.
     """
-    from cryoves.engine.network.model import build_unet, import_tensorflow_quietly, load_model, save_model
+    from cryoves.engine.network.model import MODEL_CONFIG, build_unet, import_tensorflow_quietly, load_model, save_model
 
     import_tensorflow_quietly()
     import keras
@@ -207,11 +246,13 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
         if state["best_epoch"] == epoch + 1:
             save_model(model, out_dir, _config(params, state, description, inference))
         model.save(out_dir / LAST_NAME)
-        state_path.write_text(json.dumps(state))
+        with atomic_output(state_path) as tmp:
+            tmp.write_text(json.dumps(state))
         if progress is not None:
             progress(epoch + 1, row)
     config = _config(params, state, description, inference)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    with atomic_output(out_dir / MODEL_CONFIG) as tmp:
+        tmp.write_text(json.dumps(config, indent=1))
     return config
 
 
@@ -220,8 +261,10 @@ def _config(params: TrainParams, state: dict, description: dict, inference: Infe
     return {
         "architecture": "cryovesnet-unet-depth2-16",
         "network_voxel_size_a": InferenceParams().network_voxel_size_a,
-        "normalisation": "resample to the network voxel size, Gaussian pre-filter, whole-volume z-score",
+        "normalisation": f"resample to the network voxel size ({inference.resampling}), Gaussian pre-filter, "
+                         "whole-volume z-score",
         "gaussian_sigma_vox": inference.gaussian_sigma_vox,
+        "resampling": inference.resampling,
         "train_params": asdict(params),
         "best_epoch": state.get("best_epoch"),
         "best_loss": state["best_loss"],

@@ -86,3 +86,37 @@ def test_zscore():
     assert zscore(volume, inplace=True) is volume
     npt.assert_allclose(volume, out)
     npt.assert_array_equal(zscore(np.full((3, 3, 3), 5, dtype=np.int16)), 0.0)
+
+
+def _cosine_series_reference(signal: np.ndarray, n_out: int) -> np.ndarray:
+    """The DCT-II interpolant of `signal`, truncated to its first n_out terms, at the output pixel centres."""
+    n_in = len(signal)
+    n = np.arange(n_in)
+    k = np.arange(n_out)[:, None]
+    weights = np.where(k == 0, 1 / n_in, 2 / n_in)
+    coefficients = (weights * np.cos(np.pi * k * (2 * n + 1) / (2 * n_in)) @ signal)
+    x_in = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5  # pixel-centre aligned, as resample_to_shape
+    return np.cos(np.pi * k.T * (2 * x_in[:, None] + 1) / (2 * n_in)) @ coefficients
+
+
+def test_band_limited_shrink_matches_the_truncated_cosine_series():
+    volume = np.random.default_rng(2).standard_normal((9, 14, 23))
+    out = rescale.resample_band_limited(volume.astype(np.float32), (5, 14, 10))
+    expected = np.apply_along_axis(_cosine_series_reference, 0, volume, 5)
+    expected = np.apply_along_axis(_cosine_series_reference, 2, expected, 10)
+    assert out.dtype == np.float32 and out.shape == (5, 14, 10)
+    npt.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_band_limited_shrink_keeps_the_noise_of_the_coarser_grid():
+    noise = np.random.default_rng(3).standard_normal((60, 90, 120)).astype(np.float32)
+    out = rescale.resample_band_limited(noise, (40, 45, 80))
+    assert out.var() == pytest.approx((40 / 60) * (45 / 90) * (80 / 120), rel=0.03)
+
+
+def test_band_limited_grows_trilinearly_and_keeps_constants():
+    volume = np.random.default_rng(4).standard_normal((6, 8, 10)).astype(np.float32)
+    npt.assert_allclose(rescale.resample_band_limited(volume, (6, 13, 17)), resample_to_shape(volume, (6, 13, 17)),
+                        atol=1e-6)
+    npt.assert_allclose(rescale.resample_band_limited(np.full((9, 9, 9), 2.5, np.float32), (4, 12, 5)), 2.5,
+                        rtol=1e-5)

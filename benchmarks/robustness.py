@@ -1,0 +1,147 @@
+"""Accuracy over a matrix of imaging conditions, for each model and pre-processing: benchmarks/ROBUSTNESS.md.
+
+    python benchmarks/robustness.py --weights ../shared/models/cryovesnet/weights.h5 > benchmarks/ROBUSTNESS.md
+
+Rows are conditions of the validation phantoms (seeds from VALIDATION_SEED, never trained on, never used to
+choose a default); columns are the bundled model and CryoVesNet's weights with cryoves' defaults, and
+CryoVesNet's weights with its reference pre-processing (trilinear resampling with the anti-alias Gaussian,
+Gaussian pre-filter σ = 1). Each cell: final F1, Dice, diameter error δ_d and centre residual Δ_c.
+`--resampling` adds the comparison of the network-input resamplers behind `InferenceParams.resampling`.
+"""
+
+import argparse
+import platform
+from dataclasses import dataclass, field, replace
+from datetime import date
+
+import numpy as np
+
+from cryoves.engine.network.inference import InferenceParams
+from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.pipeline import SegmentParams, segment
+from cryoves.engine.scoring.matching import dice, match_vesicles
+from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
+from cryoves.engine.units import nm_to_vox
+
+VALIDATION_SEED = 900_000
+"""Seeds of validation phantoms start here; training draws its phantoms below it (engine/network/train.py)."""
+FIELD_NM = (140.8, 352.0, 352.0)  # 64 x 160 x 160 voxels at 22 Å
+REFERENCE = InferenceParams(gaussian_sigma_vox=1.0, resampling="linear")
+"""CryoVesNet's code: trilinear resampling after an anti-alias Gaussian, then a σ = 1 Gaussian (method.md §2.2-2.3)."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One row: a phantom family and preset, a voxel size and changes to the preset's imaging."""
+
+    name: str
+    imaging: str = "fft"
+    preset: str = "default"
+    voxel_size_a: float = 22.0
+    changes: dict = field(default_factory=dict)
+    invert: bool = False
+
+
+@dataclass(frozen=True)
+class Score:
+    f1: float
+    precision: float
+    recall: float
+    dice: float
+    diameter_error: float
+    center_residual_nm: float
+    n_found: int
+
+
+def conditions(imaging: str) -> list[Condition]:
+    """The matrix rows of one family: voxel sizes, SNR, tilt range, defocus, scenes, contrast."""
+    rows = [Condition(f"default {v:g} Å", imaging, voxel_size_a=v) for v in (7.0, 10.0, 14.7, 22.0, 30.0)]
+    rows += [
+        Condition("high SNR", imaging, changes={"snr": 4.0}),
+        Condition("low SNR", imaging, preset="low_snr"),
+        Condition("tilt ±40°", imaging, changes={"tilt_max_deg": 40.0}),
+        Condition("tilt ±70°", imaging, changes={"tilt_max_deg": 70.0}),
+        Condition("defocus 8 µm", imaging, changes={"defocus_um": 8.0}),
+        Condition("crowded", imaging, preset="crowded"),
+        Condition("distractors", imaging, preset="distractors"),
+        Condition("inverted contrast (--invert-contrast)", imaging, invert=True),
+    ]
+    return rows
+
+
+def make_condition(condition: Condition, seed: int):
+    preset = replace(PRESETS[condition.preset], **condition.changes)
+    shape = tuple(round(f * 10.0 / condition.voxel_size_a) for f in FIELD_NM)
+    phantom = make_phantom(shape, condition.voxel_size_a, seed=seed, preset=preset)
+    if condition.invert:
+        phantom = replace(phantom, tomogram=-phantom.tomogram)
+    return phantom
+
+
+def score(phantom, logit_fn, inference: InferenceParams, invert_contrast: bool = False) -> Score:
+    """The whole method on one phantom, scored at the final stage against its exact ground truth."""
+    params = SegmentParams(inference=inference, invert_contrast=invert_contrast)
+    result = segment(phantom.tomogram, phantom.voxel_size_a, logit_fn, params, keep_stages=False)
+    vesicles = result.vesicles
+    kept = np.asarray(vesicles.column("outcome").to_pylist()) != "removed"
+    centers = np.column_stack([vesicles.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept]
+    truth = phantom.vesicles
+    true_centers = np.column_stack([truth.column(f"center_{a}_vox").to_numpy() for a in "zyx"])
+    true_radii = nm_to_vox(truth.column("radius_nm").to_numpy(), phantom.voxel_size_a)
+    m = match_vesicles(centers, vesicles.column("radius_vox").to_numpy()[kept], true_centers, true_radii,
+                       phantom.voxel_size_a)
+    return Score(m.f1, m.precision, m.recall, dice(result.labels["final"], phantom.labels), m.diameter_error,
+                 m.center_residual_nm, int(kept.sum()))
+
+
+def _cell(s: Score) -> str:
+    return f"{s.f1:.3f} / {s.dice:.2f} / {s.diameter_error:.3f} / {s.center_residual_nm:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, help="CryoVesNet's weights.h5")
+    parser.add_argument("--imaging", nargs="+", default=["fft"], help="phantom families (rows for each)")
+    parser.add_argument("--seeds", type=int, default=1, help="phantoms per condition (default: 1)")
+    parser.add_argument("--only", nargs="*", help="condition names to run (default: all)")
+    parser.add_argument("--resampling", action="store_true", help="add the resampler comparison")
+    args = parser.parse_args()
+    bundled, cryovesnet = load_logit_fn(None), load_logit_fn(args.weights)
+    columns = {
+        "bundled model": (bundled, InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None))),
+        "CryoVesNet weights": (cryovesnet, InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))),
+        "CryoVesNet weights, reference pre-processing": (cryovesnet, REFERENCE),
+    }
+    if args.resampling:
+        for name, (fn, params) in list(columns.items())[:2]:
+            columns[f"{name}, linear resampling"] = (fn, replace(params, resampling="linear"))
+    print("# Robustness of accuracy over imaging conditions\n")
+    print(f"Generated by `python benchmarks/robustness.py --weights … --imaging {' '.join(args.imaging)}"
+          f"{' --resampling' if args.resampling else ''}` on {date.today()}, {platform.machine()}. Validation "
+          f"phantoms (seeds from {VALIDATION_SEED}, never trained on), field {FIELD_NM[0]:g} x {FIELD_NM[1]:g} x "
+          f"{FIELD_NM[2]:g} nm. Each cell: final F1 / Dice / δ_d / Δ_c (nm); F1 with one-to-one matching.\n")
+    header = "| family | condition | " + " | ".join(columns) + " |"
+    print(header)
+    print("|---" * (2 + len(columns)) + "|", flush=True)
+    worst = {name: (2.0, "") for name in columns}
+    for imaging in args.imaging:
+        for condition in conditions(imaging):
+            if args.only and condition.name not in args.only:
+                continue
+            cells = {name: [] for name in columns}
+            for seed in range(VALIDATION_SEED, VALIDATION_SEED + args.seeds):
+                phantom = make_condition(condition, seed)
+                for name, (fn, params) in columns.items():
+                    cells[name].append(score(phantom, fn, params, invert_contrast=condition.invert))
+            row = []
+            for name, scores in cells.items():
+                mean = Score(*(float(np.mean([getattr(s, f) for s in scores])) for f in Score.__dataclass_fields__))
+                row.append(_cell(mean))
+                if mean.f1 < worst[name][0]:
+                    worst[name] = (mean.f1, f"{imaging}: {condition.name}")
+            print(f"| {imaging} | {condition.name} | " + " | ".join(row) + " |", flush=True)
+    print("\nWorst case per column: " + "; ".join(f"{name} {f1:.3f} ({where})" for name, (f1, where) in worst.items()))
+
+
+if __name__ == "__main__":
+    main()
