@@ -16,13 +16,24 @@ from cryoves.engine.errors import CryovesError
 log = logging.getLogger("cryoves")
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _number(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
@@ -101,11 +112,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     import numpy as np
     from tqdm import tqdm
 
     from cryoves.engine.io.mrc import read_volume
-    from cryoves.engine.network.train import TrainParams, paired_files, prepare_pair, synthetic_pairs, train
+    from cryoves.engine.network.train import (
+        SYNTHETIC_FIELD_NM,
+        Randomisation,
+        TrainParams,
+        paired_files,
+        prepare_pair,
+        synthetic_pairs,
+        train,
+    )
 
     params = TrainParams(epochs=args.epochs, seed=args.seed, patches_per_tomogram=args.patches_per_tomogram)
     pairs, sources = [], []
@@ -125,6 +146,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CryovesError("no training data: pass --data DIR (TOMO.mrc beside TOMO.labels.mrc) or --synthetic N")
     description = {"folders": [str(d) for d in args.data or []], "files": sources, "synthetic": args.synthetic,
                    "command": "cryoves " + " ".join(args.argv), "init_weights": str(args.init_weights or "")}
+    if args.synthetic:
+        description["synthetic_recipe"] = {
+            "family": "fft imaging (engine/synthetic/imaging.py); the tilt-series family is validation only",
+            "presets": "cycled in sorted order", "field_nm": SYNTHETIC_FIELD_NM,
+            "seeds": f"{(args.seed + 1) * 10_000}-{(args.seed + 1) * 10_000 + args.synthetic - 1}",
+            "randomisation": asdict(Randomisation())}
     with tqdm(total=params.epochs, desc="epochs", disable=None) as bar:
         def progress(epoch: int, row: dict) -> None:
             bar.n = epoch
@@ -141,9 +168,26 @@ def _segment_params(args: argparse.Namespace):
     from cryoves.engine.network.model import model_gaussian_sigma_vox
     from cryoves.engine.pipeline import SegmentParams
 
-    inference = InferenceParams(tta=args.tta, memory_gb=args.memory_gb,
-                                gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))
+    sigma = model_gaussian_sigma_vox(args.weights) if args.prefilter_sigma is None else args.prefilter_sigma
+    inference = InferenceParams(tta=args.tta, memory_gb=args.memory_gb, gaussian_sigma_vox=sigma)
     return SegmentParams(inference=inference, invert_contrast=args.invert_contrast)
+
+
+def _settings(args: argparse.Namespace):
+    """What `segment`, `run` and `demo` share: parameters, weights checksum, voxel size and outputs."""
+    from cryoves.engine.job import OutputOptions, Settings
+    from cryoves.engine.network.model import weights_sha256
+
+    outputs = OutputOptions(probability=args.probability, stages=args.stages, pyto=args.pyto,
+                            active_zone=args.active_zone and Path(args.active_zone))
+    return Settings(params=_segment_params(args), weights_sha256=weights_sha256(args.weights),
+                    voxel_size_a=args.voxel_size, outputs=outputs, force=args.force)
+
+
+def _summary(name: str, finished) -> str:
+    """One line per segmented tomogram: vesicles, threshold and seconds per step."""
+    return (f"{name}: {finished.n_vesicles} vesicles, threshold {finished.threshold:.3f}; "
+            + ", ".join(f"{step} {seconds:.1f} s" for step, seconds in finished.seconds.items()))
 
 
 def _stage_bar(name: str, stages):
@@ -161,41 +205,26 @@ def _stage_bar(name: str, stages):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cryoves.engine.job import is_done, prepare_job, segment_file
-    from cryoves.engine.network.model import load_logit_fn, weights_sha256
-    from cryoves.engine.pipeline import STAGES
+    from cryoves.engine.job import STEPS, make_jobs, prepare, segment_job
+    from cryoves.engine.network.model import load_logit_fn
 
-    params = _segment_params(args)
-    checksum = weights_sha256(args.weights)
-    jobs = [prepare_job(path, params, checksum, args.voxel_size, args.region) for path in args.tomograms]
-    todo = []
-    for job in jobs:
-        if args.force or not is_done(args.out, job):
-            todo.append(job)
-        else:
-            print(f"{job.name}: outputs complete for this input and these parameters; skipped (--force redoes it)")
+    settings = _settings(args)
+    prepared = [prepare(job, settings, args.out) for job in make_jobs(args.tomograms, args.region, args.truth)]
+    for item in (p for p in prepared if p.done):
+        print(f"{item.name}: outputs complete for this input and these parameters; skipped (--force redoes it)")
+    todo = [p for p in prepared if not p.done]
     if not todo:
         return 0
     logit_fn = load_logit_fn(args.weights, args.device)
-    for job in todo:
-        bar, progress = _stage_bar(job.name, STAGES)
+    for item in todo:
+        bar, progress = _stage_bar(item.name, STEPS[1:])
         with bar:
-            paths = segment_file(job, args.out, logit_fn, params, write_probability=args.probability,
-                                 write_stages=args.stages, pyto=args.pyto, active_zone=args.active_zone,
-                                 progress=progress)
-            bar.n = len(STAGES)
-        record = _run_record(args.out, job.name)
-        print(f"{job.name}: {record['n_vesicles']} vesicles, threshold {record['threshold']:.3f}; "
-              + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in json.loads(record["seconds"]).items()))
-        for kind, path in paths.items():
+            finished = segment_job(item, logit_fn, settings, args.out, progress)
+            bar.n = bar.total
+        print(_summary(item.name, finished))
+        for kind, path in finished.paths.items():
             print(f"  {kind:11s} {path}")
     return 0
-
-
-def _run_record(out_dir, name: str) -> dict:
-    from cryoves.engine.io.outputs import read_run_record
-
-    return read_run_record(out_dir, name)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -242,31 +271,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     from cryoves.engine.io.mrc import read_volume
     from cryoves.engine.io.tables import write_table
-    from cryoves.engine.job import prepare_job, segment_file
+    from cryoves.engine.job import STEPS, Job, OutputOptions, Settings, prepare, segment_job
     from cryoves.engine.network.model import load_logit_fn, weights_sha256
-    from cryoves.engine.pipeline import STAGES
     from cryoves.engine.scoring.evaluate import evaluate, load_spheres
     from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
 
     out = Path(args.out)
     print(f"making a synthetic presynaptic tomogram {tuple(args.shape)} at 22 Å (seed {args.seed}) ...")
     truth = write_phantom(out / "phantom", make_phantom(tuple(args.shape), 22.0, seed=args.seed), name="demo")
-    params = _segment_params(args)
-    job = prepare_job(truth["tomogram"], params, weights_sha256(args.weights))
-    bar, progress = _stage_bar("segmenting", STAGES)
+    settings = Settings(params=_segment_params(args), weights_sha256=weights_sha256(args.weights),
+                        outputs=OutputOptions(probability=True), force=True)
+    job = prepare(Job(path=truth["tomogram"]), settings, out)
+    bar, progress = _stage_bar("segmenting", STEPS[1:])
     with bar:
-        paths = segment_file(job, out, load_logit_fn(args.weights, args.device), params, write_probability=True,
-                             progress=progress)
-        bar.n = len(STAGES)
+        finished = segment_job(job, load_logit_fn(args.weights, args.device), settings, out, progress)
+        bar.n = bar.total
+    paths = finished.paths
     row = evaluate(load_spheres(paths["labels"]), load_spheres(truth["labels"]),
                    read_volume(paths["probability"]).data)
     write_table(out / "metrics.parquet", pa.Table.from_pylist([{"tomogram": job.name} | row]))
-    record = _run_record(out, job.name)
-    print(f"found {record['n_vesicles']} vesicles; ground truth has {row['n_true_positive'] + row['n_false_negative']}")
+    print(f"found {finished.n_vesicles} vesicles; ground truth has {row['n_true_positive'] + row['n_false_negative']}")
     print(f"  F1 {row['f1']:.3f}  precision {row['precision']:.3f}  recall {row['recall']:.3f}")
     print(f"  Dice {row['dice']:.3f}  probability-map Dice {row['probability_dice']:.3f}")
     print(f"  diameter error {row['diameter_error']:.3f}  centre residual {row['center_residual_nm']:.2f} nm")
-    print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in json.loads(record["seconds"]).items()))
+    print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in finished.seconds.items()))
     print(f"outputs in {out}/: demo.labels.mrc, demo.prob.mrc, demo.mod, vesicles/, runs/, metrics.parquet;"
           f" ground truth in {out}/phantom/")
     return 0
@@ -274,15 +302,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from cryoves.cluster.run import expand_inputs, run_batch
-    from cryoves.engine.network.model import weights_sha256
 
     paths = expand_inputs(args.inputs)
-    params = _segment_params(args)
-    rows = run_batch([str(p) for p in paths], args.out, params, weights=args.weights,
-                     weights_sha256=weights_sha256(args.weights), address=args.address,
-                     num_gpu_actors=args.num_gpu_actors, voxel_size_a=args.voxel_size,
-                     max_in_flight=args.max_in_flight, write_probability=args.probability,
-                     truth_dir=args.truth, region_dir=args.regions).to_pylist()
+    rows = run_batch(paths, args.out, _settings(args), weights=args.weights, device=args.device,
+                     regions=args.regions, truth=args.truth, address=args.address,
+                     num_gpu_actors=args.num_gpu_actors, max_in_flight=args.max_in_flight).to_pylist()
     counts = {status: sum(row["status"] == status for row in rows) for status in ("ok", "skipped", "error")}
     for row in rows:
         if row["status"] == "error":
@@ -303,6 +327,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_output_options(parser: argparse.ArgumentParser) -> None:
+    """The outputs, scoring and resume options of `segment` and `run`."""
+    parser.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
+    parser.add_argument("--stages", action="store_true",
+                        help="also write the labels of the earlier stages (NAME.global/local/sphere.mrc)")
+    parser.add_argument("--pyto", action="store_true",
+                        help="also write NAME.pyto.mrc (region 1, active zone 2, vesicles from 10) and NAME.pyto.mod "
+                             "(vesicles merged with the region and active-zone models); needs a region")
+    parser.add_argument("--active-zone", metavar="AZ.mod", help="IMOD model of the active-zone membrane, for --pyto")
+    parser.add_argument("--truth", metavar="PATH",
+                        help="ground truth (label MRC or vesicle table), or a folder of NAME.labels.mrc or "
+                             "NAME.vesicles.parquet per tomogram NAME: scores each tomogram into "
+                             "OUT/metrics/NAME.parquet")
+    parser.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
+
+
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="FILE",
                         help="a cryoves model folder or CryoVesNet's weights.h5 (default: the bundled model)")
@@ -312,6 +352,9 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="cpu (Keras) or gpu (PyTorch, float16; needs the gpu extra)")
     parser.add_argument("--memory-gb", type=_positive_float, default=4.0, metavar="GB",
                         help="memory budget for a batch of network tiles (default: 4)")
+    parser.add_argument("--prefilter-sigma", type=_non_negative_float, metavar="VOX",
+                        help="Gaussian pre-filter of the network input, in network voxels (2.2 nm); 0 for input that "
+                             "is already denoised (default: the model's own, 1 for CryoVesNet's weights)")
     parser.add_argument("--invert-contrast", action="store_true",
                         help="the tomogram has bright membranes (contrast-inverted): negate it first")
 
@@ -395,15 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--out", required=True, metavar="DIR")
     segment.add_argument("--region", metavar="FILE",
                          help="segmentation region: a binary MRC mask on the tomogram grid or an IMOD model of "
-                              "closed contours")
-    segment.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
-    segment.add_argument("--stages", action="store_true",
-                         help="also write the labels of the earlier stages (NAME.global/local/sphere.mrc)")
-    segment.add_argument("--pyto", action="store_true",
-                         help="also write NAME.pyto.mrc (region 1, active zone 2, vesicles from 10) and NAME.pyto.mod "
-                              "(vesicles merged with the region and active-zone models); needs --region")
-    segment.add_argument("--active-zone", metavar="AZ.mod", help="IMOD model of the active-zone membrane, for --pyto")
-    segment.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
+                              "closed contours; or a folder of NAME.region.mrc or NAME.mod per tomogram NAME")
+    _add_output_options(segment)
     _add_voxel_size(segment)
     _add_network_options(segment)
     segment.set_defaults(run=cmd_segment)
@@ -425,10 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-in-flight", type=int, metavar="N",
                      help="tomograms in memory at once (default: the cluster's CPUs, at least 4; Ray also "
                           "limits post-processing per node to what its memory holds)")
-    run.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
-    run.add_argument("--truth", metavar="DIR",
-                     help="folder of ground truth (NAME.labels.mrc or NAME.vesicles.parquet): scores each tomogram "
-                          "into DIR/metrics/NAME.parquet")
+    _add_output_options(run)
     run.add_argument("--regions", metavar="DIR",
                      help="folder of segmentation regions, NAME.region.mrc or NAME.mod per tomogram NAME "
                           "(as --region of segment); tomograms without one are segmented whole")
