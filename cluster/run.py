@@ -1,25 +1,25 @@
-"""`cryoves run`: screen many tomograms on Ray, with the same result as `cryoves segment` per file.
+"""`cryoves run`: screen many tomograms on Ray, with the same engine calls as `cryoves segment`.
 
-Per tomogram, three kinds of work, pipelined across tomograms:
+This module only schedules `cryoves.engine.job`'s calls (scatter, engine call, gather), pipelined
+across tomograms:
 
-1. `_prepare` (CPU task): validate and checksum the file (`prepare_job`), skip it when its outputs
-   are complete and current (`is_done`), else make the network input (`prepare_network_input`).
+1. `_prepare` (CPU task): `prepare` (validate, checksum, skip when the outputs are complete and
+   current), then `network_input`.
 2. `Predictor` actors (one per GPU, or CPU actors on a machine without GPUs) each load the model
-   once and predict batches of tiles: exactly the batches `predict_tiled` forms, so one large
-   tomogram is spread over several actors and the probability map is bit-identical.
-3. `_finish` (CPU task): assemble the map, `probability_on_input_grid`, `postprocess`, `write_outputs`;
-   its sphere refinement goes to `_refine_chunk` tasks over chunks of vesicles, which share the
-   tomogram through the object store (`refine.Refiner`), so one large tomogram also uses the
-   cluster's cores.
+   once and run `predict_tiles` on batches of tiles (`batch_starts`), so one large tomogram is
+   spread over several actors.
+3. `_finish` (CPU task): `probability_map` from the batches, then `finish`, whose sphere refinement
+   goes to `_refine_chunk` tasks over chunks of vesicles that share the tomogram through the object
+   store (`refine.Refiner`), so one large tomogram also uses the cluster's cores.
 
 The driver keeps at most `max_in_flight` tomograms between 1 and 3 (backpressure through
 `ray.wait`; by default as many as the cluster has CPUs, at least 4), so memory stays flat however
 many files are listed, and each `_finish` task asks Ray for the memory its tomogram needs
-(`finish_memory_bytes`), so a node runs only as many at once as it can hold. A file that fails becomes an error
-row (and an error run record) and the batch goes on; tasks and actors are retried when a worker,
-an actor or a node dies, and outputs are written atomically, so a retry gives the same files. When a
-lost node leaves too few GPUs for every actor, the actors that cannot restart are given up and their
-tomograms are submitted again to the others (`PredictorPool.fit_cluster`).
+(`finish_memory_bytes`), so a node runs only as many at once as it can hold. A file that fails
+becomes an error row (and an error run record) and the batch goes on; tasks and actors are retried
+when a worker, an actor or a node dies, and outputs are written atomically, so a retry gives the same
+files. When a lost node leaves too few GPUs for every actor, the actors that cannot restart are given
+up and their tomograms are submitted again to the others (`PredictorPool.fit_cluster`).
 
 On a cluster, every node needs cryoves installed and `out_dir` and the inputs on a shared filesystem.
 """
@@ -39,19 +39,23 @@ import pyarrow as pa
 import ray
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.mrc import read_volume
-from cryoves.engine.io.outputs import companion_file, tomogram_name, write_outputs, write_run_record
-from cryoves.engine.job import REGION_SUFFIXES, Job, is_done, load_region, prepare_job
-from cryoves.engine.network.inference import (
-    InferenceParams,
-    plan_inference,
-    predict_batch,
-    prepare_network_input,
-    probability_on_input_grid,
+from cryoves.engine.io.outputs import tomogram_name
+from cryoves.engine.job import (
+    Finished,
+    Job,
+    Prepared,
+    Settings,
+    batch_starts,
+    finish,
+    make_jobs,
+    network_input,
+    predict_tiles,
+    prepare,
+    probability_map,
+    tile_plan,
+    write_error_record,
 )
-from cryoves.engine.pipeline import SegmentParams, oriented, postprocess
-from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
-from cryoves.engine.stages.overlaps import rendered_spheres
+from cryoves.engine.network.inference import InferenceParams, TilePlan
 from cryoves.engine.stages.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,8 @@ FINISH_BYTES_PER_VOXEL = 18
 """Memory a `_finish` task asks Ray for, per input voxel: its resident memory grows by 16-17.5 bytes
 per voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 16 (4.4 GB) on 1024x1024x261 at
 14.69 Å. Ray then runs no more post-processing tasks on a node than its memory holds."""
+FINISH_BYTES_PER_VOXEL_WITH_STAGES = 22
+"""The same when the earlier stages' labels are kept for `--stages` (20-21 bytes measured)."""
 MIN_IN_FLIGHT = 4
 VESICLES_PER_TASK = 256
 """Sphere refinement of a tomogram with more vesicles than this is spread over tasks of this many."""
@@ -150,33 +156,17 @@ def _expand_one(item: str, *, allow_list: bool, base: Path | None = None) -> lis
     raise CryovesError(f"{path}: no such file, folder or pattern")
 
 
-# ------------------------------------------------------------------------------------------ tiles
-
-def assemble(shape, params: InferenceParams, batches) -> np.ndarray:
-    """The network-grid probability map from `predict_batch` results, given as (first, probabilities)."""
-    plan = plan_inference(tuple(shape), params)
-    output = np.empty(tuple(shape), dtype=np.float32)
-    written = 0
-    for first, probabilities in batches:
-        for tile, probability in zip(plan.tiles[first:first + plan.batch_size], probabilities):
-            output[tile.write] = probability
-            written += 1
-    if written != len(plan.tiles):
-        raise RuntimeError(f"assembled {written} of {len(plan.tiles)} tiles")
-    return output
-
-
 # ------------------------------------------------------------------------------------------ Ray work
 
 @ray.remote
 class Predictor:
     """Holds the model (loaded once) and predicts batches of tiles of network-grid volumes."""
 
-    def __init__(self, index: int, weights: str | None) -> None:
+    def __init__(self, index: int, weights: str | None, device: str) -> None:
         from cryoves.engine.network.model import load_logit_fn  # TensorFlow loads in the actor, not the driver
 
         self.index = index
-        self.logit_fn = load_logit_fn(weights)
+        self.logit_fn = load_logit_fn(weights, device)
         self.where = {"actor": str(index), "node": ray.util.get_node_ip_address(),
                       "node_id": ray.get_runtime_context().get_node_id(),
                       "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
@@ -185,39 +175,27 @@ class Predictor:
         return self.where
 
     def predict(self, volume: np.ndarray, first: int, params: InferenceParams):
-        start = time.perf_counter()
-        probabilities = predict_batch(volume, plan_inference(volume.shape, params), first, self.logit_fn, params)
-        return self.where, {"first": first, "probabilities": probabilities,
-                            "seconds": time.perf_counter() - start}
+        return self.where, predict_tiles(volume, first, self.logit_fn, params)
 
 
-@ray.remote(num_returns=2, max_retries=TASK_RETRIES)
-def _prepare(path: str, out_dir: str, params: SegmentParams, weights_sha256: str,
-             voxel_size_a: float | None, region_dir: str | None):
-    """(meta, network input): meta says skipped or gives what the driver needs to dispatch tiles."""
-    start = time.perf_counter()
-    region = companion_file(region_dir, tomogram_name(path), REGION_SUFFIXES) if region_dir else None
-    job = prepare_job(path, params, weights_sha256, voxel_size_a, region)
-    meta = {"name": job.name, "record": job.record}
-    if is_done(out_dir, job):
-        return meta | {"skipped": True}, None
-    tomogram = oriented(job.volume.data, params)
-    network_input = prepare_network_input(tomogram, job.volume.voxel_size_a, params.inference)
-    plan = plan_inference(network_input.shape, params.inference)
-    meta |= {"skipped": False, "n_voxels": int(tomogram.size), "network_shape": network_input.shape,
-             "n_tiles": len(plan.tiles),
-             "batch_size": plan.batch_size, "prepare_seconds": time.perf_counter() - start}
-    return meta, network_input
+@ray.remote(num_returns=3, max_retries=TASK_RETRIES)
+def _prepare(job: Job, settings: Settings, out_dir: str):
+    """`prepare`, then (unless the outputs are done) `network_input`: (prepared, network volume, its seconds)."""
+    prepared = prepare(job, settings, out_dir)
+    if prepared.done:
+        return prepared, None, 0.0
+    network = network_input(prepared, settings.params)
+    return prepared, network.volume, network.seconds
 
 
 _refine_chunk = ray.remote(max_retries=TASK_RETRIES)(refine_batch)
 """`refine_batch` as a task, for some of a tomogram's vesicles."""
 
 
-def chunked_refiner(tomogram: np.ndarray, vesicles_per_task: int) -> Refiner:
-    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles of `tomogram` in `_refine_chunk`
-    tasks, the tomogram put once into the object store; a tomogram with no more vesicles is refined here."""
-    def refine(centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
+def chunked_refiner(vesicles_per_task: int) -> Refiner:
+    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles in `_refine_chunk` tasks, the
+    tomogram put once into the object store; a tomogram with no more vesicles is refined here."""
+    def refine(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
         if len(centers) <= vesicles_per_task:
             return refine_batch(tomogram, centers, radii, params)
         shared = ray.put(tomogram)
@@ -229,29 +207,11 @@ def chunked_refiner(tomogram: np.ndarray, vesicles_per_task: int) -> Refiner:
 
 
 @ray.remote(max_retries=TASK_RETRIES)
-def _finish(path: str, out_dir: str, meta: dict, params: SegmentParams, voxel_size_a: float | None,
-            write_probability: bool, truth_dir: str | None, vesicles_per_task: int, *batches) -> int:
-    """Assemble the map, post-process and write every output, as `segment_file` does; → vesicle count."""
-    start = time.perf_counter()
-    volume = read_volume(path, voxel_size_a)
-    job = Job(Path(path), meta["name"], volume, meta["record"])
-    prob_net = assemble(meta["network_shape"], params.inference,
-                        [(b["first"], b["probabilities"]) for b in batches])
-    tomogram = oriented(job.volume.data, params)
-    probability = probability_on_input_grid(prob_net, tomogram.shape)
-    region = job.record["region"]
-    mask = load_region(region, tomogram.shape, job.volume.voxel_size_a) if region else None
-    refiner = chunked_refiner(tomogram, vesicles_per_task)
-    result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, mask, refiner=refiner,
-                         keep_stages=False)
-    result.seconds["network"] = sum(b["seconds"] for b in batches) + meta["prepare_seconds"]
-    total = time.perf_counter() - start + result.seconds["network"]
-    record = job.record | {"total_seconds": total}
-    paths = write_outputs(out_dir, job.name, job.volume, result, record, write_probability=write_probability)
-    truth = companion_file(truth_dir, job.name, TRUTH_SUFFIXES) if truth_dir else None
-    if truth is not None:
-        write_metrics(out_dir, job.name, paths["labels"], truth)
-    return int(rendered_spheres(result.vesicles)[0].sum())
+def _finish(prepared: Prepared, settings: Settings, out_dir: str, vesicles_per_task: int, network_seconds: float,
+            *batches) -> Finished:
+    """`probability_map` of the predicted batches, then `finish` with refinement spread over tasks."""
+    probability = probability_map(prepared, network_seconds, batches, settings.params)
+    return finish(prepared, probability, settings, out_dir, refiner=chunked_refiner(vesicles_per_task))
 
 
 class PredictorPool:
@@ -267,12 +227,12 @@ class PredictorPool:
     `ray.exceptions.RayActorError`, which the batch answers by submitting them again.
     """
 
-    def __init__(self, weights: str | None, n_actors: int, gpus: bool) -> None:
+    def __init__(self, weights: str | None, device: str, n_actors: int, gpus: bool) -> None:
         # GPU actors reserve no CPU (else they can take every CPU and starve the CPU tasks they feed)
         options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
         self.gpus = gpus
         self.actors = {i: Predictor.options(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-                                            **options).remote(i, weights) for i in range(n_actors)}
+                                            **options).remote(i, weights, device) for i in range(n_actors)}
         self.queued = dict.fromkeys(self.actors, 0)
         try:  # a model that does not load stops the batch here, with one clear message
             where = ray.get([actor.ready.remote() for actor in self.actors.values()])
@@ -297,18 +257,18 @@ class PredictorPool:
             del self.queued[i], self.node_id[i]
         log.warning("the cluster lost %d inference actor(s); %d remain", excess, len(self.actors))
 
-    def submit(self, volume_ref, meta: dict, params: InferenceParams) -> list[tuple]:
-        """One call per batch of tiles of a tomogram → [(actor index, tiles, where ref, result ref)]."""
+    def submit(self, volume_ref, plan: TilePlan, params: InferenceParams) -> list[tuple]:
+        """One call per batch of tiles of a tomogram → [(actor index, tiles, where ref, batch ref)]."""
         if not self.actors:
             raise CryovesError(f"no {'GPU' if self.gpus else 'CPU'} is left in the cluster for inference; "
                                "rerun the same command when it has one again to finish the batch")
         calls = []
-        for first in range(0, meta["n_tiles"], meta["batch_size"]):
+        for first in batch_starts(plan):
             i = min(self.actors, key=lambda k: self.queued[k])
-            n = min(meta["batch_size"], meta["n_tiles"] - first)
+            n = min(plan.batch_size, len(plan.tiles) - first)
             self.queued[i] += n
-            where, result = self.actors[i].predict.options(num_returns=2).remote(volume_ref, first, params)
-            calls.append((i, n, where, result))
+            where, batch = self.actors[i].predict.options(num_returns=2).remote(volume_ref, first, params)
+            calls.append((i, n, where, batch))
         return calls
 
     def done(self, calls, where=()) -> None:
@@ -325,27 +285,16 @@ class PredictorPool:
             ray.kill(actor)
 
 
-def finish_memory_bytes(n_voxels: int, largest_node_bytes: float) -> int:
-    """Memory to reserve for post-processing a tomogram of `n_voxels`, at most what the largest node
-    offers (a larger request could never be scheduled and would wait for ever)."""
-    return int(min(FINISH_BYTES_PER_VOXEL * n_voxels, largest_node_bytes))
+def finish_memory_bytes(n_voxels: int, largest_node_bytes: float, stages: bool = False) -> int:
+    """Memory to reserve for post-processing a tomogram of `n_voxels` (keeping the earlier stages'
+    labels with `stages`), at most what the largest node offers (a larger request could never be
+    scheduled and would wait for ever)."""
+    per_voxel = FINISH_BYTES_PER_VOXEL_WITH_STAGES if stages else FINISH_BYTES_PER_VOXEL
+    return int(min(per_voxel * n_voxels, largest_node_bytes))
 
 
 def _largest_node_memory() -> float:
     return max((node["Resources"].get("memory", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
-
-
-@dataclass
-class _InFlight:
-    index: int
-    path: Path
-    attempt: int
-    start: float
-    meta_ref: object = None
-    volume_ref: object = None
-    meta: dict | None = None
-    calls: list = field(default_factory=list)
-    finish_ref: object = None
 
 
 def _consume(ref) -> None:
@@ -370,24 +319,22 @@ def _error_text(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------ the batch
 
-def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, weights_sha256: str,
-              address: str | None = None, num_gpu_actors: int | None = None,
-              voxel_size_a: float | None = None, max_in_flight: int | None = None,
-              progress: Progress | None = None,
-              write_probability: bool = False, truth_dir: str | None = None,
-              region_dir: str | None = None, vesicles_per_task: int = VESICLES_PER_TASK) -> pa.Table:
+def run_batch(inputs, out_dir, settings: Settings, *, weights: str | None, device: str = "cpu", regions=None,
+              truth=None, address: str | None = None, num_gpu_actors: int | None = None,
+              max_in_flight: int | None = None, vesicles_per_task: int = VESICLES_PER_TASK,
+              progress: Progress | None = None) -> pa.Table:
     """Segment every tomogram of `inputs` (see `expand_inputs`) on Ray into `out_dir`.
 
-    `address`: None starts a local Ray instance (or uses the one this process already runs);
-    "auto" or "HOST:PORT" joins a cluster. `num_gpu_actors`: inference actors, default one per GPU
-    in the cluster, or 1 CPU actor where there are no GPUs. `max_in_flight`: tomograms between
-    preparation and outputs at once, default the cluster's CPUs (at least 4). `progress`: called with each result row;
-    without it a tqdm bar over tomograms is shown on a terminal. Returns one row per input, in input
-    order (RESULT_SCHEMA); failures are rows with status "error", never exceptions. With `truth_dir`,
-    tomograms whose ground truth is there (NAME.labels.mrc or NAME.vesicles.parquet) are scored into
-    `out_dir/metrics/NAME.parquet`. With `region_dir`, tomograms whose region is there
-    (NAME.region.mrc or NAME.mod, see `cryoves segment --region`) are segmented inside it.
-    `vesicles_per_task`: sphere refinement runs in tasks of at most this many vesicles.
+    `regions` and `truth` are as `make_jobs` takes them (a folder of NAME.region.mrc or NAME.mod, and
+    of NAME.labels.mrc or NAME.vesicles.parquet). `weights` and `device` are the model's (the
+    actors load it). `address`: None starts a local Ray instance (or uses the one this process
+    already runs); "auto" or "HOST:PORT" joins a cluster. `num_gpu_actors`: inference actors, default
+    one per GPU in the cluster, or 1 CPU actor where there are no GPUs. `max_in_flight`: tomograms
+    between preparation and outputs at once, default the cluster's CPUs (at least 4).
+    `vesicles_per_task`: sphere refinement runs in tasks of at most this many vesicles. `progress`:
+    called with each result row; without it a tqdm bar over tomograms is shown on a terminal.
+    Returns one row per input, in input order (RESULT_SCHEMA); failures are rows with status
+    "error", never exceptions.
     """
     if max_in_flight is not None and max_in_flight < 1:
         raise CryovesError(f"max_in_flight must be >= 1, got {max_in_flight}")
@@ -397,13 +344,14 @@ def run_batch(inputs, out_dir, params: SegmentParams, *, weights: str | None, we
         raise CryovesError(f"num_gpu_actors must be >= 1, got {num_gpu_actors}")
     if weights is not None and not Path(weights).exists():
         raise CryovesError(f"{weights}: model not found; pass a cryoves model folder or CryoVesNet weights.h5")
-    paths = expand_inputs(inputs)
+    jobs = make_jobs(expand_inputs(inputs), regions, truth)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     started_ray = _connect(address)
     try:
-        return _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a,
-                    max_in_flight, progress, write_probability, truth_dir, region_dir, vesicles_per_task)
+        batch = _Batch(jobs, out_dir, settings, weights=weights, device=device, num_gpu_actors=num_gpu_actors,
+                       max_in_flight=max_in_flight, vesicles_per_task=vesicles_per_task, progress=progress)
+        return batch.run()
     finally:
         if started_ray:
             ray.shutdown()
@@ -420,106 +368,143 @@ def _connect(address: str | None) -> bool:
     return True
 
 
-def _run(paths, out_dir, params, weights, weights_sha256, num_gpu_actors, voxel_size_a, max_in_flight,
-         progress, write_probability, truth_dir, region_dir, vesicles_per_task) -> pa.Table:
-    from tqdm import tqdm
+@dataclass
+class _InFlight:
+    """One tomogram between its `_prepare` task and its result row."""
 
-    n_gpus = int(ray.cluster_resources().get("GPU", 0))
-    n_actors = num_gpu_actors or max(1, n_gpus)
-    if n_gpus and n_actors > n_gpus:
-        raise CryovesError(f"num_gpu_actors={n_actors} but the cluster has {n_gpus} GPUs")
-    n_cpus = int(ray.cluster_resources().get("CPU", 0))
-    max_in_flight = max_in_flight or max(MIN_IN_FLIGHT, n_cpus)
-    if not n_gpus and n_actors >= n_cpus:
-        raise CryovesError(f"{n_actors} CPU inference actor(s) need more than the cluster's {n_cpus} CPUs, "
-                           "which also run preparation and post-processing; lower num_gpu_actors")
-    pool: PredictorPool | None = None  # started when the first tomogram needs the network
-    rows: dict[int, dict] = {}
-    flying: dict[object, _InFlight] = {}  # the reference awaited → its tomogram
-    pending = [(index, path, 0) for index, path in enumerate(paths)][::-1]  # (index, path, attempt)
-    bar = tqdm(total=len(paths), unit="tomogram", disable=None) if progress is None else None
-    t0 = last_check = time.perf_counter()
+    index: int
+    job: Job
+    attempt: int
+    start: float
+    prepared_ref: object = None
+    volume_ref: object = None
+    seconds_ref: object = None
+    prepared: Prepared | None = None
+    calls: list = field(default_factory=list)
+    finish_ref: object = None
 
-    def finish_row(item: _InFlight, status: str, error: str = "", n_vesicles=None, where=()) -> None:
-        name = item.meta["name"] if item.meta else tomogram_name(item.path)
-        row = {"name": name, "input": str(item.path), "status": status, "error": error,
+
+class _Batch:
+    """The driver of one `run_batch`: scatters `_prepare` tasks, hands their tiles to the actors and their
+    batches to `_finish` tasks, and gathers one row per tomogram."""
+
+    def __init__(self, jobs: list[Job], out_dir: Path, settings: Settings, *, weights: str | None, device: str,
+                 num_gpu_actors: int | None, max_in_flight: int | None, vesicles_per_task: int,
+                 progress: Progress | None) -> None:
+        resources = ray.cluster_resources()
+        n_gpus, n_cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
+        self.n_actors = num_gpu_actors or max(1, n_gpus)
+        if n_gpus and self.n_actors > n_gpus:
+            raise CryovesError(f"num_gpu_actors={self.n_actors} but the cluster has {n_gpus} GPUs")
+        if not n_gpus and self.n_actors >= n_cpus:
+            raise CryovesError(f"{self.n_actors} CPU inference actor(s) need more than the cluster's {n_cpus} CPUs, "
+                               "which also run preparation and post-processing; lower num_gpu_actors")
+        self.gpus = n_gpus > 0
+        self.max_in_flight = max_in_flight or max(MIN_IN_FLIGHT, n_cpus)
+        self.out_dir, self.settings, self.weights, self.device = out_dir, settings, weights, device
+        self.vesicles_per_task, self.progress = vesicles_per_task, progress
+        self.pool: PredictorPool | None = None  # started when the first tomogram needs the network
+        self.rows: dict[int, dict] = {}
+        self.flying: dict[object, _InFlight] = {}  # the reference awaited → its tomogram
+        self.pending = [(index, job, 0) for index, job in enumerate(jobs)][::-1]  # (index, job, attempt)
+        self.n_jobs = len(jobs)
+        self.bar = None
+        self.t0 = time.perf_counter()
+
+    def run(self) -> pa.Table:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.n_jobs, unit="tomogram", disable=None) if self.progress is None else None
+        last_check = time.perf_counter()
+        try:
+            while self.pending or self.flying:
+                while self.pending and len(self.flying) < self.max_in_flight:
+                    self._scatter(*self.pending.pop())
+                ready, _ = ray.wait(list(self.flying), num_returns=1, timeout=CLUSTER_CHECK_S)
+                if self.pool is not None and time.perf_counter() - last_check >= CLUSTER_CHECK_S:
+                    self.pool.fit_cluster()  # the tomograms of actors given up fail below and are submitted again
+                    last_check = time.perf_counter()
+                if ready:
+                    item = self.flying.pop(ready[0])
+                    if item.finish_ref is None:
+                        self._predict(item)
+                    else:
+                        self._gather(item)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.pool is not None:
+                self.pool.shutdown()
+        return pa.Table.from_pylist([self.rows[i] for i in sorted(self.rows)], schema=RESULT_SCHEMA)
+
+    def _scatter(self, index: int, job: Job, attempt: int) -> None:
+        """Start a tomogram: its `_prepare` task."""
+        item = _InFlight(index, job, attempt, time.perf_counter())
+        item.prepared_ref, item.volume_ref, item.seconds_ref = _prepare.remote(job, self.settings, str(self.out_dir))
+        self.flying[item.prepared_ref] = item
+
+    def _predict(self, item: _InFlight) -> None:
+        """A tomogram prepared: skip it, or send its tiles to the actors and its `_finish` task after them."""
+        try:
+            item.prepared = ray.get(item.prepared_ref)
+        except Exception as exc:  # noqa: BLE001 - a bad file is a row, the batch goes on
+            _consume(item.volume_ref)
+            _consume(item.seconds_ref)
+            self._row(item, "error", _error_text(exc))
+            return
+        if item.prepared.done:
+            self._row(item, "skipped")
+            return
+        if self.pool is None:
+            self.pool = PredictorPool(self.weights, self.device, self.n_actors, gpus=self.gpus)
+        params = self.settings.params
+        try:
+            item.calls = self.pool.submit(item.volume_ref, tile_plan(item.prepared, params.inference),
+                                          params.inference)
+        except CryovesError as exc:
+            self._row(item, "error", str(exc))
+            return
+        memory = finish_memory_bytes(int(np.prod(item.prepared.shape)), _largest_node_memory(),
+                                     self.settings.outputs.stages)
+        item.finish_ref = _finish.options(memory=memory).remote(
+            item.prepared_ref, self.settings, str(self.out_dir), self.vesicles_per_task, item.seconds_ref,
+            *[batch for _, _, _, batch in item.calls])
+        item.volume_ref = None
+        self.flying[item.finish_ref] = item
+
+    def _gather(self, item: _InFlight) -> None:
+        """A tomogram's outputs written, or a failure in its tiles or post-processing."""
+        try:
+            finished = ray.get(item.finish_ref)
+            where = ray.get([w for _, _, w, _ in item.calls])
+        except ray.exceptions.RayActorError as exc:  # an actor given up or out of restarts
+            self.pool.done(item.calls)
+            if item.attempt < TASK_RETRIES:
+                self.pending.append((item.index, item.job, item.attempt + 1))
+            else:
+                self._row(item, "error", _error_text(exc))
+            return
+        except Exception as exc:  # noqa: BLE001
+            self.pool.done(item.calls)
+            self._row(item, "error", _error_text(exc))
+            return
+        self.pool.done(item.calls, where)
+        self._row(item, "ok", n_vesicles=finished.n_vesicles, where=where)
+
+    def _row(self, item: _InFlight, status: str, error: str = "", n_vesicles: int | None = None,
+             where=()) -> None:
+        """The tomogram's result row (and, for a failure, its error run record)."""
+        row = {"name": item.job.name, "input": str(item.job.path), "status": status, "error": error,
                "seconds": time.perf_counter() - item.start, "n_vesicles": n_vesicles,
                "node": ",".join(sorted({w["node"] for w in where})),
                "actors": ",".join(sorted({w["actor"] for w in where}, key=int)),
                "gpu_ids": ",".join(sorted({w["gpu_ids"] for w in where} - {""}))}
         if status == "error":
             log.warning("%s", error)
-            write_run_record(out_dir, name, {"tomogram": name, "input": str(item.path), "status": "error",
-                                             "error": error} | ({"input_sha256": item.meta["record"]["input_sha256"],
-                                                                 "params_digest": item.meta["record"]["params_digest"]}
-                                                                if item.meta else {}))
-        rows[item.index] = row
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"{len(rows) * 60 / (time.perf_counter() - t0):.1f} tomograms/min")
+            write_error_record(self.out_dir, item.job, error, item.prepared)
+        self.rows[item.index] = row
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{len(self.rows) * 60 / (time.perf_counter() - self.t0):.1f} tomograms/min")
         else:
-            progress(row)
-
-    try:
-        while pending or flying:
-            while pending and len(flying) < max_in_flight:
-                index, path, attempt = pending.pop()
-                item = _InFlight(index, path, attempt, time.perf_counter())
-                item.meta_ref, item.volume_ref = _prepare.remote(str(path), str(out_dir), params,
-                                                                 weights_sha256, voxel_size_a,
-                                                                 region_dir and str(region_dir))
-                flying[item.meta_ref] = item
-            ready, _ = ray.wait(list(flying), num_returns=1, timeout=CLUSTER_CHECK_S)
-            if pool is not None and time.perf_counter() - last_check >= CLUSTER_CHECK_S:
-                pool.fit_cluster()  # the tomograms of actors given up fail below and are submitted again
-                last_check = time.perf_counter()
-            if not ready:
-                continue
-            item = flying.pop(ready[0])
-            if item.finish_ref is None:  # preparation done
-                try:
-                    item.meta = ray.get(item.meta_ref)
-                except Exception as exc:  # noqa: BLE001 - a bad file is a row, the batch goes on
-                    _consume(item.volume_ref)
-                    finish_row(item, "error", _error_text(exc))
-                    continue
-                if item.meta["skipped"]:
-                    finish_row(item, "skipped")
-                    continue
-                if pool is None:
-                    pool = PredictorPool(weights, n_actors, gpus=n_gpus > 0)
-                try:
-                    item.calls = pool.submit(item.volume_ref, item.meta, params.inference)
-                except CryovesError as exc:
-                    finish_row(item, "error", str(exc))
-                    continue
-                memory = finish_memory_bytes(item.meta["n_voxels"], _largest_node_memory())
-                item.finish_ref = _finish.options(memory=memory).remote(
-                    str(item.path), str(out_dir), item.meta, params, voxel_size_a, write_probability,
-                    truth_dir and str(truth_dir), vesicles_per_task, *[result for _, _, _, result in item.calls])
-                item.volume_ref = None
-                flying[item.finish_ref] = item
-            else:  # outputs written, or a failure in its tiles or post-processing
-                where = []
-                try:
-                    n_vesicles = ray.get(item.finish_ref)
-                    where = ray.get([w for _, _, w, _ in item.calls])
-                except ray.exceptions.RayActorError as exc:  # an actor given up or out of restarts
-                    pool.done(item.calls)
-                    if item.attempt < TASK_RETRIES:
-                        pending.append((item.index, item.path, item.attempt + 1))
-                    else:
-                        finish_row(item, "error", _error_text(exc))
-                    continue
-                except Exception as exc:  # noqa: BLE001
-                    pool.done(item.calls)
-                    finish_row(item, "error", _error_text(exc))
-                    continue
-                pool.done(item.calls, where)
-                finish_row(item, "ok", n_vesicles=n_vesicles, where=where)
-    finally:
-        if bar is not None:
-            bar.close()
-        if pool is not None:
-            pool.shutdown()
-    return pa.Table.from_pylist([rows[i] for i in sorted(rows)], schema=RESULT_SCHEMA)
+            self.progress(row)

@@ -1,11 +1,21 @@
-"""One tomogram file to its outputs, skipping work whose outputs are complete and current.
+"""One tomogram from its file to its outputs, in the engine calls that every caller makes.
 
-`cryoves segment` runs `segment_file` per tomogram in-process; `cryoves run` composes the same
-pieces (`prepare_job`, `is_done`, the stage functions, `write_outputs`) across Ray workers.
+`prepare` reads and validates the file, identifies the result it would give (input, region,
+parameters and weights, by checksum) and decides whether the outputs already there are that result.
+`predict` makes the network input, predicts it tile batch by tile batch and assembles the
+probability map on the input grid. `finish` post-processes, writes every output, scores against the
+ground truth when there is one, and writes the run record last. `cryoves segment` runs them in turn
+in one process (`segment_job`); `cryoves run` runs the same calls spread over Ray tasks and actors
+(`network_input`, `predict_tiles` per batch, `probability_map`, `finish`); `cryoves bench` times them.
+
+Between the calls, typed hand-offs: `Job` → `Prepared` → `NetworkInput` → `TileBatch` →
+`ProbabilityMap` → `Finished`, with `Settings` (what a batch shares) and `OutputOptions`.
 """
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -13,55 +23,162 @@ import numpy as np
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.imod import rasterise_region
 from cryoves.engine.io.mrc import Volume, read_volume
-from cryoves.engine.io.outputs import file_sha256, params_digest, read_run_record, tomogram_name, write_outputs
+from cryoves.engine.io.outputs import (
+    companion_file,
+    file_sha256,
+    package_versions,
+    params_digest,
+    peak_memory_mb,
+    read_run_record,
+    tomogram_name,
+    write_outputs,
+    write_run_record,
+)
 from cryoves.engine.io.pyto import write_pyto
-from cryoves.engine.network.inference import LogitFn
-from cryoves.engine.pipeline import Progress, SegmentParams, segment
+from cryoves.engine.io.tables import active_mask
+from cryoves.engine.network.inference import (
+    InferenceParams,
+    LogitFn,
+    TilePlan,
+    plan_inference,
+    predict_batch,
+    prepare_network_input,
+    probability_on_input_grid,
+)
+from cryoves.engine.network.rescale import network_shape
+from cryoves.engine.pipeline import STAGES, Progress, SegmentParams, oriented, postprocess
+from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
 from cryoves.engine.stages.overlaps import rendered_spheres
+from cryoves.engine.stages.refine import Refiner
+
+STEPS = ("prepare", *STAGES, "write")
+"""The keys of a run record's `seconds`, in order: the compute time of each step, wherever it ran."""
+REGION_SUFFIXES = (".region.mrc", ".mod")
+"""How per-tomogram regions are named in a folder: NAME.region.mrc or NAME.mod."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class OutputOptions:
+    """The optional outputs, beside the labels, IMOD model, vesicle table and run record."""
+
+    probability: bool = False        # NAME.prob.mrc
+    stages: bool = False             # NAME.global/local/sphere.mrc (post-processing keeps them in memory)
+    pyto: bool = False               # NAME.pyto.mrc and NAME.pyto.mod; needs a region
+    active_zone: Path | None = None  # IMOD model of the active-zone membrane, for pyto
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """What every tomogram of a batch shares."""
+
+    params: SegmentParams
+    weights_sha256: str
+    voxel_size_a: float | None = None  # overrides the MRC headers
+    outputs: OutputOptions = field(default_factory=OutputOptions)
+    force: bool = False                # redo tomograms whose outputs are complete and current
+
+
+@dataclass(frozen=True, kw_only=True)
 class Job:
-    """A validated tomogram and everything that identifies its result."""
+    """One tomogram file and the files that go with it."""
 
     path: Path
-    name: str
-    volume: Volume
-    record: dict  # input path and checksum, parameters and their digest: compared on resume
+    region: Path | None = None  # binary MRC mask on the tomogram grid or IMOD model of closed contours
+    truth: Path | None = None   # label MRC or vesicle table: the outputs are scored into metrics/NAME.parquet
+
+    @property
+    def name(self) -> str:
+        return tomogram_name(self.path)
 
 
-def prepare_job(path, params: SegmentParams, weights_sha256: str, voxel_size_a: float | None = None,
-                region=None) -> Job:
-    """Read and validate a tomogram (memory-mapped) and describe the run that would segment it.
+def make_jobs(paths, regions=None, truth=None) -> list[Job]:
+    """Jobs for tomogram files. `regions` and `truth` are each a file for every tomogram, or a folder
+    holding NAME.region.mrc or NAME.mod, and NAME.labels.mrc or NAME.vesicles.parquet, per tomogram
+    (a tomogram without one has none)."""
+    return [Job(path=Path(path), region=_companion(regions, tomogram_name(path), REGION_SUFFIXES),
+                truth=_companion(truth, tomogram_name(path), TRUTH_SUFFIXES)) for path in paths]
 
-    `region` (an MRC mask or IMOD model of the segmentation region) is part of what identifies the result.
+
+def _companion(given, name: str, suffixes) -> Path | None:
+    if given is None:
+        return None
+    given = Path(given)
+    return companion_file(given, name, suffixes) if given.is_dir() else given
+
+
+@dataclass(frozen=True, kw_only=True)
+class Identity:
+    """What decides a tomogram's result, by checksum: recorded in its run record, compared on resume."""
+
+    input: str
+    input_sha256: str
+    region: str
+    region_sha256: str
+    voxel_size_a: float
+    weights_sha256: str
+    params_digest: str
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class Prepared:
+    """A validated tomogram, what identifies its result, and whether its outputs are already that result.
+
+    The voxels stay in the file: `volume` maps it (kept from `prepare` in its own process), and a
+    Prepared sent to another process (a Ray task) travels without them and maps the file there.
     """
-    path = Path(path)
-    volume = read_volume(path, voxel_size_a)
-    if region is not None and not Path(region).is_file():
-        raise CryovesError(f"{region}: region file not found; pass a binary MRC mask or an IMOD model")
-    record = {
-        "input": str(path.resolve()),
-        "input_sha256": file_sha256(path),
-        "region": str(region or ""),
-        "region_sha256": file_sha256(region) if region else "",
-        "voxel_size_a": volume.voxel_size_a,
-        "weights_sha256": weights_sha256,
-        "params": asdict(params),
-        "params_digest": params_digest(params, volume.voxel_size_a, weights_sha256),
-    }
-    return Job(path, tomogram_name(path), volume, record)
+
+    job: Job
+    identity: Identity
+    shape: tuple[int, int, int]
+    done: bool       # outputs complete and current: nothing to do
+    seconds: float   # reading, validating and checksumming
+
+    @property
+    def name(self) -> str:
+        return self.job.name
+
+    @cached_property
+    def volume(self) -> Volume:
+        return read_volume(self.job.path, self.identity.voxel_size_a)
+
+    def __getstate__(self) -> dict:
+        return {key: value for key, value in self.__dict__.items() if key != "volume"}
 
 
-def is_done(out_dir, job: Job) -> bool:
-    """True when a complete run record exists for the same input, region and parameters (checksums)."""
-    previous = read_run_record(out_dir, job.name)
-    return (previous is not None and previous.get("status") == "ok"
-            and all(previous.get(key) == job.record[key] for key in ("input_sha256", "region_sha256", "params_digest")))
+def prepare(job: Job, settings: Settings, out_dir) -> Prepared:
+    """Read and validate `job`'s files (the tomogram memory-mapped), identify its result, and decide
+    whether the outputs in `out_dir` are already that result (never with `settings.force`)."""
+    start = time.perf_counter()
+    volume = read_volume(job.path, settings.voxel_size_a)
+    for what, path in (("region", job.region), ("ground truth", job.truth)):
+        if path is not None and not Path(path).is_file():
+            raise CryovesError(f"{path}: {what} file not found")
+    outputs = settings.outputs
+    if outputs.pyto and job.region is None:
+        raise CryovesError(f"{job.name}: --pyto needs a region: Pyto's label file holds it as label 1")
+    if outputs.active_zone is not None and not Path(outputs.active_zone).is_file():
+        raise CryovesError(f"{outputs.active_zone}: active-zone model not found")
+    identity = Identity(
+        input=str(job.path.resolve()),
+        input_sha256=file_sha256(job.path),
+        region=str(job.region.resolve()) if job.region else "",
+        region_sha256=file_sha256(job.region) if job.region else "",
+        voxel_size_a=volume.voxel_size_a,
+        weights_sha256=settings.weights_sha256,
+        params_digest=params_digest(settings.params, volume.voxel_size_a, settings.weights_sha256),
+    )
+    done = not settings.force and is_current(read_run_record(out_dir, job.name), identity)
+    prepared = Prepared(job=job, identity=identity, shape=tuple(volume.data.shape), done=done,
+                        seconds=time.perf_counter() - start)
+    prepared.__dict__["volume"] = volume  # the mapped file, so that `volume` does not map it again here
+    return prepared
 
 
-REGION_SUFFIXES = (".region.mrc", ".mod")
-"""How a batch's per-tomogram regions are named in their folder: NAME.region.mrc or NAME.mod."""
+def is_current(record: dict | None, identity: Identity) -> bool:
+    """True when `record` (a run record) is complete and for the same input, region and parameters."""
+    return (record is not None and record.get("status") == "ok"
+            and all(record.get(key) == getattr(identity, key) for key in ("input_sha256", "region_sha256",
+                                                                          "params_digest")))
 
 
 def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
@@ -75,28 +192,169 @@ def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
     return np.asarray(mask) > 0
 
 
-def segment_file(job: Job, out_dir, logit_fn: LogitFn, params: SegmentParams, *,
-                 write_probability: bool = False, write_stages: bool = False, pyto: bool = False,
-                 active_zone=None, progress: Progress | None = None) -> dict:
-    """Segment one prepared tomogram (inside the job's region, if any) and write its outputs; returns
-    the paths written.
+# ---------------------------------------------------------------------------------------------- predict
 
-    `pyto` (needs a region) adds the Pyto label volume and merged IMOD model; `active_zone` is an
-    IMOD model of the active-zone membrane for it.
-    """
-    region = job.record["region"] or None
-    if pyto and region is None:
-        raise CryovesError("--pyto needs --region: Pyto's label file holds the segmentation region as label 1")
+@dataclass(frozen=True, eq=False)
+class NetworkInput:
+    """The tomogram on the network grid, pre-filtered and z-scored, and the seconds that took."""
+
+    volume: np.ndarray
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class TileBatch:
+    """The probabilities of the kept cores of the tile batch that starts at tile `first`."""
+
+    first: int
+    probabilities: list[np.ndarray]
+    seconds: float
+
+
+@dataclass(frozen=True, eq=False)
+class ProbabilityMap:
+    """The vesicle probability on the input grid (float32), and the seconds of the whole network step:
+    network input, tile batches, assembly and resampling."""
+
+    probability: np.ndarray
+    seconds: float
+
+
+def network_input(prepared: Prepared, params: SegmentParams) -> NetworkInput:
+    """Resample, pre-filter and z-score the (oriented) tomogram for the network."""
     start = time.perf_counter()
-    tomogram = np.asarray(job.volume.data, dtype=np.float32)
-    mask = None if region is None else load_region(region, tomogram.shape, job.volume.voxel_size_a)
-    result = segment(tomogram, job.volume.voxel_size_a, logit_fn, params, mask, progress, keep_stages=write_stages)
-    paths = {}
-    if pyto:
+    volume = prepare_network_input(oriented(prepared.volume.data, params), prepared.identity.voxel_size_a,
+                                   params.inference)
+    return NetworkInput(volume, time.perf_counter() - start)
+
+
+def network_grid(prepared: Prepared, params: InferenceParams) -> tuple[int, int, int]:
+    """The shape of `prepared`'s network input."""
+    return network_shape(prepared.shape, prepared.identity.voxel_size_a, params.network_voxel_size_a)
+
+
+def tile_plan(prepared: Prepared, params: InferenceParams) -> TilePlan:
+    """The tiles of `prepared`'s network input and how many go through the network at once."""
+    return plan_inference(network_grid(prepared, params), params)
+
+
+def batch_starts(plan: TilePlan) -> range:
+    """The first tile of each batch: one `predict_tiles` call each."""
+    return range(0, len(plan.tiles), plan.batch_size)
+
+
+def predict_tiles(network_volume: np.ndarray, first: int, logit_fn: LogitFn, params: InferenceParams) -> TileBatch:
+    """Predict the batch of tiles of `network_volume` that starts at tile `first`."""
+    start = time.perf_counter()
+    probabilities = predict_batch(network_volume, plan_inference(network_volume.shape, params), first, logit_fn,
+                                  params)
+    return TileBatch(first, probabilities, time.perf_counter() - start)
+
+
+def probability_map(prepared: Prepared, network_seconds: float, batches: Iterable[TileBatch],
+                    params: SegmentParams) -> ProbabilityMap:
+    """Assemble every tile batch into the network-grid map and resample it to the input grid.
+
+    `network_seconds` is the network input's; the batches bring theirs. `batches` may be a generator:
+    only the assembly's own time is added to theirs.
+    """
+    plan = tile_plan(prepared, params.inference)
+    prob_net = np.empty(network_grid(prepared, params.inference), np.float32)
+    seconds, written = network_seconds, 0
+    for batch in batches:
+        start = time.perf_counter()
+        for tile, probability in zip(plan.tiles[batch.first:batch.first + plan.batch_size], batch.probabilities):
+            prob_net[tile.write] = probability
+            written += 1
+        seconds += batch.seconds + time.perf_counter() - start
+    if written != len(plan.tiles):
+        raise RuntimeError(f"assembled {written} of {len(plan.tiles)} tiles")
+    start = time.perf_counter()
+    probability = probability_on_input_grid(prob_net, prepared.shape)
+    return ProbabilityMap(probability, seconds + time.perf_counter() - start)
+
+
+def predict(prepared: Prepared, logit_fn: LogitFn, params: SegmentParams,
+            progress: Progress | None = None) -> ProbabilityMap:
+    """The probability map of a prepared tomogram, batch after batch in this process."""
+    if progress is not None:
+        progress("network")
+    network = network_input(prepared, params)
+    starts = batch_starts(tile_plan(prepared, params.inference))
+    batches = (predict_tiles(network.volume, first, logit_fn, params.inference) for first in starts)
+    return probability_map(prepared, network.seconds, batches, params)
+
+
+# ----------------------------------------------------------------------------------------------- finish
+
+@dataclass(frozen=True, eq=False)
+class Finished:
+    """What `finish` wrote (run record last) and the figures of its run record."""
+
+    paths: dict[str, Path]
+    n_vesicles: int
+    threshold: float
+    seconds: dict[str, float]  # per STEPS
+    warnings: tuple[str, ...]
+
+
+def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, out_dir, *,
+           refiner: Refiner | None = None, progress: Progress | None = None) -> Finished:
+    """Post-process (inside the job's region, if any), write every output, score it against the
+    job's ground truth, and write the run record last, so that its presence means all is written.
+
+    `refiner`: where sphere refinement runs (`refine.Refiner`; None: here).
+    """
+    job, params, outputs = prepared.job, settings.params, settings.outputs
+    volume = prepared.volume
+    tomogram = oriented(volume.data, params)
+    mask = None if job.region is None else load_region(job.region, prepared.shape, volume.voxel_size_a)
+    result = postprocess(tomogram, probability.probability, volume.voxel_size_a, params, mask, progress,
+                         refiner=refiner, keep_stages=outputs.stages)
+    if progress is not None:
+        progress("write")
+    start = time.perf_counter()
+    paths = write_outputs(out_dir, job.name, volume, result, probability=outputs.probability,
+                          stages=outputs.stages)
+    if outputs.pyto:
         _, centers, radii = rendered_spheres(result.vesicles)
-        region_model = region if Path(region).suffix.lower() == ".mod" else None
-        paths |= write_pyto(out_dir, job.name, job.volume, result.labels["final"], centers, radii, mask,
-                            region_model, active_zone)
-    record = job.record | {"total_seconds": time.perf_counter() - start}
-    return paths | write_outputs(out_dir, job.name, job.volume, result, record,
-                                 write_probability=write_probability, write_stages=write_stages)
+        region_model = job.region if job.region.suffix.lower() == ".mod" else None
+        paths |= write_pyto(out_dir, job.name, volume, result.labels["final"], centers, radii, mask,
+                            region_model, outputs.active_zone)
+    if job.truth is not None:
+        paths["metrics"] = write_metrics(out_dir, job.name, paths["labels"], job.truth)
+    seconds = {"prepare": prepared.seconds, "network": probability.seconds} | result.seconds
+    seconds["write"] = time.perf_counter() - start
+    n_vesicles = int(active_mask(result.vesicles).sum())
+    record = asdict(prepared.identity) | {
+        "tomogram": job.name,
+        "status": "ok",
+        "error": "",
+        "truth": str(job.truth.resolve()) if job.truth else "",
+        "params": asdict(params),
+        "outputs": asdict(outputs),
+        "threshold": result.threshold,
+        "n_vesicles": n_vesicles,
+        "seconds": seconds,
+        "total_seconds": sum(seconds.values()),
+        "warnings": list(result.warnings),
+        "peak_memory_mb": peak_memory_mb(),
+        "versions": package_versions(),
+    }
+    paths["run"] = write_run_record(out_dir, job.name, record)
+    return Finished(paths, n_vesicles, result.threshold, seconds, result.warnings)
+
+
+def segment_job(prepared: Prepared, logit_fn: LogitFn, settings: Settings, out_dir,
+                progress: Progress | None = None) -> Finished:
+    """`predict` then `finish` in this process: what `cryoves segment` does per tomogram."""
+    return finish(prepared, predict(prepared, logit_fn, settings.params, progress), settings, out_dir,
+                  progress=progress)
+
+
+def write_error_record(out_dir, job: Job, error: str, prepared: Prepared | None = None) -> Path:
+    """The run record of a tomogram that failed: it is redone on the next run."""
+    identity = {} if prepared is None else {"input_sha256": prepared.identity.input_sha256,
+                                            "params_digest": prepared.identity.params_digest}
+    return write_run_record(out_dir, job.name, {"tomogram": job.name, "input": str(job.path), "status": "error",
+                                                "error": error} | identity)

@@ -1,12 +1,33 @@
 """Whole-volume passes over label volumes: per-label statistics in one pass, and renumbering by a
-lookup table in place of NumPy's `lut[labels]` gather (which allocates a second full-size array)."""
+lookup table in place of NumPy's `lut[labels]` gather (which allocates a second full-size array).
+
+`check_labels` is the one validator of label volumes; `present_labels` is what every per-label
+centroid and box in the engine comes from."""
+
+from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from cryoves.kernels.radial import _threads_for
+from cryoves.kernels.threads import threads_for
 
-__all__ = ["label_dtype", "label_stats", "label_stats_reference", "relabel", "relabel_reference"]
+__all__ = ["check_labels", "label_dtype", "label_stats", "label_stats_reference", "present_labels", "LabelStats",
+           "relabel", "relabel_reference"]
+
+
+def check_labels(labels) -> np.ndarray:
+    """`labels` as a 3-D unsigned integer array (signed input becomes its unsigned view, after checking
+    that no label is negative); ValueError otherwise."""
+    labels = np.asarray(labels)
+    if labels.ndim != 3:
+        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be an integer array, got {labels.dtype}")
+    if np.issubdtype(labels.dtype, np.signedinteger):
+        if labels.size and labels.min() < 0:
+            raise ValueError("labels must be >= 0")
+        labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))  # same values
+    return labels
 
 
 def label_dtype(max_label: int) -> np.dtype:
@@ -18,8 +39,7 @@ def label_stats(labels: np.ndarray, max_label: int) -> tuple[np.ndarray, np.ndar
     """Per label 0..max_label: voxel count (int64), coordinate sums (float64, z y x), and box lo
     (inclusive) and hi (exclusive) as `scipy.ndimage.find_objects` gives them; absent labels have
     count 0 and lo > hi. Labels above `max_label` raise ValueError."""
-    labels = _check_labels(labels)
-    return _label_stats(labels, int(max_label))
+    return _label_stats(check_labels(labels), int(max_label))
 
 
 @numba.njit(cache=True)
@@ -56,7 +76,7 @@ def label_stats_reference(labels: np.ndarray, max_label: int):
     """NumPy version of :func:`label_stats` (bincount over the foreground, boxes by find_objects)."""
     from scipy import ndimage
 
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     if labels.size and labels.max() > max_label:
         raise ValueError("a label exceeds max_label")
     n = max_label + 1
@@ -77,16 +97,50 @@ def label_stats_reference(labels: np.ndarray, max_label: int):
     return count, sums, lo, hi
 
 
+@dataclass(frozen=True)
+class LabelStats:
+    """The labels present in a volume (ascending) with their voxel counts, boxes and centroids (z, y, x)."""
+
+    ids: np.ndarray       # (n,) uint32
+    volume: np.ndarray    # (n,) int64 voxels
+    lo: np.ndarray        # (n, 3) int64, inclusive
+    hi: np.ndarray        # (n, 3) int64, exclusive
+    centroid: np.ndarray  # (n, 3) float64 voxels
+
+    @property
+    def sides(self) -> np.ndarray:
+        """(n, 3) box edge lengths in voxels."""
+        return self.hi - self.lo
+
+    @property
+    def bbox_volume(self) -> np.ndarray:
+        return np.prod(self.sides, axis=1)
+
+    @property
+    def extent(self) -> np.ndarray:
+        """Voxel count over box volume."""
+        return self.volume / np.maximum(self.bbox_volume, 1)
+
+
+def present_labels(labels: np.ndarray) -> LabelStats:
+    """Counts, boxes and centroids of the labels present in `labels`, in one pass (`label_stats`)."""
+    labels = check_labels(labels)
+    count, sums, lo, hi = label_stats(labels, int(labels.max()) if labels.size else 0)
+    ids = np.flatnonzero(count).astype(np.uint32)
+    volume = count[ids]
+    return LabelStats(ids, volume, lo[ids], hi[ids], sums[ids] / volume[:, None])
+
+
 def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """``lut[labels]`` (dtype of `lut`), parallel over z; labels outside the table raise ValueError."""
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     lut = np.ascontiguousarray(lut)
     if lut.ndim != 1 or lut.size == 0:
         raise ValueError(f"lut must be a non-empty 1-D table, got shape {lut.shape}")
     if labels.size and labels.max() >= lut.size:
         raise ValueError(f"a label ({labels.max()}) has no entry in the table of {lut.size}")
     out = np.empty(labels.shape, lut.dtype)
-    with _threads_for(labels.size):
+    with threads_for(labels.size):
         _relabel(labels, lut, out)
     return out
 
@@ -101,13 +155,4 @@ def _relabel(labels, lut, out):
 
 def relabel_reference(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
     """NumPy version of :func:`relabel`."""
-    return np.asarray(lut)[_check_labels(labels)]
-
-
-def _check_labels(labels) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.unsignedinteger):
-        raise ValueError(f"labels must be unsigned integers, got {labels.dtype}")
-    return labels
+    return np.asarray(lut)[check_labels(labels)]

@@ -15,11 +15,11 @@ Every vesicle is independent (row i of each output depends on vesicle i only), s
 vesicles can be sent to another worker and the results concatenated.
 """
 
-from contextlib import contextmanager
-
 import numba
 import numpy as np
 import scipy.fft
+
+from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, threads_for
 
 __all__ = [
     "radial_profiles",
@@ -31,21 +31,6 @@ __all__ = [
     "xcorr_shift",
     "xcorr_shift_reference",
 ]
-
-
-_PARALLEL_MIN_VOXELS = 1 << 20
-
-
-@contextmanager
-def _threads_for(n_voxels):
-    """Run small calls on one thread: a parallel launch costs more than it saves there, and on a
-    busy machine (OpenMP layer, more threads than free cores) it can cost milliseconds."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(previous if n_voxels >= _PARALLEL_MIN_VOXELS else 1)
-    try:
-        yield
-    finally:
-        numba.set_num_threads(previous)
 
 
 def _check_volume(volume):
@@ -104,7 +89,7 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
     centers = _check_centers(centers_vox)
     radii = _check_box_radii(box_radius_vox, centers.shape[0])
     n_bins, inv_width = _check_bins(n_bins, bin_width_vox)
-    with _threads_for(int(np.sum((2 * radii + 1) ** 3))):
+    with threads_for(int(np.sum((2 * radii + 1) ** 3))):
         sums, counts = _profile_sums(volume, centers, radii, n_bins, inv_width)
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
@@ -181,7 +166,7 @@ def extract_boxes(volume, centers_vox, box_radius_vox):
     volume = _check_volume(volume)
     centers = _check_centers(centers_vox)
     r = _check_scalar_radius(box_radius_vox)
-    with _threads_for(centers.shape[0] * (2 * r + 1) ** 3):
+    with threads_for(centers.shape[0] * (2 * r + 1) ** 3):
         return _extract(volume, centers, r)
 
 
@@ -243,7 +228,7 @@ def back_project(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.
     r = _check_scalar_radius(box_radius_vox)
     offsets = _check_offsets(offsets_vox, profiles.shape[0])
     _, inv_width = _check_bins(1, bin_width_vox)
-    with _threads_for(profiles.shape[0] * (2 * r + 1) ** 3):
+    with threads_for(profiles.shape[0] * (2 * r + 1) ** 3):
         return _back_project(profiles, r, offsets, inv_width)
 
 
@@ -350,7 +335,7 @@ def xcorr_shift(boxes, models, *, subvoxel=True):
     """
     a, b = _check_pair(boxes, models)
     axes = (1, 2, 3)
-    workers = -1 if a.size >= _PARALLEL_MIN_VOXELS else 1  # all cores, as the numba kernels use
+    workers = -1 if a.size >= PARALLEL_MIN_VOXELS else 1  # all cores, as the numba kernels use
     spec = scipy.fft.rfftn(a, axes=axes, workers=workers) * np.conj(scipy.fft.rfftn(b, axes=axes, workers=workers))
     cc = scipy.fft.irfftn(spec, s=a.shape[1:], axes=axes, workers=workers)
     return _peak_shifts(cc, subvoxel)

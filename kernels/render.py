@@ -13,7 +13,7 @@ import numba
 import numpy as np
 
 from cryoves.kernels.labels import label_dtype, relabel
-from cryoves.kernels.radial import _threads_for
+from cryoves.kernels.threads import threads_for
 
 __all__ = ["render_spheres", "render_spheres_reference"]
 
@@ -41,7 +41,7 @@ def render_spheres(shape, centers_vox, radii_vox, ids):
     shape, centers, radii, ids = _check(shape, centers_vox, radii_vox, ids)
     index = np.zeros(shape, dtype=np.uint32)  # 1 + ball index; mapped to ids below
     if centers.shape[0]:
-        with _threads_for(index.size):
+        with threads_for(index.size):
             _render(index, centers, radii)
     return relabel(index, np.concatenate([[0], ids]).astype(label_dtype(ids.max() if ids.size else 0)))
 

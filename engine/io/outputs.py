@@ -1,9 +1,10 @@
 """What one segmented tomogram leaves in the output folder, each file written atomically.
 
-Per tomogram NAME: `NAME.labels.mrc` (final vesicles on the input grid), optionally `NAME.prob.mrc`,
-`NAME.mod` (IMOD points with radii), `vesicles/NAME.parquet` (the vesicle table; the folder reads as
-one Parquet dataset) and, written last, `runs/NAME.parquet`: the run record whose presence, input
-checksum and parameter digest tell a resumed run that the outputs are complete and current.
+Per tomogram NAME: `NAME.labels.mrc` (final vesicles on the input grid), optionally `NAME.prob.mrc`
+and the earlier stages' labels, `NAME.mod` (IMOD points with radii), `vesicles/NAME.parquet` (the
+vesicle table; the folder reads as one Parquet dataset) and, written last by `cryoves.engine.job`,
+`runs/NAME.parquet`: the run record whose presence, input checksum and parameter digest tell a
+resumed run that the outputs are complete and current.
 """
 
 import hashlib
@@ -24,6 +25,8 @@ from cryoves.engine.io.mrc import Volume, write_labels, write_volume
 from cryoves.engine.io.tables import vesicle_table, write_table
 from cryoves.engine.stages.overlaps import rendered_spheres
 
+STAGE_LABELS = ("global", "local", "sphere")
+"""The label volumes of the earlier stages, written as NAME.STAGE.mrc when asked for."""
 _PACKAGES = ("cryoves", "numpy", "scipy", "numba", "tensorflow", "keras", "pyarrow", "mrcfile")
 _CHUNK_BYTES = 1 << 24
 
@@ -75,42 +78,30 @@ def peak_memory_mb() -> float:
     return rss / 1024**2 if sys.platform == "darwin" else rss / 1024
 
 
-def write_outputs(out_dir, name: str, volume: Volume, result, record: dict, *,
-                  write_probability: bool = False, write_stages: bool = False) -> dict[str, Path]:
-    """Write every output of one segmented tomogram (`cryoves.engine.pipeline.Segmentation`).
+def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bool = False,
+                  stages: bool = False) -> dict[str, Path]:
+    """Write the volumes, IMOD model and vesicle table of one segmented tomogram
+    (`cryoves.engine.pipeline.Segmentation`); the run record is the caller's to write, last.
 
-    `write_stages` adds the label volumes of the earlier stages (NAME.global/local/sphere.mrc), for
-    per-stage evaluation. `record` (input path and checksum, parameters, digests) is completed with
-    timings, memory and versions and written last, so its presence means the other files are complete.
+    `probability` adds NAME.prob.mrc; `stages` the label volumes of the earlier stages
+    (NAME.global/local/sphere.mrc), for per-stage evaluation.
     """
     out_dir = Path(out_dir)
     paths = {"labels": write_labels(out_dir / f"{name}.labels.mrc", result.labels["final"],
                                     volume.voxel_size_a, volume.origin_a)}
-    if write_probability:
+    if probability:
         paths["probability"] = write_volume(out_dir / f"{name}.prob.mrc", result.probability,
                                             volume.voxel_size_a, volume.origin_a)
-    for stage in ("global", "local", "sphere") if write_stages else ():
+    for stage in STAGE_LABELS if stages else ():
         paths[stage] = write_labels(out_dir / f"{name}.{stage}.mrc", result.labels[stage],
                                     volume.voxel_size_a, volume.origin_a)
     vesicles = number_vesicles(result.vesicles)
     table = vesicle_table(vesicles, name, volume.voxel_size_a, volume.origin_a)
-    kept, centers, radii = rendered_spheres(vesicles)
+    _, centers, radii = rendered_spheres(vesicles)
     paths["model"] = write_vesicle_model(out_dir / f"{name}.mod", centers, radii, volume.data.shape,
                                          volume.voxel_size_a)
     paths["vesicles"] = write_table(out_dir / "vesicles" / f"{name}.parquet", table,
                                     {"voxel_size_a": volume.voxel_size_a, "origin_a": list(volume.origin_a)})
-    row = record | {
-        "tomogram": name,
-        "status": "ok",
-        "error": "",
-        "threshold": result.threshold,
-        "n_vesicles": int(kept.sum()),
-        "seconds": result.seconds,
-        "warnings": list(result.warnings),
-        "peak_memory_mb": peak_memory_mb(),
-        "versions": package_versions(),
-    }
-    paths["run"] = write_run_record(out_dir, name, row)
     return paths
 
 

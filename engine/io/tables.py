@@ -1,4 +1,5 @@
-"""Parquet tables: the documented vesicle schema and atomic writing with run metadata.
+"""Parquet tables: the documented vesicle schema, the one way to read centres, radii and the active
+rows of any vesicle table, and atomic writing with run metadata.
 
 The README's "Vesicle table" section lists the same columns; a test keeps the two equal.
 """
@@ -11,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.units import nm_to_vox
 
 VESICLE_SCHEMA = pa.schema([
     ("tomogram", pa.string()),
@@ -32,16 +34,44 @@ VESICLE_SCHEMA = pa.schema([
 ])
 """One row per vesicle found; `outcome` is kept, repaired or removed; `stage` is where that was decided."""
 
+CENTER_COLUMNS = ("center_z_vox", "center_y_vox", "center_x_vox")
+"""A vesicle's centre, voxels of the input grid (z, y, x), in every vesicle table."""
+ACTIVE_OUTCOMES = ("kept", "repaired")
+"""Outcomes of the vesicles that are drawn in the label volumes and counted as found."""
+
+
+def centers_vox(table: pa.Table) -> np.ndarray:
+    """(n, 3) float64 centres (z, y, x voxels) of every row."""
+    return np.column_stack([table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+                            for name in CENTER_COLUMNS]).reshape(-1, 3)
+
+
+def radii_vox(table: pa.Table, voxel_size_a: float | None = None) -> np.ndarray:
+    """(n,) float64 radii in voxels of every row: `radius_vox`, or `radius_nm` at `voxel_size_a` in a
+    table without it (the output schema)."""
+    if "radius_vox" in table.column_names:
+        return table.column("radius_vox").to_numpy(zero_copy_only=False).astype(np.float64)
+    if voxel_size_a is None:
+        raise ValueError("a table without radius_vox needs voxel_size_a")
+    return nm_to_vox(table.column("radius_nm").to_numpy(zero_copy_only=False).astype(np.float64), voxel_size_a)
+
+
+def active_mask(table: pa.Table) -> np.ndarray:
+    """Rows of the vesicles found: outcome kept or repaired, with a finite radius."""
+    outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
+    radius = table.column("radius_nm").to_numpy(zero_copy_only=False).astype(np.float64)
+    return np.isin(outcome, ACTIVE_OUTCOMES) & np.isfinite(radius)
+
 
 def vesicle_table(vesicles: pa.Table, tomogram: str, voxel_size_a: float, origin_a) -> pa.Table:
     """The output table of one tomogram: refined vesicles plus name and centres in nm (origin applied)."""
     n = vesicles.num_rows
     columns = {"tomogram": pa.array([tomogram] * n, pa.string()),
                "vesicle_id": vesicles.column("id").cast(pa.int32())}
-    for axis, origin in zip("zyx", origin_a):
-        vox = vesicles.column(f"center_{axis}_vox").to_numpy().astype(np.float64)
-        columns[f"center_{axis}_vox"] = vox
-        columns[f"center_{axis}_nm"] = (vox * voxel_size_a + float(origin)) / 10.0
+    centers = centers_vox(vesicles)
+    for a, (column, origin) in enumerate(zip(CENTER_COLUMNS, origin_a)):
+        columns[column] = centers[:, a]
+        columns[column.replace("_vox", "_nm")] = (centers[:, a] * voxel_size_a + float(origin)) / 10.0  # origin in Å
     for field in VESICLE_SCHEMA:
         if field.name not in columns:
             columns[field.name] = vesicles.column(field.name).cast(field.type)

@@ -8,10 +8,10 @@ reference's many-to-one matching (method.md §6.13).
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from scipy import ndimage
 from scipy.optimize import linear_sum_assignment
 
 from cryoves.engine.units import vox_to_nm
+from cryoves.kernels.labels import present_labels
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,5 @@ def dice(prediction, truth) -> float:
 def spheres_from_labels(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centres (centroids, voxels) and radii of labelled objects: radius = (longest bbox side − 1)/2,
     so a digital ball {‖v − c‖ ≤ r} gives back r. Returns (ids, centers (n, 3), radii)."""
-    labels = np.asarray(labels)
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    if not len(ids):
-        return ids, np.zeros((0, 3)), np.zeros(0)
-    centers = np.asarray(ndimage.center_of_mass(np.ones(labels.shape, np.uint8), labels, ids), dtype=np.float64)
-    slices = ndimage.find_objects(labels.astype(np.int64, copy=False))
-    sides = np.array([max(s.stop - s.start for s in slices[i - 1]) for i in ids], dtype=np.float64)
-    return ids, centers.reshape(-1, 3), (sides - 1.0) / 2.0
-
+    stats = present_labels(labels)
+    return stats.ids.astype(np.int64), stats.centroid, (stats.sides.max(axis=1, initial=0) - 1.0) / 2.0

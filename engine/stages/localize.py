@@ -17,7 +17,7 @@ from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
-from cryoves.kernels.labels import label_dtype, label_stats, relabel
+from cryoves.kernels.labels import LabelStats, check_labels, label_dtype, present_labels, relabel
 
 _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
 
@@ -46,7 +46,7 @@ def segment_stats(labels: np.ndarray) -> pa.Table:
     Columns: ``label``, ``volume_vox``, ``bbox_volume_vox``, ``extent`` (= volume / bbox volume),
     ``bbox_lo_{z,y,x}_vox`` (inclusive), ``bbox_hi_{z,y,x}_vox`` (exclusive), ``centroid_{z,y,x}_vox``.
     """
-    s = _stats(_check_labels(labels))
+    s = present_labels(labels)
     columns = {
         "label": pa.array(s.ids, pa.uint32()),
         "volume_vox": pa.array(s.volume, pa.int64()),
@@ -124,7 +124,7 @@ def localize(probability: np.ndarray, labels: np.ndarray, threshold: float, voxe
     is called after each split candidate.
     """
     probability = np.asarray(probability)
-    labels = _check_labels(labels)
+    labels = check_labels(labels)
     if probability.shape != labels.shape:
         raise ValueError(f"labels shape {labels.shape} differs from probability shape {probability.shape}")
     if not (isinstance(voxel_size_a, numbers.Real) and math.isfinite(voxel_size_a) and voxel_size_a > 0):
@@ -133,12 +133,12 @@ def localize(probability: np.ndarray, labels: np.ndarray, threshold: float, voxe
     v_min_vox = 4.0 / 3.0 * math.pi * r_min_vox**3
 
     out = np.array(labels, dtype=np.uint32, order="C", copy=True)
-    stats = _stats(out)
+    stats = present_labels(out)
     if params.split:
         _split(probability, out, stats, float(threshold), params, progress, v_min_vox)
     if params.grow:
-        _grow(probability, out, _stats(out), float(threshold), v_min_vox, params)
-    stats = _stats(out)
+        _grow(probability, out, present_labels(out), float(threshold), v_min_vox, params)
+    stats = present_labels(out)
     keep = ((stats.extent >= params.min_extent) & (stats.extent <= params.max_extent)
             & (stats.volume >= v_min_vox))
     return _relabel(out, stats.ids[keep], int(stats.ids[-1]) if stats.ids.shape[0] else 0)
@@ -158,32 +158,7 @@ def split_thresholds(threshold: float) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Stats:
-    ids: np.ndarray  # (n,) uint32, ascending
-    volume: np.ndarray  # (n,) int64
-    lo: np.ndarray  # (n, 3) int64 inclusive
-    hi: np.ndarray  # (n, 3) int64 exclusive
-    centroid: np.ndarray  # (n, 3) float64
-
-    @property
-    def bbox_volume(self) -> np.ndarray:
-        return np.prod(self.hi - self.lo, axis=1)
-
-    @property
-    def extent(self) -> np.ndarray:
-        return self.volume / np.maximum(self.bbox_volume, 1)
-
-
-def _stats(labels: np.ndarray) -> _Stats:
-    """Volumes, boxes and centroids of the labels present, in one pass (`label_stats`)."""
-    count, sums, lo, hi = label_stats(labels, int(labels.max()) if labels.size else 0)
-    ids = np.flatnonzero(count).astype(np.uint32)
-    volume = count[ids]
-    return _Stats(ids, volume, lo[ids], hi[ids], sums[ids] / volume[:, None])
-
-
-def _split(probability, out, stats: _Stats, threshold: float, params: LocalizeParams, progress,
+def _split(probability, out, stats: LabelStats, threshold: float, params: LocalizeParams, progress,
            v_min_vox: float) -> None:
     """Split step in place on ``out``: pieces get fresh ids above every id present.
 
@@ -258,7 +233,7 @@ def _count(mask, structure, min_vox: float) -> int:
     return int(np.count_nonzero(np.bincount(labels.ravel())[1:] >= min_vox))
 
 
-def _grow(probability, out, stats: _Stats, threshold: float, v_min_vox: float, params: LocalizeParams) -> None:
+def _grow(probability, out, stats: LabelStats, threshold: float, v_min_vox: float, params: LocalizeParams) -> None:
     """Grow step in place on ``out`` (method.md §2.11): small segments take the component of a lower
     threshold under their centroid if it is large enough; small segments never grown are deleted.
 
@@ -318,16 +293,3 @@ def _structure(connectivity) -> np.ndarray:
     if isinstance(connectivity, bool) or connectivity not in _STRUCTURE:
         raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
     return _STRUCTURE[connectivity]
-
-
-def _check_labels(labels) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels must be an integer array, got {labels.dtype}")
-    if np.issubdtype(labels.dtype, np.signedinteger):
-        if labels.size and labels.min() < 0:
-            raise ValueError("labels must be >= 0")
-        labels = labels.view(np.dtype(f"u{labels.dtype.itemsize}"))  # same values, as the label kernels take
-    return labels

@@ -20,12 +20,11 @@ import pyarrow as pa
 from scipy.spatial import cKDTree
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.render import render_spheres
 
-__all__ = ["OverlapParams", "resolve_overlaps", "render_labels", "rendered_spheres", "ACTIVE_OUTCOMES"]
-
-ACTIVE_OUTCOMES = ("kept", "repaired")
+__all__ = ["OverlapParams", "resolve_overlaps", "render_labels", "rendered_spheres"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,17 +43,6 @@ class OverlapParams:
             raise CryovesError(f"tolerance_vox must be >= 0 voxels, got {self.tolerance_vox}")
         if not self.min_radius_nm >= 0:
             raise CryovesError(f"min_radius_nm must be >= 0 nm, got {self.min_radius_nm}")
-
-
-def _centers(table):
-    return np.column_stack([table.column(c).to_numpy(zero_copy_only=False).astype(np.float64)
-                            for c in ("center_z_vox", "center_y_vox", "center_x_vox")]).reshape(-1, 3)
-
-
-def _active(table):
-    outcome = np.array(table.column("outcome").to_pylist(), dtype=object)
-    radius = table.column("radius_vox").to_numpy(zero_copy_only=False).astype(np.float64)
-    return np.isin(outcome, ACTIVE_OUTCOMES) & np.isfinite(radius), outcome, radius
 
 
 def _pairs(centers, radii, slack):
@@ -105,18 +93,18 @@ def resolve_overlaps(table: pa.Table, voxel_size_a: float, params: OverlapParams
     """Shrink overlapping kept/repaired spheres (``params.rule``), then remove the too small ones."""
     if not voxel_size_a > 0:
         raise CryovesError(f"voxel_size_a must be > 0 Å, got {voxel_size_a}")
-    active, outcome, radius = _active(table)
+    active = active_mask(table)
+    outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
+    radius = radii_vox(table)
     idx = np.flatnonzero(active)
-    centers = _centers(table)[idx]
+    centers = centers_vox(table)[idx]
     if params.rule == "code":
         new = _shrink_code(centers, radius[idx], params.max_rounds)
     else:
         new = _shrink_tolerant(centers, radius[idx], params.tolerance_vox)
-    radius = radius.copy()
     radius[idx] = new
     radius_nm = vox_to_nm(radius, voxel_size_a)
     too_small = active & ~(radius_nm > params.min_radius_nm)
-    outcome = outcome.copy()
     outcome[too_small] = "removed"
     table = table.set_column(table.schema.get_field_index("radius_vox"), "radius_vox", pa.array(radius))
     table = table.set_column(table.schema.get_field_index("radius_nm"), "radius_nm", pa.array(radius_nm))
@@ -126,8 +114,8 @@ def resolve_overlaps(table: pa.Table, voxel_size_a: float, params: OverlapParams
 
 def rendered_spheres(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row mask, centres (n, 3) voxels, radii voxels) of the spheres `render_labels` draws, in label order."""
-    active, _, radius = _active(table)
-    return active, _centers(table)[active], radius[active]
+    active = active_mask(table)
+    return active, centers_vox(table)[active], radii_vox(table)[active]
 
 
 def render_labels(shape, table: pa.Table) -> np.ndarray:

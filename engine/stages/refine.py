@@ -27,7 +27,9 @@ from scipy import ndimage
 from scipy.stats import rankdata
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.tables import CENTER_COLUMNS
 from cryoves.engine.units import vox_to_nm
+from cryoves.kernels.labels import present_labels
 from cryoves.kernels.radial import back_project, extract_boxes, radial_profiles, xcorr_shift
 
 __all__ = ["RefineParams", "RadiusEstimate", "RefineResult", "estimate_radius", "measure_spheres", "refine_batch",
@@ -37,7 +39,7 @@ _BATCH_VOXELS = 1 << 22  # voxels per FFT batch (about 32 MiB per float64 stack)
 
 TABLE_SCHEMA = pa.schema([
     ("id", pa.int32()),
-    ("center_z_vox", pa.float64()), ("center_y_vox", pa.float64()), ("center_x_vox", pa.float64()),
+    *((name, pa.float64()) for name in CENTER_COLUMNS),
     ("radius_vox", pa.float64()), ("radius_nm", pa.float64()),
     ("membrane_thickness_nm", pa.float64()), ("membrane_density", pa.float64()),
     ("profile_correlation", pa.float64()), ("mahalanobis_d2", pa.float64()), ("p_value", pa.float64()),
@@ -196,9 +198,9 @@ class RefineResult(NamedTuple):
     n_iterations: np.ndarray
 
 
-Refiner = Callable[[np.ndarray, np.ndarray, RefineParams], RefineResult]
-"""(centres, starting radii, params) → `refine_batch`'s result on a bound tomogram: the seam where
-`cryoves run` spreads the vesicles of one tomogram over tasks (`concat_refine_results` joins them)."""
+Refiner = Callable[[np.ndarray, np.ndarray, np.ndarray, RefineParams], RefineResult]
+"""(tomogram, centres, starting radii, params) → `refine_batch`'s result: the seam where `cryoves run`
+spreads the vesicles of one tomogram over tasks (`concat_refine_results` joins them)."""
 
 
 def concat_refine_results(parts: list[RefineResult]) -> RefineResult:
@@ -306,20 +308,8 @@ def profile_correlation(resampled, mean_profile):
 
 def segment_spheres(labels):
     """Segment ids, float centroids (n, 3) and r0 = floor(longest bounding-box side / 2) (§2.13)."""
-    labels = np.asarray(labels)
-    if labels.ndim != 3:
-        raise ValueError(f"labels must be 3-D (z, y, x), got shape {labels.shape}")
-    slices = ndimage.find_objects(labels)
-    ids = np.array([i + 1 for i, s in enumerate(slices) if s is not None], dtype=np.int64)
-    if ids.size == 0:
-        return ids, np.zeros((0, 3)), np.zeros(0)
-    sides = np.array([[s.stop - s.start for s in slices[i - 1]] for i in ids])
-    flat = np.flatnonzero(labels)
-    which = labels.ravel()[flat].astype(np.int64)
-    counts = np.bincount(which, minlength=ids.max() + 1)[ids]
-    centers = np.column_stack([np.bincount(which, weights=coord, minlength=ids.max() + 1)[ids] / counts
-                               for coord in np.unravel_index(flat, labels.shape)])
-    return ids, centers, np.floor(sides.max(axis=1) / 2.0)
+    stats = present_labels(labels)
+    return stats.ids.astype(np.int64), stats.centroid, np.floor(stats.sides.max(axis=1, initial=0) / 2.0)
 
 
 def build_table(ids, batch: RefineResult, density, resampled, correlation, voxel_size_a, outcome=None):
@@ -332,8 +322,7 @@ def build_table(ids, batch: RefineResult, density, resampled, correlation, voxel
                        type=pa.list_(pa.float64()))
     columns = {
         "id": pa.array(np.asarray(ids, dtype=np.int32)),
-        "center_z_vox": batch.centers[:, 0], "center_y_vox": batch.centers[:, 1],
-        "center_x_vox": batch.centers[:, 2],
+        **{name: batch.centers[:, a] for a, name in enumerate(CENTER_COLUMNS)},
         "radius_vox": est.radius_vox, "radius_nm": vox_to_nm(est.radius_vox, voxel_size_a),
         "membrane_thickness_nm": vox_to_nm(est.thickness_vox, voxel_size_a),
         "membrane_density": density, "profile_correlation": correlation,
@@ -353,7 +342,7 @@ def refine_spheres(tomogram: np.ndarray, labels: np.ndarray, voxel_size_a: float
 
     Rows whose profile fails (empty search window, no halo) get outcome "removed" and NaN features.
     ``id`` is the segment's label in ``labels``. The Parquet metadata should carry ``asdict(params)``.
-    ``refiner`` replaces `refine_batch` on ``tomogram`` (same result, elsewhere: see `Refiner`).
+    ``refiner`` replaces `refine_batch` (same result, elsewhere: see `Refiner`).
     """
     tomogram = np.asarray(tomogram)
     labels = np.asarray(labels)
@@ -366,7 +355,7 @@ def refine_spheres(tomogram: np.ndarray, labels: np.ndarray, voxel_size_a: float
     if refiner is None:
         batch = refine_batch(tomogram, centers, r0, params, progress=progress)
     else:
-        batch = refiner(centers, r0, params)
+        batch = refiner(tomogram, centers, r0, params)
     density, resampled = measure_spheres(batch.profiles, batch.estimate, params)
     ok = batch.estimate.ok
     mean_profile = resampled[ok].mean(axis=0) if ok.any() else np.zeros(params.n_profile_points)

@@ -1,4 +1,5 @@
-"""The files one segmented tomogram leaves: grid alignment, IMOD points, the documented table schema."""
+"""The files one segmented tomogram leaves: grid alignment, IMOD points, the documented table schema
+(the run record, written last, is tests/engine/test_job.py's)."""
 
 import re
 from pathlib import Path
@@ -9,8 +10,8 @@ import pytest
 
 from cryoves.engine.io.imod import read_vesicle_model
 from cryoves.engine.io.mrc import Volume, read_volume
-from cryoves.engine.io.outputs import read_run_record, write_outputs
-from cryoves.engine.io.tables import VESICLE_SCHEMA
+from cryoves.engine.io.outputs import write_outputs
+from cryoves.engine.io.tables import VESICLE_SCHEMA, active_mask, centers_vox
 from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.synthetic.phantom import make_phantom
 
@@ -34,8 +35,7 @@ def written(tmp_path_factory, probability_from_truth):
     result = postprocess(phantom.tomogram, probability_from_truth(phantom.labels, 3), 20.0, SegmentParams())
     volume = Volume(phantom.tomogram, 20.0, (100.0, -40.0, 12.5))
     out = tmp_path_factory.mktemp("out")
-    paths = write_outputs(out, "tomo", volume, result, {"input_sha256": "abc"}, write_probability=True,
-                          write_stages=True)
+    paths = write_outputs(out, "tomo", volume, result, probability=True, stages=True)
     return out, paths, result, volume
 
 
@@ -54,9 +54,9 @@ def test_table_ids_match_the_label_volume_and_the_imod_model(written):
     table = pq.read_table(paths["vesicles"])
     assert table.schema.remove_metadata() == VESICLE_SCHEMA
     labels = np.asarray(read_volume(paths["labels"]).data)
-    kept = table.filter(np.asarray(table.column("outcome").to_pylist()) != "removed")
+    kept = table.filter(active_mask(table))
     assert kept.num_rows == labels.max() > 10
-    centers = np.column_stack([kept.column(f"center_{a}_vox").to_numpy() for a in "zyx"])
+    centers = centers_vox(kept)
     at_centres = labels[tuple(np.round(centers).astype(int).T)]
     np.testing.assert_array_equal(at_centres, kept.column("vesicle_id").to_numpy())
     np.testing.assert_allclose(kept.column("center_z_nm").to_numpy(), (centers[:, 0] * 20.0 + 100.0) / 10)
@@ -64,12 +64,3 @@ def test_table_ids_match_the_label_volume_and_the_imod_model(written):
     points, sizes = read_vesicle_model(paths["model"])
     np.testing.assert_allclose(points, centers, atol=1e-4)
     np.testing.assert_allclose(sizes * 2.0, kept.column("radius_nm").to_numpy(), rtol=1e-5)
-
-
-def test_run_record_is_written_last_and_complete(written):
-    out, paths, result, _ = written
-    record = read_run_record(out, "tomo")
-    assert record["status"] == "ok" and record["input_sha256"] == "abc"
-    assert record["threshold"] == result.threshold and record["peak_memory_mb"] > 0
-    assert paths["run"].stat().st_mtime >= max(p.stat().st_mtime for k, p in paths.items() if k != "run")
-    assert read_run_record(out, "other") is None

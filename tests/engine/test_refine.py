@@ -143,16 +143,14 @@ def test_errors_and_progress(scene):
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_refining_chunks_of_vesicles_and_joining_them_is_the_same_table(scene, chunk):
     """`cryoves run` refines a tomogram's vesicles in chunks (`Refiner`): the table must not change."""
-    from functools import partial
-
     from cryoves.engine.stages.refine import concat_refine_results, refine_batch
 
     labels = ball_labels(SHAPE, CENTERS, RADII)
 
-    def chunked(centers, radii, params):
-        return concat_refine_results([refine_batch(scene, centers[i:i + chunk], radii[i:i + chunk], params)
+    def chunked(tomogram, centers, radii, params):
+        return concat_refine_results([refine_batch(tomogram, centers[i:i + chunk], radii[i:i + chunk], params)
                                       for i in range(0, len(centers), chunk)])
 
     whole = refine_spheres(scene, labels, VOXEL_A).to_pydict()
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=chunked).to_pydict(), whole)  # NaN == NaN
-    npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=partial(refine_batch, scene)).to_pydict(), whole)
+    npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=refine_batch).to_pydict(), whole)
