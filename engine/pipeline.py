@@ -18,7 +18,8 @@ from cryoves.engine.stages.localize import LocalizeParams, label_segments, local
 from cryoves.engine.stages.outliers import OutlierParams, detect_outliers
 from cryoves.engine.stages.overlaps import OverlapParams, render_labels, resolve_overlaps
 from cryoves.engine.stages.refine import RefineParams, Refiner, refine_spheres
-from cryoves.engine.stages.threshold import ThresholdParams, global_threshold
+from cryoves.engine.stages.threshold import ThresholdParams, ThresholdResult, global_threshold
+from cryoves.engine.units import nm_to_vox
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,6 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     with _timed("threshold", seconds, progress):
         search = global_threshold(tomogram, probability, params.threshold)
         threshold = search.threshold
-    warnings = _contrast_warnings(tomogram, search)
     with _timed("label", seconds, progress):
         global_labels = label_segments(probability, threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
@@ -110,18 +110,42 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         final = resolve_overlaps(checked, voxel_size_a, params.overlap)
         final_labels = render_labels(tomogram.shape, final)
     vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
+    warnings = quality_warnings(tomogram, probability, search, vesicles, voxel_size_a, params.overlap.min_radius_nm)
+    for message in warnings:
+        log.warning(message)
     return Segmentation(probability, float(threshold), stages | {"final": final_labels}, vesicles, seconds, warnings)
 
 
-def _contrast_warnings(tomogram: np.ndarray, search) -> tuple[str, ...]:
-    """Membranes must be dark; a darkest mask boundary brighter than the tomogram's mean says they are not."""
+CHECK = ("check the voxel size, the contrast (--invert-contrast), the pre-filter (--prefilter-sigma) "
+         "and the model (--weights)")
+
+
+def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: ThresholdResult, vesicles: pa.Table,
+                     voxel_size_a: float, min_radius_nm: float) -> tuple[str, ...]:
+    """One line per sign that the result cannot be trusted, each saying what to check; never a silent empty result.
+
+    - the map holds less vesicle than one smallest vesicle (sphere of `min_radius_nm`): the network saw none;
+    - the threshold search ends at the top of its range: on phantoms it does so exactly when the contrast is
+      inverted (normal contrast ends at or near the bottom);
+    - the darkest mask boundary is brighter than the tomogram's mean: membranes look white;
+    - no vesicle is kept.
+    """
+    messages = []
+    v_min = 4 / 3 * np.pi * float(nm_to_vox(min_radius_nm, voxel_size_a)) ** 3
+    n_above = int(np.count_nonzero(probability > 0.5))
+    if n_above < v_min:
+        messages.append(f"the probability map holds almost no vesicle ({n_above} voxels above 0.5, less than one "
+                        f"{min_radius_nm:g} nm vesicle): {CHECK}")
+    if search.searched and search.thresholds.size > 1 and search.threshold >= search.thresholds[-1]:
+        messages.append(f"the global threshold search ended at the top of its range ({search.threshold:.2f}), "
+                        f"which inverted contrast (white membranes) causes: {CHECK}")
     shells = search.mean_intensity[np.isfinite(search.mean_intensity)] if search.searched else []
     if len(shells) and shells.min() > float(np.mean(tomogram, dtype=np.float64)):
-        message = ("the vesicle boundaries are brighter than the tomogram's mean: the contrast looks inverted "
-                   "(white membranes); if so, rerun with --invert-contrast")
-        log.warning(message)
-        return (message,)
-    return ()
+        messages.append("the vesicle boundaries are brighter than the tomogram's mean: the contrast looks inverted "
+                        "(white membranes); if so, rerun with --invert-contrast")
+    if not np.any(np.asarray(vesicles.column("outcome").to_pylist(), dtype=object) != "removed"):
+        messages.append(f"no vesicles found: {CHECK}")
+    return tuple(messages)
 
 
 def _deciding_stage(spheres: pa.Table, checked: pa.Table, final: pa.Table) -> list[str]:

@@ -1,0 +1,36 @@
+"""No silent empty result: a tomogram without vesicles, or one whose threshold search ends at the top of its
+range, says so in one line with what to check (issue 13 item 7)."""
+
+import numpy as np
+import pytest
+
+from cryoves.engine.network.model import load_logit_fn
+from cryoves.engine.pipeline import SegmentParams, segment
+from cryoves.engine.synthetic.phantom import make_phantom
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    return load_logit_fn(None)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom((48, 128, 128), 22.0, seed=3)
+
+
+def test_pure_noise_says_it_found_nothing_and_what_to_check(bundled):
+    noise = np.random.default_rng(0).standard_normal((48, 128, 128)).astype(np.float32)
+    result = segment(noise, 22.0, bundled, SegmentParams(), keep_stages=False)
+    assert np.count_nonzero(result.labels["final"]) == 0
+    assert any("almost no vesicle" in w for w in result.warnings)
+    assert any(w.startswith("no vesicles found") and "--prefilter-sigma" in w and "--invert-contrast" in w
+               for w in result.warnings)
+
+
+def test_inverted_contrast_is_caught_by_the_threshold_search(bundled, phantom):
+    result = segment(-phantom.tomogram, 22.0, bundled, SegmentParams(), keep_stages=False)
+    assert any("top of its range" in w and "--invert-contrast" in w for w in result.warnings)
+    fixed = segment(-phantom.tomogram, 22.0, bundled, SegmentParams(invert_contrast=True), keep_stages=False)
+    assert fixed.warnings == ()
+    assert len(fixed.vesicles) > 10
