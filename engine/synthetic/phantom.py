@@ -2,7 +2,8 @@
 
 The scene is laid out in nm from the seed alone, so one seed gives the same vesicles at every voxel
 size. `cryoves.engine.synthetic.imaging` renders it as band-limited scattering density and images it
-(CTF, single-axis missing wedge, noise). Dense matter is dark (low values), as in tomograms that are
+(CTF, single-axis missing wedge, noise) in one FFT; `cryoves.engine.synthetic.tiltseries` images it by a
+simulated tilt series and its reconstruction instead. Dense matter is dark (low values), as in tomograms that are
 not contrast-inverted.
 """
 
@@ -18,11 +19,13 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.mrc import write_labels, write_volume
 from cryoves.engine.synthetic.imaging import PM_THICKNESS_NM, image_density, render_crowd, render_labels, render_objects
+from cryoves.engine.synthetic.tiltseries import TiltSeriesImaging, acquire_tomogram, fine_oversampling
 from cryoves.engine.units import vox_to_nm
 
 LAYOUT_STEP_NM = 8.0          # extent is floored to this step, so resampled shapes share one layout
 EDGE_MARGIN_NM = 4.0          # vesicles and organelles keep this far inside the layout box
 KINDS = ("synaptic", "docked", "large", "dense_core")
+IMAGINGS = ("fft", "tilt-series")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,10 +151,12 @@ class _Scene:
 
 
 def make_phantom(shape: tuple[int, int, int], voxel_size_a: float, seed: int,
-                 preset: str | PhantomPreset = "default") -> Phantom:
+                 preset: str | PhantomPreset = "default", imaging: str | TiltSeriesImaging = "fft") -> Phantom:
     """Generate a phantom of `shape` voxels at `voxel_size_a` Å; the scene depends on seed and extent only.
 
-    `preset` names one of PRESETS or is a PhantomPreset of its own (training varies them).
+    `preset` names one of PRESETS or is a PhantomPreset of its own (training varies them). `imaging` is
+    "fft" (one FFT), "tilt-series" (a simulated acquisition with TiltSeriesImaging's defaults) or a
+    TiltSeriesImaging of its own; labels and table do not depend on it.
     """
     if isinstance(preset, PhantomPreset):
         params, preset = preset, "custom"
@@ -159,6 +164,10 @@ def make_phantom(shape: tuple[int, int, int], voxel_size_a: float, seed: int,
         params = PRESETS[preset]
     else:
         raise CryovesError(f"preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+    if imaging == "tilt-series":
+        imaging = TiltSeriesImaging()
+    elif not (isinstance(imaging, TiltSeriesImaging) or imaging == "fft"):
+        raise CryovesError(f"imaging {imaging!r} is unknown; choose one of {', '.join(IMAGINGS)}")
     if len(shape) != 3 or min(shape) < 16:
         raise CryovesError(f"shape {tuple(shape)} must be 3 axes (z, y, x) of at least 16 voxels")
     if not np.isfinite(voxel_size_a) or not 1.0 <= voxel_size_a <= 40.0:
@@ -168,12 +177,19 @@ def make_phantom(shape: tuple[int, int, int], voxel_size_a: float, seed: int,
     scene_seed, crowd_seed, noise_seed = np.random.SeedSequence(seed).spawn(3)
     extent_nm = np.floor(np.array(shape) * voxel_nm / LAYOUT_STEP_NM) * LAYOUT_STEP_NM
     scene = _layout(extent_nm, params, np.random.default_rng(scene_seed))
-    density, excluded = render_objects(scene, shape, voxel_nm)
-    density += render_crowd(scene, excluded, params, voxel_nm, np.random.default_rng(crowd_seed))
-    tomogram = image_density(density, voxel_nm, params, np.random.default_rng(noise_seed))
+    if isinstance(imaging, TiltSeriesImaging):
+        tomogram = acquire_tomogram(scene, shape, voxel_nm, params, imaging, np.random.default_rng(crowd_seed),
+                                    np.random.default_rng(noise_seed))
+        imaging_metadata = {"imaging": "tilt-series", "imaging_params": {
+            **asdict(imaging), "fine_voxel_size_a": float(voxel_size_a) / fine_oversampling(shape, imaging)}}
+    else:
+        density, excluded = render_objects(scene, shape, voxel_nm)
+        density += render_crowd(scene, excluded, params, voxel_nm, np.random.default_rng(crowd_seed))
+        tomogram = image_density(density, voxel_nm, params, np.random.default_rng(noise_seed))
+        imaging_metadata = {"imaging": "fft"}
     labels = render_labels(scene, shape, voxel_nm)
     table = _table(scene, voxel_nm, {"voxel_size_a": float(voxel_size_a), "seed": int(seed), "preset": preset,
-                                     "preset_params": asdict(params)})
+                                     "preset_params": asdict(params), **imaging_metadata})
     return Phantom(tomogram=tomogram, labels=labels, vesicles=table, voxel_size_a=float(voxel_size_a))
 
 
