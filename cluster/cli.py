@@ -90,7 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from cryoves.engine.io.atomic import atomic_output
     from cryoves.engine.io.mrc import read_volume
-    from cryoves.engine.scoring.evaluate import METRICS_LEGEND, evaluate, format_metrics, load_spheres
+    from cryoves.engine.scoring.evaluate import evaluate, load_spheres
 
     if len(args.files) < 2:
         raise CryovesError("evaluate needs at least one prediction and the ground truth: cryoves evaluate PRED... GT")
@@ -104,18 +104,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         row = {"prediction": str(path), "ground_truth": str(truth_path)}
         row |= evaluate(load_spheres(path, args.voxel_size), truth, probability)
         rows.append(row)
-    if args.json:  # NaN (e.g. precision without predictions) is not JSON: null
-        print(json.dumps([{k: None if v != v else v for k, v in row.items()} for row in rows], indent=1))
-    else:
-        print(format_metrics(rows))
-        print(METRICS_LEGEND)
+    columns = ["n_true_positive", "n_false_positive", "n_false_negative", "precision", "recall", "f1",
+               "diameter_error", "center_residual_nm", "dice", "probability_dice"]
+    shown = [c for c in columns if any(c in row for row in rows)]
+    print("prediction".ljust(32) + "".join(f"{c.replace('n_', '').replace('_', ' '):>14s}" for c in shown))
+    for row in rows:
+        print(Path(row["prediction"]).name[:31].ljust(32)
+              + "".join(f"{row.get(c, float('nan')):>14.4g}" for c in shown))
     table = pa.Table.from_pylist(rows)
     out = Path(args.out)
     if out.exists():
         table = pa.concat_tables([pq.read_table(out), table], promote_options="permissive")
     with atomic_output(out) as tmp:
         pq.write_table(table, tmp)
-    print(f"metrics appended to {out}", file=sys.stderr if args.json else sys.stdout)
+    print(f"metrics appended to {out}")
     return 0
 
 
@@ -351,31 +353,9 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
 
 
-_WEIGHTS_HELP = ("bundled, cryovesnet (CryoVesNet's published weights, fetched on first use; see `cryoves models`) "
-                 "or a path: a cryoves model folder or a weights.h5 (default: bundled)")
-
-
-def _resolve_weights(args: argparse.Namespace) -> None:
-    """Turn `--weights` / `--init-weights` NAME|PATH into the path the engine loads (None: the bundled
-    model), fetching a published model on first use; once, before any command runs."""
-    if getattr(args, "weights", None) is None and getattr(args, "init_weights", None) is None:
-        return
-    from cryoves.engine.network.catalog import resolve_weights
-    from cryoves.engine.network.model import bundled_model_dir
-
-    def announce(model) -> None:
-        print(f"fetching {model.name}: {model.description}; licence {model.licence}", file=sys.stderr)
-
-    if getattr(args, "weights", None) is not None:
-        path = resolve_weights(args.weights, on_fetch=announce, progressbar=True)
-        args.weights = None if path is None else str(path)
-    if getattr(args, "init_weights", None) is not None:  # training needs a folder to start from, bundled too
-        args.init_weights = str(resolve_weights(args.init_weights, on_fetch=announce, progressbar=True)
-                                or bundled_model_dir())
-
-
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", metavar="NAME|PATH", help=_WEIGHTS_HELP)
+    parser.add_argument("--weights", metavar="FILE",
+                        help="a cryoves model folder or CryoVesNet's weights.h5 (default: the bundled model)")
     parser.add_argument("--tta", type=int, choices=(1, 4, 8), default=1,
                         help="test-time augmentation: 1 (off), 4 (flips) or 8 (flips and rotations)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -453,7 +433,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--probability", metavar="PROB.mrc", help="probability map on the GT grid: adds its Dice")
     evaluate.add_argument("--out", default="metrics.parquet",
                           help="metrics table to append to (default: metrics.parquet)")
-    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON (one object per PRED)")
     _add_voxel_size(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
@@ -536,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="phantom size (default: small)")
     bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                        help="cpu (Keras) or gpu (PyTorch, float16)")
-    bench.add_argument("--weights", metavar="NAME|PATH", help="model to time: " + _WEIGHTS_HELP)
+    bench.add_argument("--weights", metavar="FILE", help="model to time (default: the bundled model)")
     bench.add_argument("--json", action="store_true", help="print one machine-readable record")
     bench.set_defaults(run=cmd_bench)
 
@@ -550,8 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (and resume)")
     train.add_argument("--data", nargs="+", metavar="DIR", help="folders of TOMO.mrc + TOMO.labels.mrc pairs")
     train.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic tomograms")
-    train.add_argument("--init-weights", metavar="NAME|PATH",
-                       help="start from bundled, cryovesnet (fetched on first use), a cryoves model folder or a .h5")
+    train.add_argument("--init-weights", metavar="FILE", help="start from a cryoves model folder or CryoVesNet .h5")
     train.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
     train.add_argument("--patches-per-tomogram", type=int, default=48,
                        help="32³ patches drawn per tomogram and epoch (default: 48)")
@@ -571,7 +549,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        _resolve_weights(args)
         return args.run(args)
     except CryovesError as error:
         if args.verbose:
