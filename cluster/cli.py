@@ -90,7 +90,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from cryoves.engine.io.atomic import atomic_output
     from cryoves.engine.io.mrc import read_volume
-    from cryoves.engine.scoring.evaluate import evaluate, load_spheres
+    from cryoves.engine.scoring.evaluate import METRICS_LEGEND, evaluate, format_metrics, load_spheres
 
     if len(args.files) < 2:
         raise CryovesError("evaluate needs at least one prediction and the ground truth: cryoves evaluate PRED... GT")
@@ -104,20 +104,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         row = {"prediction": str(path), "ground_truth": str(truth_path)}
         row |= evaluate(load_spheres(path, args.voxel_size), truth, probability)
         rows.append(row)
-    columns = ["n_true_positive", "n_false_positive", "n_false_negative", "precision", "recall", "f1",
-               "diameter_error", "center_residual_nm", "dice", "probability_dice"]
-    shown = [c for c in columns if any(c in row for row in rows)]
-    print("prediction".ljust(32) + "".join(f"{c.replace('n_', '').replace('_', ' '):>14s}" for c in shown))
-    for row in rows:
-        print(Path(row["prediction"]).name[:31].ljust(32)
-              + "".join(f"{row.get(c, float('nan')):>14.4g}" for c in shown))
+    if args.json:  # NaN (e.g. precision without predictions) is not JSON: null
+        print(json.dumps([{k: None if v != v else v for k, v in row.items()} for row in rows], indent=1))
+    else:
+        print(format_metrics(rows))
+        print(METRICS_LEGEND)
     table = pa.Table.from_pylist(rows)
     out = Path(args.out)
     if out.exists():
         table = pa.concat_tables([pq.read_table(out), table], promote_options="permissive")
     with atomic_output(out) as tmp:
         pq.write_table(table, tmp)
-    print(f"metrics appended to {out}")
+    print(f"metrics appended to {out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -337,6 +335,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from cryoves.engine.report.index import read_rows, write_index
+    from cryoves.engine.report.tomogram import write_report
+
+    rows = read_rows(args.out_dir)
+    if not rows:
+        raise CryovesError(f"{args.out_dir}: no run records (runs/NAME.parquet); pass a folder written by "
+                           "cryoves segment or cryoves run")
+    failed = 0
+    for row in tqdm([r for r in rows if r.status == "ok"], desc="reports", unit="tomogram", disable=None):
+        try:
+            write_report(args.out_dir, row.name)
+        except CryovesError as error:  # one unreadable tomogram does not stop the others' reports
+            print(f"{row.name}: error: {error}", file=sys.stderr)
+            failed += 1
+    index = write_index(args.out_dir)
+    print(f"{len(rows)} tomograms; open {index}")
+    if failed:
+        raise CryovesError(f"{failed} of {len(rows)} reports could not be drawn (listed above)")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from cryoves.engine.io.export import write_copick, write_star
+
+    dest = Path(args.out or Path(args.out_dir) / "export")
+    if args.format == "copick":
+        config = write_copick(args.out_dir, args.copick_config or dest / "copick" / "copick.json",
+                              include_removed=args.include_removed)
+        print(f"copick project {config} (picks of user cryoves, session 0, object synaptic-vesicle)")
+        return 0
+    for path in write_star(args.out_dir, dest, f"relion{args.relion}", per_tomogram=args.per_tomogram,
+                           include_removed=args.include_removed):
+        print(f"  {path}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cryoves.engine.network.catalog import CACHE_ENV, CATALOG, cache_dir, cached_path, fetch, is_cached
+    from cryoves.engine.network.model import bundled_model_dir
+
+    if args.models_command == "fetch":
+        if is_cached(args.name):
+            print(f"{args.name}: already cached at {cached_path(args.name)}")
+            return 0
+        model = CATALOG.get(args.name)
+        if model is not None:
+            print(f"fetching {model.name}: {model.description}; licence {model.licence}", file=sys.stderr)
+        print(f"{args.name}: cached at {fetch(args.name, progressbar=True)}")
+        return 0
+    print(f"{'bundled':12s} {'in the package':15s} {bundled_model_dir()}")
+    print(f"{'':12s} cryoves's own U-Net, trained on synthetic tomograms only; BSD-3-Clause, as cryoves")
+    for name, model in CATALOG.items():
+        print(f"{name:12s} {'cached' if is_cached(name) else 'not cached':15s} {cached_path(name)}")
+        print(f"{'':12s} {model.description}; licence {model.licence}")
+    print(f"cache folder {cache_dir()} (set {CACHE_ENV} to move it); a model not cached is fetched on first use, "
+          "or beforehand with: cryoves models fetch NAME")
+    return 0
+
+
 def _add_output_options(parser: argparse.ArgumentParser) -> None:
     """The outputs, scoring and resume options of `segment` and `run`."""
     parser.add_argument("--probability", action="store_true", help="also write NAME.prob.mrc")
@@ -353,9 +413,31 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
 
 
+_WEIGHTS_HELP = ("bundled, cryovesnet (CryoVesNet's published weights, fetched on first use; see `cryoves models`) "
+                 "or a path: a cryoves model folder or a weights.h5 (default: bundled)")
+
+
+def _resolve_weights(args: argparse.Namespace) -> None:
+    """Turn `--weights` / `--init-weights` NAME|PATH into the path the engine loads (None: the bundled
+    model), fetching a published model on first use; once, before any command runs."""
+    if getattr(args, "weights", None) is None and getattr(args, "init_weights", None) is None:
+        return
+    from cryoves.engine.network.catalog import resolve_weights
+    from cryoves.engine.network.model import bundled_model_dir
+
+    def announce(model) -> None:
+        print(f"fetching {model.name}: {model.description}; licence {model.licence}", file=sys.stderr)
+
+    if getattr(args, "weights", None) is not None:
+        path = resolve_weights(args.weights, on_fetch=announce, progressbar=True)
+        args.weights = None if path is None else str(path)
+    if getattr(args, "init_weights", None) is not None:  # training needs a folder to start from, bundled too
+        args.init_weights = str(resolve_weights(args.init_weights, on_fetch=announce, progressbar=True)
+                                or bundled_model_dir())
+
+
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--weights", metavar="FILE",
-                        help="a cryoves model folder or CryoVesNet's weights.h5 (default: the bundled model)")
+    parser.add_argument("--weights", metavar="NAME|PATH", help=_WEIGHTS_HELP)
     parser.add_argument("--tta", type=int, choices=(1, 4, 8), default=1,
                         help="test-time augmentation: 1 (off), 4 (flips) or 8 (flips and rotations)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -433,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--probability", metavar="PROB.mrc", help="probability map on the GT grid: adds its Dice")
     evaluate.add_argument("--out", default="metrics.parquet",
                           help="metrics table to append to (default: metrics.parquet)")
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON (one object per PRED)")
     _add_voxel_size(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
 
@@ -515,7 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="phantom size (default: small)")
     bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                        help="cpu (Keras) or gpu (PyTorch, float16)")
-    bench.add_argument("--weights", metavar="FILE", help="model to time (default: the bundled model)")
+    bench.add_argument("--weights", metavar="NAME|PATH", help="model to time: " + _WEIGHTS_HELP)
     bench.add_argument("--json", action="store_true", help="print one machine-readable record")
     bench.set_defaults(run=cmd_bench)
 
@@ -529,12 +612,61 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, metavar="MODEL_DIR", help="model folder to write (and resume)")
     train.add_argument("--data", nargs="+", metavar="DIR", help="folders of TOMO.mrc + TOMO.labels.mrc pairs")
     train.add_argument("--synthetic", type=int, default=0, metavar="N", help="add N synthetic tomograms")
-    train.add_argument("--init-weights", metavar="FILE", help="start from a cryoves model folder or CryoVesNet .h5")
+    train.add_argument("--init-weights", metavar="NAME|PATH",
+                       help="start from bundled, cryovesnet (fetched on first use), a cryoves model folder or a .h5")
     train.add_argument("--epochs", type=int, default=30, help="epochs (default: 30)")
     train.add_argument("--patches-per-tomogram", type=int, default=48,
                        help="32³ patches drawn per tomogram and epoch (default: 48)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.set_defaults(run=cmd_train)
+
+    report = commands.add_parser(
+        "report", help="draw the quality-control report of an output folder (one PNG per tomogram, index.html)",
+        description="Draw OUT_DIR/report/NAME.png per segmented tomogram (orthogonal slices through the densest "
+                    "vesicle region with kept, repaired and removed vesicles outlined, the probability map when "
+                    "written, histograms of radius, membrane thickness and profile correlation, vesicles left "
+                    "after each stage) and OUT_DIR/report/index.html over all of them (sortable, works offline).",
+        epilog="example: cryoves report results/",
+    )
+    report.add_argument("out_dir", metavar="OUT_DIR", help="a folder written by cryoves segment or cryoves run")
+    report.set_defaults(run=cmd_report)
+
+    export = commands.add_parser(
+        "export", help="write vesicle centres as RELION STAR files or copick picks",
+        description="Export the vesicles of an output folder (kept and repaired ones unless --include-removed) "
+                    "for subtomogram averaging or annotation tools: RELION 5 STAR with centred coordinates in Å "
+                    "(--relion 5), RELION 3/4 and Warp STAR with pixel coordinates (--relion 4), or picks in a "
+                    "copick project (needs the copick extra: pip install 'cryoves[copick]').",
+        epilog="example: cryoves export results/ --format star --relion 5 --per-tomogram",
+    )
+    export.add_argument("out_dir", metavar="OUT_DIR", help="a folder written by cryoves segment or cryoves run")
+    export.add_argument("--format", choices=("star", "copick"), default="star", help="star (default) or copick")
+    export.add_argument("--relion", type=int, choices=(5, 4), default=5,
+                        help="STAR style: 5, rlnCenteredCoordinateX/Y/ZAngst (Å from the tomogram centre); "
+                             "4, rlnCoordinateX/Y/Z in pixels (RELION 3/4, Warp) (default: 5)")
+    export.add_argument("--per-tomogram", action="store_true",
+                        help="one STAR file per tomogram (NAME.relion5.star) instead of one for the run")
+    export.add_argument("--include-removed", action="store_true", help="also export vesicles marked removed")
+    export.add_argument("--out", metavar="DIR", help="where STAR files go (default: OUT_DIR/export)")
+    export.add_argument("--copick-config", metavar="FILE",
+                        help="copick project config to add the picks to, created if missing "
+                             "(default: OUT_DIR/export/copick/copick.json)")
+    export.set_defaults(run=cmd_export)
+
+    models = commands.add_parser(
+        "models", help="list the models --weights can name, and fetch them ahead of time",
+        description="List the models that --weights accepts by name (bundled, and published models fetched on "
+                    "first use into the cache folder), whether each is cached, and its licence. "
+                    "`cryoves models fetch NAME` downloads one ahead of time, e.g. for cluster nodes without network.",
+        epilog="example: cryoves models fetch cryovesnet",
+    )
+    models_commands = models.add_subparsers(dest="models_command", metavar="ACTION")
+    fetch = models_commands.add_parser("fetch", help="download a published model into the cache",
+                                       description="Download a published model into the cache folder, checked "
+                                                   "against its pinned SHA-256.",
+                                       epilog="example: cryoves models fetch cryovesnet")
+    fetch.add_argument("name", metavar="NAME", help="a published model (see cryoves models)")
+    models.set_defaults(run=cmd_models)
     return parser
 
 
@@ -549,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        _resolve_weights(args)
         return args.run(args)
     except CryovesError as error:
         if args.verbose:

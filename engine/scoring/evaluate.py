@@ -60,6 +60,42 @@ def evaluate(prediction: Spheres, truth: Spheres, probability: np.ndarray | None
     return row
 
 
+METRIC_COLUMNS = (
+    ("n_true_positive", "TP", "d"),
+    ("n_false_positive", "FP", "d"),
+    ("n_false_negative", "FN", "d"),
+    ("precision", "precision", ".3f"),
+    ("recall", "recall", ".3f"),
+    ("f1", "F1", ".3f"),
+    ("diameter_error", "diam. error", ".3f"),
+    ("center_residual_nm", "centre (nm)", ".2f"),
+    ("dice", "Dice", ".3f"),
+    ("probability_dice", "prob. Dice", ".3f"),
+)
+"""(key of an `evaluate` row, column header, number format) in the order `format_metrics` prints them."""
+METRICS_LEGEND = ("TP, FP, FN: true positives, false positives, false negatives (one-to-one matching); "
+                  "diam. error: mean relative diameter error over TPs; centre: mean centre distance over TPs")
+
+
+def format_metrics(rows: list[dict]) -> str:
+    """Metric rows as an aligned text table: the `prediction` column, then each metric that some row has
+    (headers right-aligned over their numbers, two spaces apart; '-' where a value is missing or undefined)."""
+    shown = [(key, header, spec) for key, header, spec in METRIC_COLUMNS if any(key in row for row in rows)]
+    table = [["prediction", *(header for _, header, _ in shown)]]
+    for row in rows:
+        table.append([str(row["prediction"]), *(_format_value(row.get(key), spec) for key, _, spec in shown)])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
+    lines = ["  ".join([line[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(line[1:], widths[1:]))])
+             for line in table]
+    return "\n".join(lines)
+
+
+def _format_value(value, spec: str) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "-"
+    return format(value, spec)
+
+
 TRUTH_SUFFIXES = (".labels.mrc", ".vesicles.parquet")
 """How ground truth is named beside a batch: NAME.labels.mrc, else NAME.vesicles.parquet (as `phantom` writes)."""
 

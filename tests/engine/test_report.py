@@ -1,0 +1,125 @@
+"""QC reports: the geometry they draw (densest point, circles cut by a plane, stage counts) against exact
+answers, and the PNGs and index.html they write over a hand-made output folder."""
+
+import re
+
+import numpy as np
+import numpy.testing as npt
+import pyarrow as pa
+import pytest
+from matplotlib.image import imread
+
+from cryoves.cluster.cli import main
+from cryoves.engine.errors import CryovesError
+from cryoves.engine.report.index import IndexRow, read_rows, with_checks, write_index
+from cryoves.engine.report.tomogram import (
+    circles_in_plane,
+    densest_point,
+    read_outputs,
+    slab,
+    stage_counts,
+    write_report,
+)
+
+
+def test_densest_point_is_the_vesicle_with_most_neighbours():
+    cluster = [(10, 10, 10), (10, 10, 16), (10, 16, 10), (16, 10, 10)]
+    lonely = [(40, 40, 40), (5, 60, 60)]
+    centers = np.array(lonely + cluster, dtype=float)
+    assert densest_point(centers, np.full(len(centers), 2.0), (50, 70, 70)) == (10, 10, 10)
+    assert densest_point(np.empty((0, 3)), np.empty(0), (50, 70, 71)) == (25, 35, 35)
+
+
+def test_circles_where_spheres_cut_a_plane():
+    centers = np.array([[10.0, 20.0, 30.0], [30.0, 5.0, 6.0]])
+    rows, in_plane, radii = circles_in_plane(centers, np.array([5.0, 2.0]), axis=0, index=13.0)
+    assert rows.tolist() == [0]
+    npt.assert_array_equal(in_plane, [[20.0, 30.0]])
+    npt.assert_allclose(radii, [4.0])  # 3-4-5
+    rows, in_plane, radii = circles_in_plane(centers, np.array([5.0, 2.0]), axis=2, index=6.0)
+    assert rows.tolist() == [1]
+    npt.assert_array_equal(in_plane, [[30.0, 5.0]])
+    npt.assert_allclose(radii, [2.0])
+
+
+def test_slab_is_the_mean_of_the_planes_clipped_to_the_volume():
+    volume = np.arange(4 * 3 * 2, dtype=np.float32).reshape(4, 3, 2)
+    npt.assert_array_equal(slab(volume, 0, 1, 1), volume[0:3].mean(axis=0))
+    npt.assert_array_equal(slab(volume, 1, 0, 1), volume[:, 0:2].mean(axis=1))
+    npt.assert_array_equal(slab(volume, 2, 1, 0), volume[:, :, 1])
+
+
+def test_stage_counts_follow_where_each_outcome_was_decided():
+    table = pa.table({"outcome": ["kept", "removed", "removed", "repaired", "removed", "kept"],
+                      "stage": ["final", "refine", "outliers", "outliers", "overlap", "final"]})
+    counts = stage_counts(table)
+    assert (counts.candidates, counts.after_sphere_fit, counts.after_outliers, counts.final) == (6, 5, 4, 3)
+    assert (counts.repaired, counts.removed) == (1, 3)
+
+
+def test_report_png_and_thumbnail(segmented_folder):
+    out = segmented_folder(["alpha"])
+    path = write_report(out, "alpha")
+    assert path == out / "report" / "alpha.png"
+    image, thumb = imread(path), imread(out / "report" / "alpha.thumb.png")
+    assert image.shape[1] > 1000 and image.shape[0] > 800  # three rows of slices and the histograms
+    assert thumb.shape[1] < 250
+    assert np.std(image) > 0.05  # something is drawn
+
+
+def test_report_without_the_input_tomogram_falls_back_to_the_probability_map(segmented_folder):
+    out = segmented_folder(["alpha"])
+    read_outputs(out, "alpha").tomogram_path.unlink()
+    assert read_outputs(out, "alpha").tomogram_path is None
+    assert write_report(out, "alpha").is_file()
+
+
+def test_report_of_a_failed_or_unknown_tomogram_is_refused(segmented_folder):
+    out = segmented_folder(["alpha"], failed=["gamma"])
+    with pytest.raises(CryovesError, match="gamma: its run failed"):
+        write_report(out, "gamma")
+    with pytest.raises(CryovesError, match="no run record runs/delta.parquet"):
+        write_report(out, "delta")
+
+
+def test_checks_single_out_the_odd_tomogram():
+    def row(name, n, radius=20.0, removed=0, threshold=0.85, warnings=()):
+        return IndexRow(name, "ok", "", n, 0, removed, n + removed, radius, threshold, 1.0, warnings)
+
+    rows = with_checks([row("a", 20), row("b", 22), row("c", 21), row("d", 5),
+                        row("e", 20, radius=30.0, threshold=0.99), row("f", 20, removed=10, warnings=("inverted?",)),
+                        IndexRow("g", "error", "unreadable", 0, 0, 0, 0, *[float("nan")] * 3, ())])
+    checks = {r.name: r.checks for r in rows}
+    assert checks["a"] == checks["b"] == checks["c"] == ()
+    assert checks["d"] == ("5 vesicles against a run median of 20",)
+    assert checks["e"] == ("median radius 30.0 nm against a run median of 20.0 nm",
+                           "threshold 0.99 against a run median of 0.85")
+    assert checks["f"] == ("inverted?", "10 of 30 candidates removed")
+    assert checks["g"] == ("failed: unreadable",)
+
+
+def test_index_lists_every_tomogram_offline(segmented_folder):
+    out = segmented_folder(["alpha", "beta"], failed=["gamma"], warnings={"beta": ["the contrast looks inverted"]})
+    for name in ("alpha", "beta"):
+        write_report(out, name)
+    page = write_index(out).read_text()
+    assert [r.name for r in read_rows(out)] == ["alpha", "beta", "gamma"]
+    rows = re.findall(r'<tr class="(\w*)">(.*?)</tr>', page)  # in name order: alpha, beta, gamma
+    assert [css for css, _ in rows] == ["flagged", "flagged", "failed"]
+    assert "2 of 5 candidates removed" in rows[0][1] and "inverted" not in rows[0][1]
+    assert "the contrast looks inverted" in rows[1][1]
+    assert "failed: voxel size 1.0 Å looks unset" in rows[2][1]
+    assert 'src="alpha.thumb.png"' in page and 'href="beta.png"' in page
+    assert "<script>" in page and "addEventListener" in page
+    assert not re.search(r"(src|href)=\"(https?:)?//", page)  # nothing fetched from the network
+    assert imread(out / "report" / "run.png").shape[1] > 800
+
+
+def test_cli_report(segmented_folder, tmp_path, capsys):
+    out = segmented_folder(["alpha", "beta"], failed=["gamma"])
+    assert main(["report", str(out)]) == 0
+    assert "3 tomograms; open" in capsys.readouterr().out
+    assert sorted(p.name for p in (out / "report").glob("*.png")) == [
+        "alpha.png", "alpha.thumb.png", "beta.png", "beta.thumb.png", "run.png"]
+    assert main(["report", str(tmp_path / "empty")]) == 2
+    assert "no run records" in capsys.readouterr().err
