@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -40,16 +41,23 @@ from cryoves.cluster.bench import (
     run_bench,
 )
 from cryoves.cluster.run import FINISH_BYTES_PER_VOXEL, run_batch
-from cryoves.engine.io.outputs import write_outputs
-from cryoves.engine.job import prepare_job, segment_file
-from cryoves.engine.network.inference import (
-    InferenceParams,
-    predict_tiled,
-    prepare_network_input,
-    probability_on_input_grid,
+from cryoves.engine.io.mrc import write_volume
+from cryoves.engine.job import (
+    Job,
+    ProbabilityMap,
+    Settings,
+    batch_starts,
+    finish,
+    network_input,
+    predict_tiles,
+    prepare,
+    probability_map,
+    segment_job,
+    tile_plan,
 )
+from cryoves.engine.network.inference import InferenceParams
 from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
-from cryoves.engine.pipeline import SegmentParams, oriented, postprocess
+from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.stages.refine import RefineParams, refine_spheres
 from cryoves.engine.stages.threshold import ThresholdParams
 from cryoves.engine.synthetic.phantom import PRESETS, make_phantom, write_phantom
@@ -181,48 +189,55 @@ def scaling() -> dict:
 def work_outside_network() -> dict:
     """One TARGET tomogram's work outside the network, as `cryoves run` splits it, on one core.
 
-    `_prepare` (read, checksum, rescale, normalise) and `_finish` (resample the map, post-process
-    without kept stages, write) each run in a fresh process with one numba thread, on a phantom of the target size
-    itself and the bundled network's map (computed here, untimed): seconds, and the peak growth of the process's
-    resident memory over the work, which is what `cryoves run` asks Ray for per tomogram.
+    `_prepare`'s engine calls (`prepare`, `network_input`) and `_finish`'s (`probability_map` of the
+    tile batches, `finish` without optional outputs) each run in a fresh process with one numba thread,
+    on a phantom of the target size itself and the bundled network's tile batches (computed here,
+    untimed): seconds, and the peak growth of the process's resident memory over the work, which is
+    what `cryoves run` asks Ray for per tomogram.
     """
     import multiprocessing
     from unittest.mock import patch as patch_env
 
     params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None)))
+    settings = Settings(params=params, weights_sha256="sha", force=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_phantom(tmp, make_phantom(TARGET_SHAPE, TARGET_VOXEL_SIZE_A, seed=0), name="target")
-        job = prepare_job(Path(tmp) / "target.mrc", params, "sha")
-        network_input = prepare_network_input(oriented(job.volume.data, params), job.volume.voxel_size_a,
-                                              params.inference)
-        np.save(Path(tmp) / "prob_net.npy", predict_tiled(network_input, load_logit_fn(None), params.inference))
-        del network_input, job
+        prepared = prepare(Job(path=Path(tmp) / "target.mrc"), settings, tmp)
+        network = network_input(prepared, params)
+        logit_fn = load_logit_fn(None)
+        batches = [predict_tiles(network.volume, first, logit_fn, params.inference)
+                   for first in batch_starts(tile_plan(prepared, params.inference))]
+        (Path(tmp) / "batches.pickle").write_bytes(pickle.dumps(batches))
+        del network, batches, prepared
         with patch_env.dict(os.environ, {"NUMBA_NUM_THREADS": "1"}):
             with multiprocessing.get_context("spawn").Pool(1, maxtasksperchild=1) as pool:
-                prepare = pool.apply(_one_core_step, (tmp, "prepare", params))
-                finish = pool.apply(_one_core_step, (tmp, "finish", params))
-    return {"prepare_s": prepare["seconds"], "finish_s": finish["seconds"],
-            "core_seconds": prepare["seconds"] + finish["seconds"], "prepare_peak_gb": prepare["peak_gb"],
-            "finish_peak_gb": finish["peak_gb"], "n_vesicles": finish["n_vesicles"]}
+                prepare_step = pool.apply(_one_core_step, (tmp, "prepare", settings))
+                finish_step = pool.apply(_one_core_step, (tmp, "finish", settings))
+    return {"prepare_s": prepare_step["seconds"], "finish_s": finish_step["seconds"],
+            "core_seconds": prepare_step["seconds"] + finish_step["seconds"],
+            "prepare_peak_gb": prepare_step["peak_gb"], "finish_peak_gb": finish_step["peak_gb"],
+            "n_vesicles": finish_step["n_vesicles"]}
 
 
-def _one_core_step(tmp: str, step: str, params: SegmentParams) -> dict:
-    """`_prepare` or `_finish` of `work_outside_network`, in a fresh process after a small warm-up."""
+def _one_core_step(tmp: str, step: str, settings: Settings) -> dict:
+    """`_prepare`'s or `_finish`'s calls of `work_outside_network`, in a fresh process after a small warm-up."""
     warm = make_phantom(WARMUP_SHAPE, BENCH_VOXEL_SIZE_A, seed=1)
-    postprocess(warm.tomogram, phantom_probability(warm), warm.voxel_size_a, params)
-    prob_net = np.load(Path(tmp) / "prob_net.npy") if step == "finish" else None
+    warm_job = Job(path=write_volume(Path(tmp) / "warm.mrc", warm.tomogram, warm.voxel_size_a))
+    warmed = prepare(warm_job, settings, tmp)
+    network_input(warmed, settings.params)
+    finish(warmed, ProbabilityMap(phantom_probability(warm), 0.0), settings, tmp)
+    target = Job(path=Path(tmp) / "target.mrc")
+    if step == "finish":  # as the task receives them: the batches, and a Prepared whose file is mapped again
+        batches = pickle.loads((Path(tmp) / "batches.pickle").read_bytes())
+        prepared = pickle.loads(pickle.dumps(prepare(target, settings, tmp)))
     n_vesicles = None
     with ResidentGrowth() as growth:
         start = time.perf_counter()
-        job = prepare_job(Path(tmp) / "target.mrc", params, "sha")
-        tomogram = oriented(job.volume.data, params)
         if step == "prepare":
-            prepare_network_input(tomogram, job.volume.voxel_size_a, params.inference)
+            network_input(prepare(target, settings, tmp), settings.params)
         else:
-            probability = probability_on_input_grid(prob_net, tomogram.shape)
-            result = postprocess(tomogram, probability, job.volume.voxel_size_a, params, keep_stages=False)
-            write_outputs(tmp, job.name, job.volume, result, job.record)
-            n_vesicles = int(result.vesicles.num_rows)
+            probability = probability_map(prepared, 0.0, batches, settings.params)
+            n_vesicles = finish(prepared, probability, settings, tmp).n_vesicles
         seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_gb": growth.peak_bytes / 1e9, "n_vesicles": n_vesicles}
 
@@ -261,13 +276,13 @@ class ResidentGrowth:
 
 
 def batch_overhead(n_tomograms: int = 50) -> dict:
-    """`cryoves run` on a local Ray instance against `segment_file` in a loop, same small phantoms, same run.
+    """`cryoves run` on a local Ray instance against `segment_job` in a loop, same small phantoms, same run.
 
     The overhead compares steady rates: in-process with the model loaded beforehand, and Ray from its
     first finished tomogram to its last, so Ray's start and the actor's model load (once per batch,
     `startup_s`) do not count against each tomogram.
     """
-    params = SegmentParams()
+    settings = Settings(params=SegmentParams(), weights_sha256="sha")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "tomograms"
         for seed in range(n_tomograms):
@@ -275,12 +290,13 @@ def batch_overhead(n_tomograms: int = 50) -> dict:
         paths = sorted(folder.glob("phantom*[0-9].mrc"))
         logit_fn = load_logit_fn(None)
         start = time.perf_counter()
+        out = Path(tmp) / "in_process"
         for path in paths:
-            segment_file(prepare_job(path, params, "sha"), Path(tmp) / "in_process", logit_fn, params)
+            segment_job(prepare(Job(path=path), settings, out), logit_fn, settings, out)
         in_process_s = time.perf_counter() - start
         finished: list[float] = []
         start = time.perf_counter()
-        table = run_batch(paths, Path(tmp) / "ray", params, weights=None, weights_sha256="sha",
+        table = run_batch(paths, Path(tmp) / "ray", settings, weights=None,
                           progress=lambda row: finished.append(time.perf_counter()))
         ray_s = time.perf_counter() - start
     assert table["status"].to_pylist() == ["ok"] * n_tomograms
@@ -416,7 +432,7 @@ def main() -> None:
     out("")
 
     out("## `cryoves run`: overhead, and multi-GPU scaling (modelled)\n")
-    out(f"**Measured here.** {batch['n']} phantoms of 32x64x64 at 22 Å: in-process (`segment_file` in a loop, model "
+    out(f"**Measured here.** {batch['n']} phantoms of 32x64x64 at 22 Å: in-process (`segment_job` in a loop, model "
         f"loaded beforehand) {batch['in_process_s']:.1f} s, {batch['in_process_per_min']:.0f} tomograms/min; "
         f"`cryoves run` on a local Ray instance {batch['ray_s']:.1f} s, of which {batch['startup_s']:.1f} s until "
         f"the first tomogram was done (Ray's start, the actor's model load: once per batch), then "

@@ -21,9 +21,9 @@ WINDOW, KEEP = 64, 24
 
 @pytest.fixture(scope="module")
 def logit_fn(cryovesnet_weights_path):
-    from cryoves.engine.network.model import build_unet, load_unet, make_logit_fn
+    from cryoves.engine.network.model import build_unet, load_model, make_logit_fn
 
-    return make_logit_fn(load_unet(cryovesnet_weights_path) if cryovesnet_weights_path.is_file() else build_unet())
+    return make_logit_fn(load_model(cryovesnet_weights_path) if cryovesnet_weights_path.is_file() else build_unet())
 
 
 def _volume(shape):

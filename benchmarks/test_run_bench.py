@@ -1,4 +1,4 @@
-"""Batch throughput (tomograms/min): `run_batch` on local Ray vs `segment_file` in-process, same run.
+"""Batch throughput (tomograms/min): `run_batch` on local Ray vs `segment_job` in-process, same run.
 
 Small phantoms (32x64x64 at 22 Å, one tile each). Ray starts as on a CPU-only machine: one CPU
 inference actor beside the CPU tasks; its time includes starting the actor and loading the model,
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from cryoves.engine.job import prepare_job, segment_file
+from cryoves.engine.job import Job, Settings, prepare, segment_job
 from cryoves.engine.network.model import bundled_model_dir, load_logit_fn
 from cryoves.engine.pipeline import SegmentParams
 from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
@@ -26,7 +26,7 @@ pytestmark = [
 ]
 
 N_TOMOGRAMS = int(os.environ.get("CRYOVES_BENCH_TOMOGRAMS", "4"))
-PARAMS = SegmentParams()
+SETTINGS = Settings(params=SegmentParams(), weights_sha256="bench")
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +60,14 @@ def test_batch_throughput(benchmark, request, tmp_path, tomograms, weights, path
         def run():
             out = tmp_path / f"out{next(counter)}"
             for tomogram in tomograms:
-                segment_file(prepare_job(tomogram, PARAMS, "bench"), out, logit_fn, PARAMS)
+                segment_job(prepare(Job(path=tomogram), SETTINGS, out), logit_fn, SETTINGS, out)
             return ["ok"] * len(tomograms)
     else:
         request.getfixturevalue("local_ray")
 
         def run():
             out = tmp_path / f"out{next(counter)}"
-            return run_batch([str(t) for t in tomograms], out, PARAMS, weights=weights, weights_sha256="bench",
+            return run_batch([str(t) for t in tomograms], out, SETTINGS, weights=weights,
                              progress=lambda row: None)["status"].to_pylist()
 
     start = time.perf_counter()

@@ -1,11 +1,12 @@
-"""`cryoves bench`'s engine: one record per run with every stage timed, and its text rendering."""
+"""`cryoves bench`'s engine: the job calls timed as `segment` runs them, one record per run with every
+step rated, and its text rendering."""
 
 import json
 
 import pytest
 
 from cryoves.cluster.bench import (
-    SIZES,
+    POST_STAGES,
     TARGET_SHAPE,
     Node,
     fitted_exponent,
@@ -13,27 +14,55 @@ from cryoves.cluster.bench import (
     model_throughput,
     project,
     run_bench,
+    time_pipeline,
 )
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.pipeline import STAGES
+from cryoves.engine.io.mrc import read_volume, write_volume
+from cryoves.engine.io.outputs import read_run_record
+from cryoves.engine.job import STEPS
+from cryoves.engine.network.inference import InferenceParams
+from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.pipeline import SegmentParams
+from cryoves.engine.synthetic.phantom import make_phantom
+
+SHAPE = (32, 96, 96)  # at 22 Å: the network grid is the input grid
+REPEATS = 3
 
 
 @pytest.fixture(scope="module")
 def record():
-    """The small size on CPU, on a smaller phantom to keep the test fast (same code path)."""
-    return run_bench("small", "cpu", shape=(32, 96, 96))
+    """A record from scripted timings: run k (0 the warm-up) takes (k + 1) x (step's index + 1) x 0.1 s,
+    except that the second timed run is the fastest network pass (0.05 s)."""
+    import cryoves.cluster.bench as bench
+
+    calls = []
+
+    def scripted(tomogram, logit_fn, params, out_dir):
+        k = len(calls)
+        calls.append(read_volume(tomogram).data.shape)
+        seconds = {step: (k + 1) * (i + 1) * 0.1 for i, step in enumerate(STEPS)}
+        return seconds | ({"network": 0.05} if k == 2 else {}), 7
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "time_pipeline", scripted)
+        patch.setattr(bench, "load_logit_fn", lambda weights, device: None)
+        result = run_bench("small", "cpu", shape=SHAPE, repeats=REPEATS)
+    assert calls == [SHAPE] * (1 + REPEATS)  # a warm-up pass on the phantom itself, then the timed runs
+    return result
 
 
-def test_record_has_every_stage_with_positive_times(record):
-    assert list(record["stages"]) == list(STAGES)
-    for name, stage in record["stages"].items():
-        assert stage["seconds"] > 0 and stage["mvoxel_per_s"] > 0, name
+def test_record_rates_the_fastest_of_the_timed_runs(record):
+    assert list(record["stages"]) == list(STEPS)
+    n_voxels = 32 * 96 * 96
+    for i, (name, stage) in enumerate(record["stages"].items()):
+        expected = 0.05 if name == "network" else 2 * (i + 1) * 0.1  # run 1 (the first timed) is the fastest
+        assert stage["seconds"] == pytest.approx(expected), name
+        assert stage["mvoxel_per_s"] == pytest.approx(n_voxels / expected / 1e6)
         assert stage["grid"] == ("network" if name == "network" else "input")
-    post = sum(record["stages"][name]["seconds"] for name in STAGES[1:])
-    assert record["postprocess_seconds"] == pytest.approx(post)
-    assert record["total_seconds"] == pytest.approx(post + record["stages"]["network"]["seconds"])
-    assert record["shape"] == [32, 96, 96] and record["size"] == "small" and record["device"] == "cpu"
-    assert record["n_vesicles_phantom"] > 0 and record["n_vesicles_found"] > 0
+    assert record["postprocess_seconds"] == pytest.approx(sum(0.2 * (STEPS.index(s) + 1) for s in POST_STAGES))
+    assert record["total_seconds"] == pytest.approx(sum(stage["seconds"] for stage in record["stages"].values()))
+    assert record["shape"] == list(SHAPE) and record["size"] == "small" and record["device"] == "cpu"
+    assert record["n_vesicles_found"] == 7 and record["repeats"] == REPEATS
 
 
 def test_record_is_json_with_hardware_and_versions(record):
@@ -41,14 +70,24 @@ def test_record_is_json_with_hardware_and_versions(record):
     assert again["hardware"]["cores"] >= 1 and again["hardware"]["cpu"]
     assert {"python", "numpy", "numba"} <= set(again["versions"])
     assert again["projection"]["network_shape"] == [174, 684, 684]
-    assert again["projection"]["tomograms_per_hour"] > 0
 
 
 def test_format_prints_stages_and_projection(record):
     text = format_bench(record)
-    for name in STAGES:
+    for name in STEPS:
         assert f"\n{name} " in text
     assert "projected:" in text and "tomograms/hour" in text and "1024x1024x261 voxels at 14.69 Å" in text
+
+
+def test_time_pipeline_segments_the_file_as_segment_does(tmp_path):
+    """One real pass of the job calls: every step timed, and the vesicle count is the written labels'."""
+    phantom = make_phantom((32, 64, 64), 22.0, seed=1)
+    tomogram = write_volume(tmp_path / "tomo.mrc", phantom.tomogram, 22.0)
+    params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None)))
+    seconds, n_found = time_pipeline(tomogram, load_logit_fn(None), params, tmp_path / "out")
+    assert list(seconds) == list(STEPS)
+    assert n_found == read_volume(tmp_path / "out" / "tomo.labels.mrc").data.max() > 0
+    assert read_run_record(tmp_path / "out", "tomo")["n_vesicles"] == n_found
 
 
 def test_projection_uses_network_grid_for_the_network_and_input_grid_after():
@@ -83,10 +122,6 @@ def test_fitted_exponent_recovers_a_power_law():
 def test_unknown_size_or_device_is_refused(size, device):
     with pytest.raises(CryovesError, match="unknown"):
         run_bench(size, device)
-
-
-def test_standard_sizes():
-    assert SIZES == {"small": (64, 128, 128), "medium": (128, 256, 256), "large": (200, 512, 512)}
 
 
 def test_gpu_without_cuda_is_refused():

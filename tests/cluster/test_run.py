@@ -1,6 +1,8 @@
-"""`run_batch` on a local Ray instance with fake GPUs: same outputs as `segment_file`, resume, error rows."""
+"""`cryoves run` on a local Ray instance with fake GPUs: the same files as `cryoves segment` with the same
+options, resume, error rows."""
 
 import dataclasses
+import json
 
 import mrcfile
 import numpy as np
@@ -9,11 +11,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from cryoves.cluster.cli import _settings, build_parser, main
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.mrc import write_volume
-from cryoves.engine.job import prepare_job, segment_file
-from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import bundled_model_dir, load_logit_fn
+from cryoves.engine.io.mrc import read_volume, write_volume
+from cryoves.engine.job import STEPS, Settings
+from cryoves.engine.network.model import bundled_model_dir
 from cryoves.engine.pipeline import SegmentParams
 from cryoves.engine.stages.threshold import ThresholdParams
 from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
@@ -27,10 +29,22 @@ pytestmark = [
 ]
 
 SHAPE, VOXEL_A = (32, 64, 64), 22.0
-# 4 tiles in 2 batches per tomogram: each tomogram is spread over both actors
-PARAMS = SegmentParams(inference=InferenceParams(tile_vox=32, memory_gb=0.6))
 GOOD = ("p0", "p1")
 VESICLES_PER_TASK = 1  # sphere refinement of each tomogram spread over several tasks
+TIMINGS = {"seconds", "total_seconds", "peak_memory_mb"}
+
+
+def options(inputs) -> list[str]:
+    """Every output and option `segment` and `run` share; --memory-gb 0.5 makes 4 tiles, one per batch, per
+    tomogram, so each tomogram is spread over both actors."""
+    return ["--probability", "--stages", "--pyto", "--truth", str(inputs), "--memory-gb", "0.5"]
+
+
+def run_settings(weights, inputs, regions):
+    """What `cryoves run ... OPTIONS` hands to `run_batch`."""
+    args = build_parser().parse_args(["run", str(inputs), "--out", "unused", "--weights", weights,
+                                      "--regions", str(regions), *options(inputs)])
+    return _settings(args)
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +66,10 @@ def inputs(tmp_path_factory):
     for seed, name in enumerate(GOOD):
         write_phantom(folder, make_phantom(SHAPE, VOXEL_A, seed=seed), name=name)  # + .labels.mrc: not inputs
     (folder / "text.mrc").write_text("not a tomogram\n")
+    for x_max, name in ((32, "p0"), (60, "p1")):  # regions, in a folder of their own
+        region = np.zeros(SHAPE, np.uint8)
+        region[:, :, :x_max] = 1
+        write_volume(folder.parent / "regions" / f"{name}.region.mrc", region, VOXEL_A)
     with mrcfile.new(folder / "unset.mrc") as mrc:
         mrc.set_data(np.zeros((16, 16, 16), np.float32))
         mrc.voxel_size = 1.0
@@ -59,22 +77,26 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(inputs, weights, tmp_path_factory):
-    """The in-process path (`cryoves segment`) on the good tomograms."""
+def regions(inputs):
+    return inputs.parent / "regions"
+
+
+@pytest.fixture(scope="module")
+def reference(inputs, regions, weights, tmp_path_factory):
+    """`cryoves segment` on the good tomograms, with every option."""
     out = tmp_path_factory.mktemp("in_process")
-    logit_fn = load_logit_fn(weights)
-    for name in GOOD:
-        segment_file(prepare_job(inputs / f"{name}.mrc", PARAMS, "sha"), out, logit_fn, PARAMS,
-                     write_probability=True)
+    assert main(["segment", *(str(inputs / f"{name}.mrc") for name in GOOD), "--out", str(out), "--weights", weights,
+                 "--region", str(regions), *options(inputs)]) == 0
     return out
 
 
 @pytest.fixture(scope="module")
-def first_run(ray_instance, inputs, weights, tmp_path_factory):
+def first_run(ray_instance, inputs, regions, weights, tmp_path_factory):
+    """`cryoves run` with the same options, refinement spread over tasks of one vesicle."""
     out = tmp_path_factory.mktemp("ray_out")
     rows = []
-    table = run_batch([str(inputs)], out, PARAMS, weights=weights, weights_sha256="sha", num_gpu_actors=2,
-                      progress=rows.append, write_probability=True, vesicles_per_task=VESICLES_PER_TASK)
+    table = run_batch([str(inputs)], out, run_settings(weights, inputs, regions), weights=weights, regions=regions,
+                      truth=inputs, num_gpu_actors=2, progress=rows.append, vesicles_per_task=VESICLES_PER_TASK)
     return out, table, rows
 
 
@@ -93,25 +115,44 @@ def assert_tables_equal(a: pa.Table, b: pa.Table) -> None:
             assert x.tolist() == y.tolist(), name
 
 
-def test_results_equal_the_in_process_path(first_run, reference):
+def assert_same_files(ours, theirs, names) -> None:
+    """Every output of `names` in folder `ours` equals the one in `theirs`: volumes voxel for voxel with their
+    grid, IMOD models byte for byte, tables exactly, run records but for timings, metrics but for the path."""
+    def listing(folder):
+        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name.split(".")[0] in names)
+
+    files = listing(theirs)
+    assert listing(ours) == files and len(files) >= 11 * len(names)
+    for file in files:
+        a, b = ours / file, theirs / file
+        if file.suffix == ".mrc":
+            x, y = read_volume(a), read_volume(b)
+            np.testing.assert_array_equal(x.data, y.data, err_msg=str(file))
+            assert (x.voxel_size_a, x.origin_a, x.data.dtype) == (y.voxel_size_a, y.origin_a, y.data.dtype)
+        elif file.suffix == ".mod":
+            assert a.read_bytes() == b.read_bytes(), file
+        elif file.parts[0] == "vesicles":
+            assert_tables_equal(pq.read_table(a), pq.read_table(b))
+        else:
+            ignore = TIMINGS if file.parts[0] == "runs" else {"prediction"}
+            x, y = ({k: v for k, v in pq.read_table(f).to_pylist()[0].items() if k not in ignore} for f in (a, b))
+            assert x == y, file
+
+
+def test_run_writes_the_same_files_as_segment_with_the_same_options(first_run, reference):
     out, table, rows = first_run
     assert table["name"].to_pylist() == ["p0", "p1", "text", "unset"]  # input order, outputs excluded
     assert len(rows) == 4 and {r["name"] for r in rows} == set(table["name"].to_pylist())
+    assert_same_files(out, reference, GOOD)
+    assert pq.read_table(out / "vesicles" / "p1.parquet").num_rows > 2 * VESICLES_PER_TASK  # three or more chunks
     for name in GOOD:
-        ours, theirs = mrcfile.read(out / f"{name}.labels.mrc"), mrcfile.read(reference / f"{name}.labels.mrc")
-        np.testing.assert_array_equal(ours, theirs)
-        assert ours.max() > 0
-        np.testing.assert_array_equal(mrcfile.read(out / f"{name}.prob.mrc"),
-                                      mrcfile.read(reference / f"{name}.prob.mrc"))
-        vesicles = pq.read_table(out / "vesicles" / f"{name}.parquet")
-        assert vesicles.num_rows > 2 * VESICLES_PER_TASK  # refined in three or more chunks
-        assert_tables_equal(vesicles, pq.read_table(reference / "vesicles" / f"{name}.parquet"))
-        assert (out / f"{name}.mod").read_bytes() == (reference / f"{name}.mod").read_bytes()
-        ours_run = pq.read_table(out / "runs" / f"{name}.parquet").to_pylist()[0]
-        theirs_run = pq.read_table(reference / "runs" / f"{name}.parquet").to_pylist()[0]
-        timing = {"seconds", "total_seconds", "peak_memory_mb"}
-        assert {k: v for k, v in ours_run.items() if k not in timing} == \
-               {k: v for k, v in theirs_run.items() if k not in timing}
+        assert np.asarray(mrcfile.read(out / f"{name}.labels.mrc")).max() > 0
+        record = pq.read_table(out / "runs" / f"{name}.parquet").to_pylist()[0]
+        assert list(json.loads(record["seconds"])) == list(STEPS)  # the same steps, timed the same way
+    assert not np.asarray(mrcfile.read(out / "p0.labels.mrc"))[:, :, 48:].any()  # region x < 32; spheres cross it
+    metrics = pq.read_table(out / "metrics").to_pylist()
+    assert sorted(row["tomogram"] for row in metrics) == list(GOOD)
+    assert all(row["n_true_positive"] > 0 for row in metrics)
 
 
 def test_actors_sit_on_the_fake_gpus_and_share_each_tomogram(first_run):
@@ -133,16 +174,17 @@ def test_corrupt_inputs_are_error_rows_beside_good_results(first_run):
         assert record["status"] == "error" and record["error"] == errors[name]
 
 
-def test_resume_skips_done_tomograms_and_recomputes_on_a_new_parameter(first_run, inputs, weights):
+def test_resume_skips_done_tomograms_and_recomputes_on_a_new_parameter(first_run, inputs, regions, weights):
     out, _, _ = first_run
+    settings = run_settings(weights, inputs, regions)
     stamp = (out / "p0.labels.mrc").stat().st_mtime_ns
-    again = run_batch([str(inputs)], out, PARAMS, weights=weights, weights_sha256="sha")
+    again = run_batch([str(inputs)], out, settings, weights=weights, regions=regions, truth=inputs)
     assert _status(again) == {"p0": "skipped", "p1": "skipped", "text": "error", "unset": "error"}
     assert (out / "p0.labels.mrc").stat().st_mtime_ns == stamp
-    changed = dataclasses.replace(PARAMS, threshold=ThresholdParams(lo=0.85))
+    changed = dataclasses.replace(settings, params=dataclasses.replace(settings.params,
+                                                                       threshold=ThresholdParams(lo=0.85)))
     good = [str(inputs / f"{name}.mrc") for name in GOOD]
-    redone = run_batch(good, out, changed, weights=weights, weights_sha256="sha", num_gpu_actors=1,
-                       max_in_flight=1)
+    redone = run_batch(good, out, changed, weights=weights, regions=regions, num_gpu_actors=1, max_in_flight=1)
     assert _status(redone) == {"p0": "ok", "p1": "ok"}
     assert set(redone["actors"].to_pylist()) == {"0"}
     assert (out / "p0.labels.mrc").stat().st_mtime_ns != stamp
@@ -151,12 +193,12 @@ def test_resume_skips_done_tomograms_and_recomputes_on_a_new_parameter(first_run
 def test_a_model_that_does_not_load_stops_the_batch_with_one_message(ray_instance, inputs, tmp_path):
     not_weights = tmp_path / "weights.h5"
     not_weights.write_text("not weights")
+    settings = Settings(params=SegmentParams(), weights_sha256="sha")
     with pytest.raises(CryovesError, match="could not load the model: .*weights.h5: not a Keras HDF5"):
-        run_batch([str(inputs / "p0.mrc")], tmp_path / "out", PARAMS, weights=str(not_weights),
-                  weights_sha256="sha")
+        run_batch([str(inputs / "p0.mrc")], tmp_path / "out", settings, weights=str(not_weights))
     with pytest.raises(CryovesError, match="model not found"):
-        run_batch([str(inputs / "p0.mrc")], tmp_path / "out", PARAMS, weights=str(tmp_path / "missing.h5"),
-                  weights_sha256="sha")
+        run_batch([str(inputs / "p0.mrc")], tmp_path / "out", settings, weights=str(tmp_path / "missing.h5"))
+
 
 def test_expand_inputs(tmp_path):
     folder = tmp_path / "a"
@@ -181,36 +223,21 @@ def test_expand_inputs(tmp_path):
         expand_inputs([str(folder), str(tmp_path / "c")])
 
 
-def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, weights, reference, tmp_path,
-                                                          capsys):
-    from cryoves.cluster.cli import main
-
-    regions = tmp_path / "regions"
-    region = np.zeros(SHAPE, np.uint8)
-    region[:, :, :32] = 1
-    write_volume(regions / "p0.region.mrc", region, VOXEL_A)
+def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, regions, weights, reference,
+                                                          tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["run", str(inputs), "--out", str(out), "--weights", weights, "--truth", str(inputs),
-                 "--regions", str(regions)]) == 2
+    assert main(["run", str(inputs / "p1.mrc"), str(inputs / "text.mrc"), "--out", str(out), "--weights", weights,
+                 "--regions", str(regions), *options(inputs)]) == 2
     captured = capsys.readouterr()
-    assert "4 tomograms: 2 segmented, 0 already complete (skipped), 2 failed" in captured.out
-    assert "cryoves: error: 2 of 4 tomograms failed" in captured.err
-    for name in GOOD:
-        assert (out / f"{name}.labels.mrc").is_file()
-    whole = np.asarray(mrcfile.read(reference / "p0.labels.mrc"))
-    assert whole[:, :, 48:].any()
-    assert not np.asarray(mrcfile.read(out / "p0.labels.mrc"))[:, :, 48:].any()  # spheres may cross the edge
-    records = {r["tomogram"]: r for r in pq.read_table(out / "runs").to_pylist()}
-    assert records["p0"]["region"] == str(regions / "p0.region.mrc") and records["p1"]["region"] == ""
-    metrics = pq.read_table(out / "metrics").to_pylist()
-    assert sorted(row["tomogram"] for row in metrics) == list(GOOD)
-    assert all(row["n_true_positive"] + row["n_false_negative"] > 0 for row in metrics)
+    assert "2 tomograms: 1 segmented, 0 already complete (skipped), 1 failed" in captured.out
+    assert "cryoves: error: 1 of 2 tomograms failed" in captured.err
+    assert_same_files(out, reference, ["p1"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("replaced", [True, False], ids=["replaced", "not-replaced"])
-def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, weights, reference, tmp_path,
-                                                                         monkeypatch, replaced):
+def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, regions, weights, reference,
+                                                                         tmp_path, monkeypatch, replaced):
     """Two nodes with one (fake) GPU each; the worker node is killed as soon as both actors hold the model,
     with the first tiles on their way to it. Either a new node joins (as an autoscaler would bring it) and
     the actor restarts there, or none does and the batch goes on with the one GPU left: tasks are
@@ -235,9 +262,9 @@ def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, 
     monkeypatch.setattr(cryoves.cluster.run, "CLUSTER_CHECK_S", 1.0)
     rows = []
     try:
-        table = run_batch([str(inputs)], tmp_path, PARAMS, weights=weights, weights_sha256="sha",
-                          address=cluster.address, max_in_flight=2, progress=rows.append,
-                          write_probability=True)
+        table = run_batch([str(inputs)], tmp_path, run_settings(weights, inputs, regions), weights=weights,
+                          regions=regions, truth=inputs, address=cluster.address, max_in_flight=2,
+                          progress=rows.append)
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -254,7 +281,8 @@ def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, 
 
 
 def test_finish_asks_for_its_measured_memory_but_never_more_than_a_node_has():
-    from cryoves.cluster.run import FINISH_BYTES_PER_VOXEL, finish_memory_bytes
+    from cryoves.cluster.run import finish_memory_bytes
 
-    assert finish_memory_bytes(1000, 1e12) == 1000 * FINISH_BYTES_PER_VOXEL
-    assert finish_memory_bytes(10**9, 8e9) == 8 * 10**9
+    target = 1024 * 1024 * 261  # README: about 5 GB for 1024x1024x261 (4.4 GB measured)
+    assert 4.4e9 < finish_memory_bytes(target, 1e12) <= 5e9 < finish_memory_bytes(target, 1e12, stages=True)
+    assert finish_memory_bytes(target, 4e9) == 4 * 10**9

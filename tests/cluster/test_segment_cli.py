@@ -1,6 +1,7 @@
 """`cryoves segment` and `cryoves demo` end to end on phantoms, through the command line."""
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from cryoves.cluster.cli import main
@@ -21,12 +22,12 @@ def _segment(phantom_files, out, *extra):
 
 
 def test_segment_with_the_bundled_model(phantom_files, tmp_path, capsys):
-    assert _segment(phantom_files, tmp_path, "--probability") == 0
+    assert _segment(phantom_files, tmp_path, "--probability", "--truth", str(phantom_files["vesicles"])) == 0
     labels = read_volume(tmp_path / "tomo.labels.mrc")
     truth = read_volume(phantom_files["labels"])
     assert labels.data.shape == truth.data.shape and labels.voxel_size_a == truth.voxel_size_a
-    row = evaluate(load_spheres(tmp_path / "tomo.labels.mrc"), load_spheres(phantom_files["vesicles"]))
-    assert row["f1"] >= 0.95, row
+    (row,) = pq.read_table(tmp_path / "metrics" / "tomo.parquet").to_pylist()
+    assert row["ground_truth"] == str(phantom_files["vesicles"]) and row["f1"] >= 0.95, row
     assert row["center_residual_nm"] <= 1.5 and row["diameter_error"] <= 0.05, row
     for name in ("tomo.prob.mrc", "tomo.mod", "vesicles/tomo.parquet", "runs/tomo.parquet"):
         assert (tmp_path / name).is_file()
@@ -58,8 +59,11 @@ def test_bad_inputs_exit_2_and_leave_nothing(tmp_path, capsys):
     assert main(["segment", str(garbage), "--out", str(out)]) == 2
     assert main(["segment", str(tmp_path / "absent.mrc"), "--out", str(out)]) == 2
     assert main(["segment", str(garbage), "--out", str(out), "--weights", str(tmp_path)]) == 2
+    phantom = write_volume(tmp_path / "phantom.mrc", make_phantom((16, 32, 32), 22.0, seed=0).tomogram, 22.0)
+    assert main(["segment", str(phantom), "--out", str(out), "--pyto"]) == 2
     err = capsys.readouterr().err
-    assert err.count("cryoves: error:") == 3 and "Traceback" not in err
+    assert err.count("cryoves: error:") == 4 and "Traceback" not in err
+    assert "phantom: --pyto needs a region" in err
     assert not out.exists()
 
 
