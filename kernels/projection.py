@@ -57,7 +57,7 @@ def project(volume, angles_deg):
     return out
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=True)
 def _span(start, step, n_cols, n):
     """Indices [lo, hi) of 0..n-1 (a superset) where ``start + i step`` lies inside (0, n_cols + 1)."""
     t0 = -start / step
@@ -67,7 +67,7 @@ def _span(start, step, n_cols, n):
     return lo, hi
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=True)
 def _padded(values, out):
     """Copy `values` into `out[1:n + 1]` with zeros around: a lerp at p + 1 in `out`, p clamped to
     [-1, n], is the zero-padded lerp at p, without a branch."""
@@ -76,7 +76,7 @@ def _padded(values, out):
     out[1:values.size + 1] = values
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath=True)
 def _ray_sums(plane, centre_row, centre_col, along, across, cu, line):
     """Add to `line` the samples of the rays through every row of `plane` (zero-padded by one column on the
     left, two on the right): row r is crossed at column ``centre_col + ((u - cu) - (r - centre_row) along)
@@ -93,7 +93,7 @@ def _ray_sums(plane, centre_row, centre_col, along, across, cu, line):
             line[u] += (1.0 - w) * plane[r, i] + w * plane[r, i + 1]
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=True)
 def _project(volume, cos, sin, out):
     nz, ny, nx = volume.shape
     nu = out.shape[2]
@@ -155,7 +155,7 @@ def back_project(projections, angles_deg, weights, nz):
     return out
 
 
-@numba.njit(parallel=True, cache=True)
+@numba.njit(parallel=True, cache=True, fastmath=True)
 def _back_project(projections, cos, sin, weights, out):
     nz, ny, nx = out.shape
     n_angles, _, nu = projections.shape

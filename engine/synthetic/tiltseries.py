@@ -116,16 +116,19 @@ def tilt_images(density: np.ndarray, voxel_nm: float, angles_deg: np.ndarray, pr
     del projected
 
     dose_per_tilt = params.dose_e_per_a2 * preset.snr / len(angles_deg)
-    spectra = scipy.fft.rfft2(phase, workers=-1)
+    margin_y, margin_x = ny // 4, nx // 4  # mirrored margins: the CTF must not wrap one edge onto the other
+    size = (ny + 2 * margin_y, nx + 2 * margin_x)
+    spectra = scipy.fft.rfft2(np.pad(phase, [(0, 0), (margin_y,) * 2, (margin_x,) * 2], mode="symmetric"),
+                              workers=-1)
     del phase
-    k2 = scipy.fft.fftfreq(ny, d=voxel_nm)[:, None] ** 2 + scipy.fft.rfftfreq(nx, d=voxel_nm)[None, :] ** 2
+    k2 = scipy.fft.fftfreq(size[0], d=voxel_nm)[:, None] ** 2 + scipy.fft.rfftfreq(size[1], d=voxel_nm)[None, :] ** 2
     transfer = ctf(k2, preset)
     critical = critical_exposure_e_per_a2(np.sqrt(k2))
     for i in range(len(angles_deg)):  # dose-symmetric order: tilt i is recorded after i tilts
         received = dose_per_tilt * (i + 0.5)
         damage = np.exp(-received / (2 * critical)) if params.radiation_damage else 1.0
         spectra[i] *= (transfer * damage).astype(np.complex64)
-    images = scipy.fft.irfft2(spectra, s=(ny, nx), workers=-1)
+    images = scipy.fft.irfft2(spectra, s=size, workers=-1)[:, margin_y:margin_y + ny, margin_x:margin_x + nx]
     del spectra
     images *= -2  # weak-phase image: intensity 1 - 2 (CTF * phase); dense matter (CTF > 0 at low k) is dark
     if rng is not None:
@@ -151,17 +154,21 @@ def critical_exposure_e_per_a2(k_per_nm: np.ndarray) -> np.ndarray:
 
 def ramp_filter(projections: np.ndarray) -> np.ndarray:
     """Filter each projection row (along x) with the ramp |k| apodised by a Hamming window, as weighted
-    back-projection needs; zero-padded to twice the row, from the band-limited ramp's sampled kernel (no DC bias)."""
+    back-projection needs: the band-limited ramp's sampled kernel (no DC bias), on rows padded to twice
+    their length with their edge values (a step at the edge would ring into the reconstruction)."""
     n = projections.shape[-1]
     size = scipy.fft.next_fast_len(2 * n, real=True)
+    left = (size - n) // 2
+    padded = np.pad(projections, [(0, 0)] * (projections.ndim - 1) + [(left, size - n - left)], mode="edge")
     offsets = np.minimum(np.arange(size), size - np.arange(size))
     kernel = np.where(offsets % 2 == 1, -1 / (np.pi * np.maximum(offsets, 1)) ** 2, 0.0)
     kernel[0] = 0.25
     frequency = scipy.fft.rfftfreq(size)
     response = scipy.fft.rfft(kernel).real * (0.54 + 0.46 * np.cos(2 * np.pi * frequency))
-    spectra = scipy.fft.rfft(projections, n=size, axis=-1, workers=-1)
+    spectra = scipy.fft.rfft(padded, axis=-1, workers=-1)
+    del padded
     spectra *= response.astype(np.float32)
-    return scipy.fft.irfft(spectra, n=size, axis=-1, workers=-1)[..., :n]
+    return scipy.fft.irfft(spectra, n=size, axis=-1, workers=-1)[..., left:left + n]
 
 
 def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:
@@ -173,7 +180,7 @@ def bin_volume(volume: np.ndarray, factor: int) -> np.ndarray:
     if factor % 2 == 0:
         weights[[0, -1]] = 0.5
     weights /= factor
-    for axis in range(volume.ndim):
+    for axis in reversed(range(volume.ndim)):  # the contiguous axis first: each pass leaves less to the next
         volume = correlate1d(volume, weights, axis=axis, mode="nearest")
         volume = volume[(slice(None),) * axis + (slice(None, None, factor),)]
     return np.ascontiguousarray(volume)

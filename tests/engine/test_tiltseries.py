@@ -155,10 +155,10 @@ def test_vesicle_membranes_are_darker_than_their_lumen(pair):
 def test_denoised_variant_is_smoother_and_keeps_the_membranes(pair):
     raw = pair[1]
     denoised = make_phantom(SHAPE, VOXEL_A, seed=2, imaging=TiltSeriesImaging(denoised=True))
-    def roughness(t):
-        return float(np.diff(t, axis=2).std())
+    def roughness(t):  # the median step between neighbours: noise, not the few large steps at membranes
+        return float(np.median(np.abs(np.diff(t, axis=2))))
 
-    assert roughness(denoised.tomogram) < 0.7 * roughness(raw.tomogram)
+    assert roughness(denoised.tomogram) < 0.3 * roughness(raw.tomogram)
     membrane, lumen = _membrane_and_lumen(denoised)
     assert membrane < lumen - 0.3
 
