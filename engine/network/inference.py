@@ -15,7 +15,7 @@ import numpy as np
 from scipy.special import expit
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.network.model import LogitFn
+from cryoves.engine.network.model import POOLING_FACTOR, LogitFn
 from cryoves.engine.network.rescale import (
     NETWORK_VOXEL_SIZE_A,
     gaussian_prefilter,
@@ -28,7 +28,8 @@ from cryoves.engine.network.rescale import (
 Progress = Callable[[int, int], None]
 """Called as progress(n_tiles_done, n_tiles_total)."""
 
-GRID_VOX = 4
+GRID_VOX = POOLING_FACTOR
+"""Tile origins and sizes lie on the network's pooling grid."""
 RECEPTIVE_HALF_WIDTH_VOX = 23
 BYTES_PER_WINDOW_VOXEL = 500
 """Peak memory per voxel of a tile window in the network (TensorFlow on CPU: ~350 B measured)."""
@@ -235,7 +236,7 @@ def predict_probability(tomogram: np.ndarray, voxel_size_a: float, logit_fn: Log
                         params: InferenceParams, progress: Progress | None = None) -> np.ndarray:
     """Vesicle probability (float32, network grid) of a tomogram with voxels of `voxel_size_a` Å.
 
-    `logit_fn` comes from `cryoves.engine.network.model.make_logit_fn(load_unet(weights))`.
+    `logit_fn` comes from `cryoves.engine.network.model.load_logit_fn(weights)`.
     """
     return predict_tiled(prepare_network_input(tomogram, voxel_size_a, params), logit_fn, params, progress)
 

@@ -11,7 +11,14 @@ import torch
 from torch import nn
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.network.model import BN_EPSILON, LOGIT_LAYER, LogitFn, conv_layers, read_model_weights
+from cryoves.engine.network.model import (
+    BN_EPSILON,
+    LOGIT_LAYER,
+    POOLING_FACTOR,
+    LogitFn,
+    conv_layers,
+    read_model_weights,
+)
 
 
 class _ConvBlock(nn.Sequential):
@@ -73,8 +80,9 @@ def make_torch_logit_fn(net: TorchUNet, *, half: bool | None = None) -> LogitFn:
     net = net.to(dtype=dtype, memory_format=layout)
 
     def logit_fn(tiles: np.ndarray) -> np.ndarray:
-        if tiles.ndim != 4 or any(s % 4 for s in tiles.shape[1:]):
-            raise ValueError(f"tiles must be (B, Z, Y, X) with Z, Y, X multiples of 4, got {tiles.shape}")
+        if tiles.ndim != 4 or any(s % POOLING_FACTOR for s in tiles.shape[1:]):
+            raise ValueError(f"tiles must be (B, Z, Y, X) with Z, Y, X multiples of {POOLING_FACTOR}, "
+                             f"got {tiles.shape}")
         x = torch.from_numpy(np.ascontiguousarray(tiles, dtype=np.float32))[:, None]
         x = x.to(device=device, dtype=dtype).contiguous(memory_format=layout)
         with torch.inference_mode():

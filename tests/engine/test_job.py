@@ -3,6 +3,7 @@ and `finish` writing every output with the run record last."""
 
 import dataclasses
 import json
+import pickle
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -60,6 +61,16 @@ def test_make_jobs_takes_a_file_for_all_or_a_folder_per_name(folder):
     assert (other.name, other.region, other.truth) == ("other", None, None)
     both = make_jobs([folder / "tomo.mrc", folder / "other.mrc"], regions=folder / "tomo.region.mrc")
     assert [job.region for job in both] == [folder / "tomo.region.mrc"] * 2 and both[0].truth is None
+
+
+def test_a_prepared_tomogram_travels_without_its_voxels_and_maps_the_file_again(folder, tmp_path):
+    prepared = prepare(Job(path=folder / "tomo.mrc"), SETTINGS, tmp_path)
+    sent = pickle.dumps(prepared)
+    assert len(sent) < 4096 < prepared.volume.data.nbytes  # as a Ray task's argument or return value
+    received = pickle.loads(sent)
+    assert received.identity == prepared.identity and received.shape == SHAPE and not received.done
+    np.testing.assert_array_equal(received.volume.data, prepared.volume.data)
+    assert received.volume.voxel_size_a == 22.0
 
 
 def test_predict_equals_the_whole_volume_pass_and_batches_may_come_in_any_order(folder, tmp_path):
