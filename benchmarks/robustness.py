@@ -3,28 +3,35 @@
     python benchmarks/robustness.py --weights ../shared/models/cryovesnet/weights.h5 > benchmarks/ROBUSTNESS.md
 
 Rows are conditions of the validation phantoms (seeds from VALIDATION_SEED, never trained on, never used to
-choose a default); columns are the bundled model and CryoVesNet's weights with cryoves' defaults, and
-CryoVesNet's weights with its reference pre-processing (trilinear resampling with the anti-alias Gaussian,
-Gaussian pre-filter σ = 1). Each cell: final F1, Dice, diameter error δ_d and centre residual Δ_c.
+choose a default; `--dev` scores the development seeds instead, where defaults are chosen); columns are the
+bundled model and CryoVesNet's weights with cryoves' defaults, and CryoVesNet's weights with its reference
+pre-processing (trilinear resampling with the anti-alias Gaussian, Gaussian pre-filter σ = 1). Each cell:
+final F1, Dice, diameter error δ_d and centre residual Δ_c.
 `--resampling` adds the comparison of the network-input resamplers behind `InferenceParams.resampling`.
 """
 
 import argparse
+import json
 import platform
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import date
+from pathlib import Path
 
 import numpy as np
 
 from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox, weights_sha256
+from cryoves.engine.network.train import TRAINING_SEEDS_BELOW
 from cryoves.engine.pipeline import SegmentParams, segment
 from cryoves.engine.scoring.matching import dice, match_vesicles
 from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
+from cryoves.engine.synthetic.tiltseries import TiltSeriesImaging, diffuse
 from cryoves.engine.units import nm_to_vox
 
-VALIDATION_SEED = 900_000
+VALIDATION_SEED = TRAINING_SEEDS_BELOW
 """Seeds of validation phantoms start here; training draws its phantoms below it (engine/network/train.py)."""
+DEV_SEED = 800_000
+"""Development phantoms, where defaults may be chosen; also never trained on (training seeds stay below 800,000)."""
 FIELD_NM = (140.8, 352.0, 352.0)  # 64 x 160 x 160 voxels at 22 Å
 REFERENCE = InferenceParams(gaussian_sigma_vox=1.0, resampling="linear")
 """CryoVesNet's code: trilinear resampling after an anti-alias Gaussian, then a σ = 1 Gaussian (method.md §2.2-2.3)."""
@@ -39,6 +46,7 @@ class Condition:
     preset: str = "default"
     voxel_size_a: float = 22.0
     changes: dict = field(default_factory=dict)
+    denoised: bool = False  # anisotropic (Perona-Malik) diffusion, as tomograms often get before segmentation
     invert: bool = False
 
 
@@ -62,6 +70,7 @@ def conditions(imaging: str) -> list[Condition]:
         Condition("tilt ±40°", imaging, changes={"tilt_max_deg": 40.0}),
         Condition("tilt ±70°", imaging, changes={"tilt_max_deg": 70.0}),
         Condition("defocus 8 µm", imaging, changes={"defocus_um": 8.0}),
+        Condition("denoised", imaging, denoised=True),
         Condition("crowded", imaging, preset="crowded"),
         Condition("distractors", imaging, preset="distractors"),
         Condition("inverted contrast (--invert-contrast)", imaging, invert=True),
@@ -72,7 +81,11 @@ def conditions(imaging: str) -> list[Condition]:
 def make_condition(condition: Condition, seed: int):
     preset = replace(PRESETS[condition.preset], **condition.changes)
     shape = tuple(round(f * 10.0 / condition.voxel_size_a) for f in FIELD_NM)
-    phantom = make_phantom(shape, condition.voxel_size_a, seed=seed, preset=preset)
+    tilt_series = condition.imaging == "tilt-series"
+    imaging = TiltSeriesImaging(denoised=condition.denoised) if tilt_series else condition.imaging
+    phantom = make_phantom(shape, condition.voxel_size_a, seed=seed, preset=preset, imaging=imaging)
+    if condition.denoised and not tilt_series:
+        phantom = replace(phantom, tomogram=diffuse(phantom.tomogram))
     if condition.invert:
         phantom = replace(phantom, tomogram=-phantom.tomogram)
     return phantom
@@ -101,42 +114,60 @@ def _cell(s: Score) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", required=True, help="CryoVesNet's weights.h5")
-    parser.add_argument("--imaging", nargs="+", default=["fft"], help="phantom families (rows for each)")
+    parser.add_argument("--imaging", nargs="+", default=["tilt-series", "fft"], help="phantom families")
     parser.add_argument("--seeds", type=int, default=1, help="phantoms per condition (default: 1)")
+    parser.add_argument("--dev", action="store_true",
+                        help=f"use the development seeds (from {DEV_SEED}), where defaults may be chosen")
     parser.add_argument("--only", nargs="*", help="condition names to run (default: all)")
     parser.add_argument("--resampling", action="store_true", help="add the resampler comparison")
+    parser.add_argument("--cache", default="/tmp/cryoves-robustness.json",
+                        help="JSON of scored cells, reused when model, parameters and phantom are the same")
     args = parser.parse_args()
+    first_seed = DEV_SEED if args.dev else VALIDATION_SEED
     bundled, cryovesnet = load_logit_fn(None), load_logit_fn(args.weights)
+    models = {"bundled": (bundled, weights_sha256(None)), "cryovesnet": (cryovesnet, weights_sha256(args.weights))}
     columns = {
-        "bundled model": (bundled, InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None))),
-        "CryoVesNet weights": (cryovesnet, InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))),
-        "CryoVesNet weights, reference pre-processing": (cryovesnet, REFERENCE),
+        "bundled model": ("bundled", InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None))),
+        "CryoVesNet weights": ("cryovesnet",
+                               InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))),
+        "CryoVesNet weights, reference pre-processing": ("cryovesnet", REFERENCE),
     }
     if args.resampling:
-        for name, (fn, params) in list(columns.items())[:2]:
-            columns[f"{name}, linear resampling"] = (fn, replace(params, resampling="linear"))
+        for name, (model, params) in list(columns.items())[:2]:
+            columns[f"{name}, linear resampling"] = (model, replace(params, resampling="linear"))
+    cache_path = Path(args.cache)
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     print("# Robustness of accuracy over imaging conditions\n")
     print(f"Generated by `python benchmarks/robustness.py --weights … --imaging {' '.join(args.imaging)}"
-          f"{' --resampling' if args.resampling else ''}` on {date.today()}, {platform.machine()}. Validation "
-          f"phantoms (seeds from {VALIDATION_SEED}, never trained on), field {FIELD_NM[0]:g} x {FIELD_NM[1]:g} x "
-          f"{FIELD_NM[2]:g} nm. Each cell: final F1 / Dice / δ_d / Δ_c (nm); F1 with one-to-one matching.\n")
-    header = "| family | condition | " + " | ".join(columns) + " |"
-    print(header)
+          f"{' --dev' if args.dev else ''}{' --resampling' if args.resampling else ''}` on {date.today()}, "
+          f"{platform.machine()}. {'Development' if args.dev else 'Validation'} phantoms (seeds from {first_seed}, "
+          f"never trained on), field {FIELD_NM[0]:g} x {FIELD_NM[1]:g} x {FIELD_NM[2]:g} nm. Each cell: final F1 / "
+          "Dice / δ_d / Δ_c (nm), F1 with one-to-one matching; ⚠ marks a cryoves cell more than 0.02 F1 below the "
+          "reference column.\n")
+    print("| family | condition | " + " | ".join(columns) + " |")
     print("|---" * (2 + len(columns)) + "|", flush=True)
     worst = {name: (2.0, "") for name in columns}
     for imaging in args.imaging:
         for condition in conditions(imaging):
             if args.only and condition.name not in args.only:
                 continue
-            cells = {name: [] for name in columns}
-            for seed in range(VALIDATION_SEED, VALIDATION_SEED + args.seeds):
-                phantom = make_condition(condition, seed)
-                for name, (fn, params) in columns.items():
-                    cells[name].append(score(phantom, fn, params, invert_contrast=condition.invert))
+            scores = {name: [] for name in columns}
+            for seed in range(first_seed, first_seed + args.seeds):
+                phantom = None
+                for name, (model, params) in columns.items():
+                    key = f"{imaging}|{condition}|{seed}|{models[model][1]}|{params}"
+                    if key not in cache:
+                        phantom = phantom or make_condition(condition, seed)
+                        cache[key] = asdict(score(phantom, models[model][0], params, condition.invert))
+                        cache_path.write_text(json.dumps(cache))
+                    scores[name].append(Score(**cache[key]))
+            means = {name: Score(*(float(np.mean([getattr(s, f) for s in runs])) for f in Score.__dataclass_fields__))
+                     for name, runs in scores.items()}
+            reference = means["CryoVesNet weights, reference pre-processing"].f1
             row = []
-            for name, scores in cells.items():
-                mean = Score(*(float(np.mean([getattr(s, f) for s in scores])) for f in Score.__dataclass_fields__))
-                row.append(_cell(mean))
+            for name, mean in means.items():
+                below = name != "CryoVesNet weights, reference pre-processing" and mean.f1 < reference - 0.02
+                row.append(("⚠ " if below else "") + _cell(mean))
                 if mean.f1 < worst[name][0]:
                     worst[name] = (mean.f1, f"{imaging}: {condition.name}")
             print(f"| {imaging} | {condition.name} | " + " | ".join(row) + " |", flush=True)
