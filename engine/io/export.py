@@ -20,10 +20,9 @@ import pyarrow.parquet as pq
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.mrc import read_volume
+from cryoves.engine.io.tables import active_mask, centers_vox
 
 STAR_STYLES = {"relion5": "centred Å (RELION 5)", "relion4": "pixels (RELION 3/4, Warp)"}
-EXPORTED_OUTCOMES = ("kept", "repaired")
-"""The vesicles exported unless removed ones are asked for too."""
 COPICK_OBJECT = "synaptic-vesicle"
 COPICK_USER = "cryoves"
 COPICK_SESSION = "0"
@@ -53,8 +52,7 @@ def exported_tomograms(out_dir, include_removed: bool = False) -> list[ExportedT
         name, voxel_size_a = record["tomogram"], float(record["voxel_size_a"])
         table = pq.read_table(out_dir / "vesicles" / f"{name}.parquet")
         if not include_removed:
-            outcome = np.asarray(table.column("outcome").to_pylist(), dtype=object)
-            table = table.filter(pa.array(np.isin(outcome, EXPORTED_OUTCOMES)))
+            table = table.filter(pa.array(active_mask(table)))
         shape = read_volume(out_dir / f"{name}.labels.mrc", voxel_size_a).data.shape
         found.append(ExportedTomogram(name, str(record.get("input") or ""), tuple(int(n) for n in shape),
                                       voxel_size_a, table))
@@ -63,18 +61,13 @@ def exported_tomograms(out_dir, include_removed: bool = False) -> list[ExportedT
     return found
 
 
-def _centers_vox_xyz(tomogram: ExportedTomogram) -> np.ndarray:
-    return np.column_stack([tomogram.vesicles.column(f"center_{a}_vox").to_numpy(zero_copy_only=False)
-                            for a in "xyz"]).astype(np.float64).reshape(-1, 3)
-
-
 def star_particles(tomogram: ExportedTomogram, style: str):
     """The particle table (a pandas DataFrame, as `starfile` writes it) of one tomogram in `style`."""
     import pandas as pd
 
     if style not in STAR_STYLES:
         raise ValueError(f"style must be one of {', '.join(STAR_STYLES)}, got {style!r}")
-    xyz = _centers_vox_xyz(tomogram)
+    xyz = centers_vox(tomogram.vesicles)[:, ::-1]
     n = len(xyz)
     columns = {"rlnTomoName": [tomogram.name] * n}
     if style == "relion5":
@@ -137,7 +130,7 @@ def write_copick(out_dir, config_path, *, include_removed: bool = False) -> Path
         picks.meta.voxel_spacing = tomogram.voxel_size_a
         table = tomogram.vesicles
         scores = table.column("profile_correlation").to_numpy(zero_copy_only=False).astype(np.float64)
-        picks.from_numpy(_centers_vox_xyz(tomogram) * tomogram.voxel_size_a,
+        picks.from_numpy(centers_vox(table)[:, ::-1] * tomogram.voxel_size_a,
                          instance_ids=table.column("vesicle_id").to_numpy(zero_copy_only=False).astype(np.int64),
                          scores=np.nan_to_num(scores, nan=0.0))
     return config_path

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.io.tables import active_mask
 from cryoves.engine.report.tomogram import OUTCOME_COLORS, REPORT_DIR, outcomes, stage_counts
 
 COUNT_RATIO = 2.0
@@ -70,7 +71,7 @@ def _row(out_dir: Path, record: dict) -> IndexRow:
                         float("nan"), float("nan"), float("nan"), warnings)
     table = pq.read_table(out_dir / "vesicles" / f"{name}.parquet", columns=["outcome", "stage", "radius_nm"])
     counts = stage_counts(table)
-    radii = table.column("radius_nm").to_numpy(zero_copy_only=False)[outcomes(table) != "removed"]
+    radii = table.column("radius_nm").to_numpy(zero_copy_only=False)[active_mask(table)]
     seconds = record.get("total_seconds")
     return IndexRow(name, "ok", "", counts.final, counts.repaired, counts.removed, counts.candidates,
                     float(np.median(radii)) if len(radii) else float("nan"), float(record["threshold"]),

@@ -19,6 +19,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.mrc import read_volume
 from cryoves.engine.io.outputs import read_run_record
+from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.units import nm_to_vox
 
 REPORT_DIR = "report"
@@ -102,7 +103,7 @@ def stage_counts(vesicles: pa.Table) -> StageCounts:
     removed = outcome == "removed"
     after_fit = len(outcome) - int(np.sum(removed & (stage == "refine")))
     after_outliers = after_fit - int(np.sum(removed & (stage == "outliers")))
-    return StageCounts(len(outcome), after_fit, after_outliers, int(np.sum(~removed)),
+    return StageCounts(len(outcome), after_fit, after_outliers, int(np.sum(active_mask(vesicles))),
                        int(np.sum(outcome == "repaired")))
 
 
@@ -179,12 +180,10 @@ class _Scene:
     @classmethod
     def load(cls, outputs: TomogramOutputs) -> "_Scene":
         table = outputs.vesicles
-        centers = np.column_stack([table.column(f"center_{a}_vox").to_numpy() for a in "zyx"]).reshape(-1, 3)
-        radii = nm_to_vox(table.column("radius_nm").to_numpy(), outputs.voxel_size_a)
-        outcome = outcomes(table)
+        centers, radii = centers_vox(table), radii_vox(table, outputs.voxel_size_a)
         labels = read_volume(outputs.labels_path, outputs.voxel_size_a).data
         shape = tuple(int(n) for n in labels.shape)
-        final = outcome != "removed"
+        final = active_mask(table)
         point = densest_point(centers[final], radii[final], shape)
         if outputs.tomogram_path is not None:
             volume, label, half = read_volume(outputs.tomogram_path, outputs.voxel_size_a).data, "tomogram", 1
@@ -201,7 +200,8 @@ class _Scene:
             prob = read_volume(outputs.probability_path, outputs.voxel_size_a).data
             probability = {axis: slab(prob, axis, point[axis], 0) for axis in range(3)}
         background = {axis: slab(volume, axis, point[axis], half * SLAB_HALF_WIDTH_VOX) for axis in range(3)}
-        return cls(shape, point, background, label, probability, centers, radii, outcome, outputs.voxel_size_a)
+        return cls(shape, point, background, label, probability, centers, radii, outcomes(table),
+                   outputs.voxel_size_a)
 
 
 def _scale_bar_nm(shape, voxel_size_a: float) -> float:

@@ -51,7 +51,8 @@ def test_slab_is_the_mean_of_the_planes_clipped_to_the_volume():
 
 def test_stage_counts_follow_where_each_outcome_was_decided():
     table = pa.table({"outcome": ["kept", "removed", "removed", "repaired", "removed", "kept"],
-                      "stage": ["final", "refine", "outliers", "outliers", "overlap", "final"]})
+                      "stage": ["final", "refine", "outliers", "outliers", "overlap", "final"],
+                      "radius_nm": [20.0, np.nan, 18.0, 17.0, 9.0, 21.0]})
     counts = stage_counts(table)
     assert (counts.candidates, counts.after_sphere_fit, counts.after_outliers, counts.final) == (6, 5, 4, 3)
     assert (counts.repaired, counts.removed) == (1, 3)
