@@ -59,12 +59,11 @@ def read_rows(out_dir) -> list[IndexRow]:
     rows = []
     for path in sorted((out_dir / "runs").glob("*.parquet")):
         record = pq.read_table(path).to_pylist()[0]
-        rows.append(_row(out_dir, record))
+        rows.append(_row(out_dir, str(record.get("tomogram") or path.stem), record))
     return with_checks(rows)
 
 
-def _row(out_dir: Path, record: dict) -> IndexRow:
-    name = str(record.get("tomogram") or "")
+def _row(out_dir: Path, name: str, record: dict) -> IndexRow:
     warnings = tuple(json.loads(record.get("warnings") or "[]"))
     if record.get("status") != "ok":
         return IndexRow(name, str(record.get("status")), str(record.get("error") or ""), 0, 0, 0, 0,

@@ -113,9 +113,10 @@ def densest_point(centers_vox: np.ndarray, radii_vox: np.ndarray, shape) -> tupl
     centers = np.asarray(centers_vox, dtype=np.float64).reshape(-1, 3)
     if not len(centers):
         return tuple(int(n // 2) for n in shape)
+    from scipy.spatial import cKDTree
+
     reach = NEIGHBOURHOOD_RADII * float(np.median(radii_vox))
-    distance = np.linalg.norm(centers[:, None, :] - centers[None, :, :], axis=2)
-    best = int(np.argmax((distance <= reach).sum(axis=1)))
+    best = int(np.argmax(cKDTree(centers).query_ball_point(centers, reach, return_length=True)))
     return tuple(int(np.clip(np.rint(c), 0, n - 1)) for c, n in zip(centers[best], shape))
 
 
