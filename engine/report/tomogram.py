@@ -74,37 +74,41 @@ def outcomes(vesicles: pa.Table) -> np.ndarray:
 
 @dataclass(frozen=True)
 class StageCounts:
-    """Vesicles left after each post-processing stage, and how many of the final ones were repaired."""
+    """Vesicles left after each post-processing stage and after corrections by hand (`engine.io.corrections`)."""
 
     candidates: int
     after_sphere_fit: int
     after_outliers: int
+    after_overlaps: int
     final: int
     repaired: int
-
-    @property
-    def removed(self) -> int:
-        return self.candidates - self.final
+    removed: int
+    added: int
+    deleted: int
 
     def bars(self) -> list[tuple[str, int]]:
-        """(label, count) in pipeline order, for the report."""
-        return [("candidates", self.candidates), ("after sphere fit", self.after_sphere_fit),
-                ("after outlier check", self.after_outliers), ("after overlap check", self.final)]
+        """(label, count) in pipeline order, for the report; hand edits only where there were some."""
+        bars = [("candidates", self.candidates), ("after sphere fit", self.after_sphere_fit),
+                ("after outlier check", self.after_outliers), ("after overlap check", self.after_overlaps)]
+        return bars + ([("after edits by hand", self.final)] if self.added or self.deleted else [])
 
 
 def stage_counts(vesicles: pa.Table) -> StageCounts:
     """Count the vesicles left after each stage, from where each row's outcome was decided.
 
-    Every row is a candidate from the adaptive local threshold; the sphere fit, the outlier check and
-    the overlap check each remove some (column `stage`); the rest are the final (kept + repaired) vesicles.
+    Every row but those added by hand is a candidate from the adaptive local threshold; the sphere fit,
+    the outlier check and the overlap check each remove some (column `stage`), and corrections by hand
+    add and delete some; the rest are the final (kept + repaired) vesicles.
     """
     outcome = outcomes(vesicles)
     stage = np.asarray(vesicles.column("stage").to_pylist(), dtype=object).astype(str)
     removed = outcome == "removed"
-    after_fit = len(outcome) - int(np.sum(removed & (stage == "refine")))
-    after_outliers = after_fit - int(np.sum(removed & (stage == "outliers")))
-    return StageCounts(len(outcome), after_fit, after_outliers, int(np.sum(active_mask(vesicles))),
-                       int(np.sum(outcome == "repaired")))
+    added, deleted = int(np.sum(stage == "added")), int(np.sum(removed & (stage == "deleted")))
+    counts = [len(outcome) - added]
+    for step in ("refine", "outliers", "overlap"):
+        counts.append(counts[-1] - int(np.sum(removed & (stage == step))))
+    return StageCounts(*counts, final=int(np.sum(active_mask(vesicles))), repaired=int(np.sum(outcome == "repaired")),
+                       removed=int(np.sum(removed)), added=added, deleted=deleted)
 
 
 def densest_point(centers_vox: np.ndarray, radii_vox: np.ndarray, shape) -> tuple[int, int, int]:
@@ -216,7 +220,9 @@ def _draw_header(figure, outputs: TomogramOutputs, scene: _Scene) -> None:
     seconds = record.get("total_seconds")
     lines = [
         (f"{outputs.name}: {counts.final} vesicles ({counts.repaired} repaired), {counts.removed} removed of "
-         f"{counts.candidates} candidates", 15, "bold", "black"),
+         f"{counts.candidates} candidates"
+         + (f"; {counts.added} added and {counts.deleted} deleted by hand" if counts.added or counts.deleted else ""),
+         15, "bold", "black"),
         (f"threshold {record['threshold']:.3f}   voxel {outputs.voxel_size_a:g} Å   "
          f"shape {' x '.join(map(str, scene.shape))} (z, y, x)   "
          + (f"{seconds:.1f} s" if seconds is not None else ""), 11, "normal", "black"),

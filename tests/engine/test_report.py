@@ -54,8 +54,19 @@ def test_stage_counts_follow_where_each_outcome_was_decided():
                       "stage": ["final", "refine", "outliers", "outliers", "overlap", "final"],
                       "radius_nm": [20.0, np.nan, 18.0, 17.0, 9.0, 21.0]})
     counts = stage_counts(table)
-    assert (counts.candidates, counts.after_sphere_fit, counts.after_outliers, counts.final) == (6, 5, 4, 3)
-    assert (counts.repaired, counts.removed) == (1, 3)
+    assert (counts.candidates, counts.after_sphere_fit, counts.after_outliers, counts.after_overlaps) == (6, 5, 4, 3)
+    assert (counts.final, counts.repaired, counts.removed, counts.added, counts.deleted) == (3, 1, 3, 0, 0)
+    assert [label for label, _ in counts.bars()][-1] == "after overlap check"
+
+
+def test_stage_counts_with_edits_by_hand():
+    table = pa.table({"outcome": ["kept", "removed", "removed", "kept", "kept", "removed"],
+                      "stage": ["final", "refine", "deleted", "edited", "added", "overlap"],
+                      "radius_nm": [20.0, np.nan, 18.0, 17.0, 19.0, 9.0]})
+    counts = stage_counts(table)
+    assert (counts.candidates, counts.after_sphere_fit, counts.after_outliers, counts.after_overlaps) == (5, 4, 4, 3)
+    assert (counts.final, counts.removed, counts.added, counts.deleted) == (3, 3, 1, 1)
+    assert counts.bars()[-1] == ("after edits by hand", 3)
 
 
 def test_report_png_and_thumbnail(segmented_folder):
