@@ -120,6 +120,8 @@ def main() -> None:
                         help=f"use the development seeds (from {DEV_SEED}), where defaults may be chosen")
     parser.add_argument("--only", nargs="*", help="condition names to run (default: all)")
     parser.add_argument("--resampling", action="store_true", help="add the resampler comparison")
+    parser.add_argument("--models", nargs="+", choices=("bundled", "cryovesnet"), default=["bundled", "cryovesnet"],
+                        help="columns of these models only (default: both)")
     parser.add_argument("--cache", default="/tmp/cryoves-robustness.json",
                         help="JSON of scored cells, reused when model, parameters and phantom are the same")
     args = parser.parse_args()
@@ -135,6 +137,7 @@ def main() -> None:
     if args.resampling:
         for name, (model, params) in list(columns.items())[:2]:
             columns[f"{name}, linear resampling"] = (model, replace(params, resampling="linear"))
+    columns = {name: column for name, column in columns.items() if column[0] in args.models}
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     print("# Robustness of accuracy over imaging conditions\n")
@@ -163,7 +166,7 @@ def main() -> None:
                     scores[name].append(Score(**cache[key]))
             means = {name: Score(*(float(np.mean([getattr(s, f) for s in runs])) for f in Score.__dataclass_fields__))
                      for name, runs in scores.items()}
-            reference = means["CryoVesNet weights, reference pre-processing"].f1
+            reference = means["CryoVesNet weights, reference pre-processing"].f1 if "cryovesnet" in args.models else 0
             row = []
             for name, mean in means.items():
                 below = name != "CryoVesNet weights, reference pre-processing" and mean.f1 < reference - 0.02
