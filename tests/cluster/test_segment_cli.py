@@ -37,9 +37,11 @@ def test_segment_with_the_bundled_model(phantom_files, tmp_path, capsys):
 
 
 def test_segment_with_cryovesnet_weights(phantom_files, tmp_path, cryovesnet_weights):
+    # their default σ = 1 pre-filter (the reference's) costs a little on this smooth fft-imaged phantom:
+    # F1 0.92 here, 0.95 with --prefilter-sigma 0; on raw tilt-series phantoms it is what keeps them working
     assert _segment(phantom_files, tmp_path, "--weights", str(cryovesnet_weights)) == 0
     row = evaluate(load_spheres(tmp_path / "tomo.labels.mrc"), load_spheres(phantom_files["vesicles"]))
-    assert row["f1"] >= 0.95, row
+    assert row["f1"] >= 0.9, row
 
 
 def test_origin_and_voxel_size_override_are_carried(tmp_path):
