@@ -2,8 +2,9 @@
 
 Every layer carries the voxel size as scale and the origin as translate, in nm, so the layers overlay
 each other and the vesicle table's `center_*_nm`. The vesicles are a Points layer with one point per
-row of the vesicle table (removed ones too), the diameter in voxels as size and the outcome as colour;
-each slice draws a vesicle as the sphere's cross-section there. This module builds napari's layer
+row of the vesicle table (removed ones too), the diameter in voxels as size and the outcome as the
+colour of its outline; each slice draws a vesicle as the sphere's cross-section there (with the thick
+slice the widgets set). This module builds napari's layer
 data (data, keyword arguments, layer type) and imports no napari itself.
 """
 
@@ -24,6 +25,8 @@ LAYER_KEY = "cryoves"
 """The key of `layer.metadata` under which a layer says what it shows: `kind` (tomogram, probability,
 labels, vesicles), and `out_dir` and `name` for the outputs of a segmented tomogram, `path` for a tomogram file."""
 TOMOGRAM_SUFFIXES = (".mrc", ".rec")
+BORDER_WIDTH = 0.08
+"""A vesicle is drawn as a circle (transparent disc) whose outline is this fraction of its diameter."""
 FEATURES = ("vesicle_id", "outcome", "stage", "radius_nm", "membrane_thickness_nm", "membrane_density",
             "profile_correlation", "mahalanobis_d2", "p_value")
 """Vesicle-table columns shown as point features (napari's features table)."""
@@ -116,8 +119,7 @@ def vesicle_points(table, voxel_size_a: float) -> tuple[np.ndarray, dict]:
     features = {column: table.column(column).to_numpy(zero_copy_only=False)[shown] for column in FEATURES}
     return centers[shown], {
         "ndim": 3, "size": 2.0 * radii[shown], "features": features, "feature_defaults": ADDED_FEATURES,
-        "face_color": "outcome", "face_color_cycle": OUTCOME_COLORS,
-        "border_color": "outcome", "border_color_cycle": OUTCOME_COLORS,
-        "symbol": "ring", "projection_mode": "rescale_spherical",
+        "face_color": "transparent", "border_color": "outcome", "border_color_cycle": OUTCOME_COLORS,
+        "border_width": BORDER_WIDTH, "projection_mode": "rescale_spherical",
     }
 

@@ -22,6 +22,7 @@ from cryoves.cluster.napari.reader import (
     read_tomogram,
     vesicle_points,
 )
+from cryoves.engine.io.corrections import apply_corrections
 from cryoves.engine.io.mrc import read_volume, write_volume
 from cryoves.engine.io.outputs import read_run_record, write_run_record
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
@@ -138,6 +139,10 @@ def _vesicles(viewer):
 def test_napari_finds_the_plugin_and_opens_a_folder_with_it(viewer, out):
     from napari.layers import Image, Labels, Points
 
+    table = pq.read_table(out / "vesicles" / "tomo.parquet")
+    keep = active_mask(table) & (table.column("vesicle_id").to_numpy() != 2)
+    apply_corrections(out, "tomo", table.column("vesicle_id").to_numpy()[keep], centers_vox(table)[keep],
+                      radii_vox(table, VOXEL_A)[keep], tool="test")  # a removed vesicle, to be coloured as such
     viewer.open(out, plugin="cryoves")
     assert [(layer.name, type(layer)) for layer in viewer.layers] == [
         ("tomo tomogram", Image), ("tomo probability", Image), ("tomo labels", Labels), ("tomo vesicles", Points)]
@@ -145,7 +150,8 @@ def test_napari_finds_the_plugin_and_opens_a_folder_with_it(viewer, out):
     table = pq.read_table(out / "vesicles" / "tomo.parquet")
     np.testing.assert_allclose(points.data_to_world(points.data[0]), table.select(
         ["center_z_nm", "center_y_nm", "center_x_nm"]).to_pandas().to_numpy()[0])
-    for outcome, color in zip(points.features["outcome"], points.face_color):
+    assert set(points.features["outcome"]) == {"kept", "removed"}
+    for outcome, color in zip(points.features["outcome"], points.border_color):
         np.testing.assert_allclose(color, _rgba(OUTCOME_COLORS[outcome]))
 
 
@@ -169,7 +175,7 @@ def test_vesicles_deleted_added_and_moved_in_napari_are_saved_into_every_output(
     points.selected_data = {0}  # napari gives a new point the features of the one selected last
     points.add(np.array([[20.0, 48.0, 30.0]]))
     assert points.features["outcome"].iloc[-1] == "added" and points.features["vesicle_id"].iloc[-1] == 0
-    np.testing.assert_allclose(points.face_color[-1], _rgba(OUTCOME_COLORS["added"]))
+    np.testing.assert_allclose(points.border_color[-1], _rgba(OUTCOME_COLORS["added"]))
     moved_row = np.flatnonzero(points.features["vesicle_id"].to_numpy() == 1)[0]
     data = points.data.copy()
     data[moved_row] += (0.0, 3.0, -2.0)
