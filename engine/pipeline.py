@@ -1,7 +1,8 @@
-"""One tomogram through the whole method: probability map, threshold, segments, spheres, outliers.
+"""One tomogram array through the whole method: probability map, threshold, segments, spheres, outliers.
 
-`segment` is what `cryoves segment` runs in-process; the Ray scheduler runs the same stage functions
-spread over GPU actors and CPU tasks. No state is kept between calls.
+`postprocess` is every stage after the network, which `cryoves.engine.job.finish` runs for `segment` and
+`run` alike; `segment` adds the network in-process, for arrays already in memory (benchmarks, tests).
+No state is kept between calls.
 """
 
 import logging
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from cryoves.engine.io.tables import active_mask
 from cryoves.engine.network.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
 from cryoves.engine.stages.localize import LocalizeParams, label_segments, localize
 from cryoves.engine.stages.outliers import OutlierParams, detect_outliers
@@ -143,7 +145,7 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     if len(shells) and shells.min() > float(np.mean(tomogram, dtype=np.float64)):
         messages.append("the vesicle boundaries are brighter than the tomogram's mean: the contrast looks inverted "
                         "(white membranes); if so, rerun with --invert-contrast")
-    if not np.any(np.asarray(vesicles.column("outcome").to_pylist(), dtype=object) != "removed"):
+    if not np.any(active_mask(vesicles)):
         messages.append(f"no vesicles found: {CHECK}")
     return tuple(messages)
 

@@ -16,6 +16,7 @@ import numpy as np
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.network.inference import InferenceParams, prepare_network_input
+from cryoves.engine.network.model import POOLING_FACTOR
 from cryoves.engine.network.rescale import network_shape
 
 LAST_NAME = "last.keras"  # the latest epoch with its optimizer state, for resuming
@@ -37,8 +38,9 @@ class TrainParams:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.patch_vox <= 0 or self.patch_vox % 4:
-            raise CryovesError(f"patch_vox must be a positive multiple of 4 voxels, got {self.patch_vox}")
+        if self.patch_vox <= 0 or self.patch_vox % POOLING_FACTOR:
+            raise CryovesError(f"patch_vox must be a positive multiple of {POOLING_FACTOR} voxels, "
+                               f"got {self.patch_vox}")
         if self.loss not in ("bce", "weighted_bce", "bce_dice"):
             raise CryovesError(f"loss must be bce, weighted_bce or bce_dice, got {self.loss!r}")
         if self.epochs < 1 or self.batch_size < 1 or self.patches_per_tomogram < 1:

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import read_volume
-from cryoves.engine.io.tables import write_table
+from cryoves.engine.io.tables import active_mask, write_table
 from cryoves.engine.scoring.matching import dice, match_vesicles, spheres_from_labels
 from cryoves.engine.units import nm_to_vox
 
@@ -129,8 +129,7 @@ def _spheres_from_table(path: Path, voxel_size_a: float | None) -> Spheres:
     if "tomogram" in table.column_names and len(set(table.column("tomogram").to_pylist())) > 1:
         raise CryovesError(f"{path}: holds several tomograms; evaluate one tomogram's table at a time")
     if "outcome" in table.column_names:
-        keep = np.asarray(table.column("outcome").to_pylist()) != "removed"
-        table = table.filter(keep)
+        table = table.filter(active_mask(table))
     centers = np.column_stack([table.column(name).to_numpy() for name in needed[:3]]).astype(np.float64)
     radii = nm_to_vox(table.column("radius_nm").to_numpy().astype(np.float64), voxel_size_a)
     return Spheres(centers.reshape(-1, 3), radii, voxel_size_a)
