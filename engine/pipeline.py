@@ -127,8 +127,8 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     """One line per sign that the result cannot be trusted, each saying what to check; never a silent empty result.
 
     - the map holds less vesicle than one smallest vesicle (sphere of `min_radius_nm`): the network saw none;
-    - the threshold search ends at the top of its range: on phantoms it does so exactly when the contrast is
-      inverted (normal contrast ends at or near the bottom);
+    - the threshold search ends at the top of its range: the best boundary may lie beyond it; inverted
+      contrast does this (on every phantom, with the bundled model), so does a very confident map;
     - the darkest mask boundary is brighter than the tomogram's mean: membranes look white;
     - no vesicle is kept.
     """
@@ -139,8 +139,8 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
         messages.append(f"the probability map holds almost no vesicle ({n_above} voxels above 0.5, less than one "
                         f"{min_radius_nm:g} nm vesicle): {CHECK}")
     if search.searched and search.thresholds.size > 1 and search.threshold >= search.thresholds[-1]:
-        messages.append(f"the global threshold search ended at the top of its range ({search.threshold:.2f}), "
-                        f"which inverted contrast (white membranes) causes: {CHECK}")
+        messages.append(f"the global threshold search ended at the top of its range ({search.threshold:.2f}); "
+                        f"if the membranes are white, rerun with --invert-contrast; else {CHECK}")
     shells = search.mean_intensity[np.isfinite(search.mean_intensity)] if search.searched else []
     if len(shells) and shells.min() > float(np.mean(tomogram, dtype=np.float64)):
         messages.append("the vesicle boundaries are brighter than the tomogram's mean: the contrast looks inverted "

@@ -19,6 +19,10 @@ CONFINED_IMPORTS = {
     "keras": ("engine/network/model.py", "engine/network/train.py"),
     "csbdeep": ("engine/network/model.py",),
     "torch": ("engine/network/torch_unet.py",),
+    "napari": ("cluster/napari/",),
+    "magicgui": ("cluster/napari/",),
+    "qtpy": ("cluster/napari/",),
+    "npe2": ("cluster/napari/",),
 }
 
 
