@@ -31,6 +31,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +39,9 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from cryoves.cluster.local_ray import local_ray
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.outputs import tomogram_name
+from cryoves.engine.io.outputs import check_out_dir
 from cryoves.engine.job import (
     Finished,
     Job,
@@ -99,28 +101,19 @@ Progress = Callable[[dict], None]
 
 def expand_inputs(inputs) -> list[Path]:
     """MRC files, folders (their *.mrc, without cryoves outputs), glob patterns (files or folders) and list files
-    (`.txt`/`.lst`/`.list`, one input per line, `#` comments, paths relative to the list) → files.
+    (`.txt`/`.lst`/`.list`, one input per line, `#` comments, paths relative to the list) → files, as
+    absolute paths without resolving symlinks (a tomogram is named by the path given: `make_jobs`).
 
-    Order is kept, duplicates dropped; a missing input, an empty folder or pattern, or two files
-    that would write the same outputs (same name) raise CryovesError.
+    Order is kept; a missing input or an empty folder or pattern raises CryovesError.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
     found: list[Path] = []
     for item in inputs:
         found += _expand_one(str(item), allow_list=True)
-    unique = list(dict.fromkeys(p.resolve() for p in found))
-    by_name: dict[str, list[Path]] = {}
-    for path in unique:
-        by_name.setdefault(tomogram_name(path), []).append(path)
-    clashes = {name: paths for name, paths in by_name.items() if len(paths) > 1}
-    if clashes:
-        name, paths = next(iter(clashes.items()))
-        raise CryovesError(f"{len(clashes)} tomogram name(s) occur twice and would overwrite each other's "
-                           f"outputs, e.g. {name}: {', '.join(map(str, paths))}; rename or run them separately")
-    if not unique:
+    if not found:
         raise CryovesError("no input tomograms given")
-    return unique
+    return [Path(os.path.abspath(path)) for path in found]
 
 
 def _is_output(path: Path) -> bool:
@@ -345,27 +338,28 @@ def run_batch(inputs, out_dir, settings: Settings, *, weights: str | None, devic
     if weights is not None and not Path(weights).exists():
         raise CryovesError(f"{weights}: model not found; pass a cryoves model folder or CryoVesNet weights.h5")
     jobs = make_jobs(expand_inputs(inputs), regions, truth)
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started_ray = _connect(address)
-    try:
+    out_dir = check_out_dir(Path(out_dir).resolve())
+    with _connect(address):
         batch = _Batch(jobs, out_dir, settings, weights=weights, device=device, num_gpu_actors=num_gpu_actors,
                        max_in_flight=max_in_flight, vesicles_per_task=vesicles_per_task, progress=progress)
         return batch.run()
-    finally:
-        if started_ray:
-            ray.shutdown()
 
 
-def _connect(address: str | None) -> bool:
-    """Join `address`, or start a local instance unless this process is already connected; → started."""
+@contextmanager
+def _connect(address: str | None):
+    """Join `address` for the block, or start a local instance that ends with it (and with this process,
+    however that ends: `local_ray`), unless this process is already connected."""
     if ray.is_initialized():
-        return False
-    if address is None:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        yield
+    elif address is None:
+        with local_ray(os.cpu_count()):
+            yield
     else:
         ray.init(address=address, log_to_driver=False)
-    return True
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 @dataclass
@@ -500,8 +494,11 @@ class _Batch:
                "actors": ",".join(sorted({w["actor"] for w in where}, key=int)),
                "gpu_ids": ",".join(sorted({w["gpu_ids"] for w in where} - {""}))}
         if status == "error":
-            log.warning("%s", error)
-            write_error_record(self.out_dir, item.job, error, item.prepared)
+            try:
+                write_error_record(self.out_dir, item.job, error, item.prepared)
+            except CryovesError as unwritable:  # this tomogram's error too, not the batch's
+                row["error"] = f"{error} (and its run record could not be written: {unwritable})"
+            log.warning("%s", row["error"])
         self.rows[item.index] = row
         if self.bar is not None:
             self.bar.update(1)

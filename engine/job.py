@@ -12,6 +12,8 @@ Between the calls, typed hand-offs: `Job` → `Prepared` → `NetworkInput` → 
 `ProbabilityMap` → `Finished`, with `Settings` (what a batch shares) and `OutputOptions`.
 """
 
+import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -24,8 +26,11 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.imod import rasterise_region
 from cryoves.engine.io.mrc import Volume, read_volume
 from cryoves.engine.io.outputs import (
+    begin_outputs,
+    check_out_dir,
     companion_file,
     file_sha256,
+    output_files,
     package_versions,
     params_digest,
     peak_memory_mb,
@@ -55,6 +60,9 @@ STEPS = ("prepare", *STAGES, "write")
 """The keys of a run record's `seconds`, in order: the compute time of each step, wherever it ran."""
 REGION_SUFFIXES = (".region.mrc", ".mod")
 """How per-tomogram regions are named in a folder: NAME.region.mrc or NAME.mod."""
+NETWORK_BYTES_PER_VOXEL = 12
+"""Memory of the network step per voxel of the network grid: the resampled tomogram, its pre-filtered
+copy and the probability map, float32 each."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,11 +100,25 @@ class Job:
 
 
 def make_jobs(paths, regions=None, truth=None) -> list[Job]:
-    """Jobs for tomogram files. `regions` and `truth` are each a file for every tomogram, or a folder
-    holding NAME.region.mrc or NAME.mod, and NAME.labels.mrc or NAME.vesicles.parquet, per tomogram
-    (a tomogram without one has none)."""
-    return [Job(path=Path(path), region=_companion(regions, tomogram_name(path), REGION_SUFFIXES),
-                truth=_companion(truth, tomogram_name(path), TRUTH_SUFFIXES)) for path in paths]
+    """Jobs for tomogram files, each named by the path given (a symlink by its own name, not its
+    target's), a path given twice once. `regions` and `truth` are each a file for every tomogram, or a
+    folder holding NAME.region.mrc or NAME.mod, and NAME.labels.mrc or NAME.vesicles.parquet, per
+    tomogram (a tomogram without one has none). Two files of one name would write the same outputs:
+    refused."""
+    given: dict[str, Path] = {}
+    for path in paths:
+        given.setdefault(os.path.abspath(path), Path(path))
+    unique = list(given.values())
+    by_name: dict[str, list[Path]] = {}
+    for path in unique:
+        by_name.setdefault(tomogram_name(path), []).append(path)
+    clashes = {name: found for name, found in by_name.items() if len(found) > 1}
+    if clashes:
+        name, found = next(iter(clashes.items()))
+        raise CryovesError(f"{len(clashes)} tomogram name(s) occur twice and would overwrite each other's "
+                           f"outputs, e.g. {name}: {', '.join(map(str, found))}; rename or run them separately")
+    return [Job(path=path, region=_companion(regions, tomogram_name(path), REGION_SUFFIXES),
+                truth=_companion(truth, tomogram_name(path), TRUTH_SUFFIXES)) for path in unique]
 
 
 def _companion(given, name: str, suffixes) -> Path | None:
@@ -147,7 +169,8 @@ class Prepared:
 
 def prepare(job: Job, settings: Settings, out_dir) -> Prepared:
     """Read and validate `job`'s files (the tomogram memory-mapped), identify its result, and decide
-    whether the outputs in `out_dir` are already that result (never with `settings.force`)."""
+    whether the outputs in `out_dir` are already that result (never with `settings.force`); if not,
+    check that the network step fits in memory and that `out_dir` can be written, before any work."""
     start = time.perf_counter()
     volume = read_volume(job.path, settings.voxel_size_a)
     for what, path in (("region", job.region), ("ground truth", job.truth)):
@@ -167,18 +190,57 @@ def prepare(job: Job, settings: Settings, out_dir) -> Prepared:
         weights_sha256=settings.weights_sha256,
         params_digest=params_digest(settings.params, volume.voxel_size_a, settings.weights_sha256),
     )
-    done = not settings.force and is_current(read_run_record(out_dir, job.name), identity)
+    done = not settings.force and is_current(read_run_record(out_dir, job.name), identity, wanted_files(job, outputs),
+                                             out_dir)
+    if not done:
+        check_network_memory(job.path, volume.data.shape, volume.voxel_size_a, settings.params.inference)
+        check_out_dir(out_dir)
     prepared = Prepared(job=job, identity=identity, shape=tuple(volume.data.shape), done=done,
                         seconds=time.perf_counter() - start)
     prepared.__dict__["volume"] = volume  # the mapped file, so that `volume` does not map it again here
     return prepared
 
 
-def is_current(record: dict | None, identity: Identity) -> bool:
-    """True when `record` (a run record) is complete and for the same input, region and parameters."""
-    return (record is not None and record.get("status") == "ok"
-            and all(record.get(key) == getattr(identity, key) for key in ("input_sha256", "region_sha256",
-                                                                          "params_digest")))
+def wanted_files(job: Job, outputs: OutputOptions) -> dict[str, str]:
+    """The output files `finish` writes for `job` with `outputs` (`output_files`), relative to the output
+    folder, and the file each of the extra ones is made from: what a resumed run needs to find."""
+    files = output_files(job.name, probability=outputs.probability, stages=outputs.stages, pyto=outputs.pyto,
+                         metrics=job.truth is not None)
+    sources = {"metrics": job.truth, "pyto_model": outputs.active_zone if outputs.pyto else None}
+    return {relative: str(Path(sources[kind]).resolve()) if sources.get(kind) else "" for kind, relative in
+            files.items()}
+
+
+def is_current(record: dict | None, identity: Identity, wanted: dict[str, str], out_dir) -> bool:
+    """True when `record` (a run record) is complete, for the same input, region and parameters, and
+    lists every file of `wanted` (`wanted_files`: an output asked for is part of the work), made from
+    the same source and still in `out_dir`."""
+    if record is None or record.get("status") != "ok" or not record.get("files"):
+        return False
+    if any(record.get(key) != getattr(identity, key) for key in ("input_sha256", "region_sha256", "params_digest")):
+        return False
+    written = json.loads(record["files"])
+    return all(written.get(relative) == source and (Path(out_dir) / relative).is_file()
+               for relative, source in wanted.items())
+
+
+def check_network_memory(path, shape, voxel_size_a: float, params: InferenceParams) -> None:
+    """Refuse a tomogram whose network grid (the tomogram rescaled to the network's voxel size) cannot
+    fit in this machine's memory, saying what it would need: a voxel size typed wrong (147 for 14.7 Å)
+    asks for a hundred times the memory and would otherwise die of it after the reading."""
+    grid = network_shape(tuple(shape), voxel_size_a, params.network_voxel_size_a)
+    needed = NETWORK_BYTES_PER_VOXEL * float(np.prod(grid, dtype=np.float64)) + params.memory_gb * 1e9
+    available = physical_memory_bytes()
+    if needed > available:
+        raise CryovesError(
+            f"{path}: at {voxel_size_a:g} Å the network grid is {' x '.join(map(str, grid))} voxels "
+            f"({params.network_voxel_size_a:g} Å) and needs about {needed / 1e9:,.0f} GB of memory, this machine "
+            f"has {available / 1e9:,.0f} GB; check the voxel size (header or --voxel-size, in Å)")
+
+
+def physical_memory_bytes() -> float:
+    """The memory of this machine, in bytes."""
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def load_region(path, shape, voxel_size_a: float) -> np.ndarray:
@@ -314,6 +376,9 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
     if progress is not None:
         progress("write")
     start = time.perf_counter()
+    wanted = wanted_files(job, outputs)
+    begin_outputs(out_dir, job.name, error_record(job, "interrupted while its outputs were written; run it again",
+                                                  prepared), keep=wanted)
     paths = write_outputs(out_dir, job.name, volume, result, probability=outputs.probability,
                           stages=outputs.stages)
     if outputs.pyto:
@@ -333,6 +398,7 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
         "truth": str(job.truth.resolve()) if job.truth else "",
         "params": asdict(params),
         "outputs": asdict(outputs),
+        "files": wanted,
         "threshold": result.threshold,
         "n_vesicles": n_vesicles,
         "seconds": seconds,
@@ -341,6 +407,7 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
         "peak_memory_mb": peak_memory_mb(),
         "versions": package_versions(),
     }
+    assert {Path(out_dir) / relative for relative in wanted} == set(paths.values()), "finish wrote other files"
     paths["run"] = write_run_record(out_dir, job.name, record)
     return Finished(paths, n_vesicles, result.threshold, seconds, result.warnings)
 
@@ -352,9 +419,14 @@ def segment_job(prepared: Prepared, logit_fn: LogitFn, settings: Settings, out_d
                   progress=progress)
 
 
-def write_error_record(out_dir, job: Job, error: str, prepared: Prepared | None = None) -> Path:
-    """The run record of a tomogram that failed: it is redone on the next run."""
+def error_record(job: Job, error: str, prepared: Prepared | None = None) -> dict:
+    """The run record of a tomogram that failed (or whose outputs are being rewritten): the next run
+    redoes it."""
     identity = {} if prepared is None else {"input_sha256": prepared.identity.input_sha256,
                                             "params_digest": prepared.identity.params_digest}
-    return write_run_record(out_dir, job.name, {"tomogram": job.name, "input": str(job.path), "status": "error",
-                                                "error": error} | identity)
+    return {"tomogram": job.name, "input": str(job.path), "status": "error", "error": error} | identity
+
+
+def write_error_record(out_dir, job: Job, error: str, prepared: Prepared | None = None) -> Path:
+    """Write `error_record`."""
+    return write_run_record(out_dir, job.name, error_record(job, error, prepared))

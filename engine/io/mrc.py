@@ -73,6 +73,9 @@ def check_voxel_size_option(voxel_size_a: float) -> float:
     """Validate a voxel size given by the user (`--voxel-size`, Å); it wins over the header."""
     if not np.isfinite(voxel_size_a) or voxel_size_a <= 0:
         raise CryovesError(f"--voxel-size must be a positive number of Å, got {voxel_size_a}")
+    if not MIN_VOXEL_SIZE_A <= voxel_size_a <= MAX_VOXEL_SIZE_A:
+        raise CryovesError(f"--voxel-size {voxel_size_a:g} Å is outside the plausible range "
+                           f"{MIN_VOXEL_SIZE_A:g}-{MAX_VOXEL_SIZE_A:g} Å; give the voxel size in Å (nm x 10)")
     return float(voxel_size_a)
 
 

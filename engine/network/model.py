@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -243,10 +245,14 @@ def read_model_weights(weights=None) -> dict[str, list[np.ndarray]]:
         raise CryovesError(f"{path}: no {MODEL_WEIGHTS} in this folder; pass a cryoves model folder "
                            "(from `cryoves train`) or CryoVesNet's weights.h5")
     grouped: dict[str, dict[int, np.ndarray]] = {}
-    with np.load(path / MODEL_WEIGHTS) as arrays:
-        for key in arrays.files:
-            name, index = key.rsplit("/", 1)
-            grouped.setdefault(name, {})[int(index)] = arrays[key]
+    try:
+        with np.load(path / MODEL_WEIGHTS) as arrays:
+            for key in arrays.files:
+                name, index = key.rsplit("/", 1)
+                grouped.setdefault(name, {})[int(index)] = arrays[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise CryovesError(f"{path / MODEL_WEIGHTS}: not a readable weight file, truncated or damaged "
+                           f"({type(error).__name__}: {error}); copy or train the model again") from error
     return {name: [by_index[i] for i in sorted(by_index)] for name, by_index in grouped.items()}
 
 

@@ -1,9 +1,11 @@
-"""The job calls: companions and identity, resume, the probability map from tile batches in any order,
-and `finish` writing every output with the run record last."""
+"""The job calls: companions, names and identity, resume (an output asked for is part of the work), what
+is refused before any work, the probability map from tile batches in any order, and `finish` writing every
+output as a set with the run record last."""
 
 import dataclasses
 import json
 import pickle
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +13,7 @@ import pytest
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import read_volume, write_volume
-from cryoves.engine.io.outputs import read_run_record
+from cryoves.engine.io.outputs import output_files, read_run_record, write_run_record
 from cryoves.engine.job import (
     STEPS,
     Job,
@@ -22,6 +24,7 @@ from cryoves.engine.job import (
     finish,
     make_jobs,
     network_input,
+    physical_memory_bytes,
     predict,
     predict_tiles,
     prepare,
@@ -140,3 +143,104 @@ def test_prepare_refuses_what_cannot_be_done(folder, tmp_path):
     with pytest.raises(CryovesError, match="az.mod: active-zone model not found"):
         prepare(Job(path=folder / "tomo.mrc", region=folder / "tomo.region.mrc"),
                 dataclasses.replace(pyto, outputs=OutputOptions(pyto=True, active_zone=folder / "az.mod")), tmp_path)
+
+
+def test_jobs_are_named_by_the_path_given_and_a_name_twice_is_refused(folder, tmp_path):
+    links = tmp_path / "links"
+    links.mkdir()
+    for name in ("a", "b"):
+        (links / f"{name}.mrc").symlink_to(folder / "tomo.mrc")
+    jobs = make_jobs([links / "a.mrc", links / "b.mrc", tmp_path / "links" / ".." / "links" / "a.mrc"])
+    assert [job.name for job in jobs] == ["a", "b"]  # the link's name, not its target's; a path given twice once
+    assert jobs[0].path == links / "a.mrc"
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "a.mrc").write_bytes(b"")
+    with pytest.raises(CryovesError, match=r"1 tomogram name\(s\) occur twice .* e.g. a: "):
+        make_jobs([links / "a.mrc", tmp_path / "other" / "a.mrc"])
+
+
+def test_a_network_grid_larger_than_memory_is_refused_with_what_it_needs(folder, tmp_path, monkeypatch):
+    import cryoves.engine.job
+
+    settings = dataclasses.replace(SETTINGS, voxel_size_a=44.0)  # 2x the network's 22 Å: 8x the voxels
+    needed = 12 * (64 * 128 * 128) + 0.6e9
+    monkeypatch.setattr(cryoves.engine.job, "physical_memory_bytes", lambda: needed - 1)
+    with pytest.raises(CryovesError, match=r"tomo.mrc: at 44 Å the network grid is 64 x 128 x 128 voxels \(22 Å\) "
+                                           r"and needs about 1 GB of memory, this machine has 1 GB"):
+        prepare(Job(path=folder / "tomo.mrc"), settings, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(cryoves.engine.job, "physical_memory_bytes", lambda: needed)
+    assert not prepare(Job(path=folder / "tomo.mrc"), settings, tmp_path / "out").done
+    assert physical_memory_bytes() > 2**30
+
+
+@pytest.mark.parametrize("asked", ["probability", "stages", "pyto", "truth", "deleted"])
+def test_an_output_asked_for_and_missing_makes_the_work_not_done(finished, folder, tmp_path, asked):
+    """`finished` wrote every output; a folder without one of them is not done when it is asked for."""
+    out = tmp_path / "out"
+    shutil.copytree(finished[0], out)
+    everything = finished[1]
+    (job,) = make_jobs([folder / "tomo.mrc"], regions=folder, truth=folder)
+    assert prepare(job, everything, out).done
+    if asked == "deleted":  # a file of the record gone since
+        (out / "tomo.local.mrc").unlink()
+        assert not prepare(job, everything, out).done
+        return
+    record = read_run_record(out, "tomo")  # as an earlier run without the option left it
+    fewer = dataclasses.replace(everything.outputs, **{asked: False}) if asked != "truth" else everything.outputs
+    truth = job.truth if asked != "truth" else None
+    files = {relative: source for relative, source in json.loads(record["files"]).items()
+             if relative in output_files("tomo", probability=fewer.probability, stages=fewer.stages,
+                                         pyto=fewer.pyto, metrics=truth is not None).values()}
+    write_run_record(out, "tomo", record | {"files": files})
+    assert not prepare(job, everything, out).done
+    assert prepare(dataclasses.replace(job, truth=truth), dataclasses.replace(everything, outputs=fewer), out).done
+
+
+def test_a_truth_changed_since_makes_the_scores_not_done(finished, folder, tmp_path):
+    (job,) = make_jobs([folder / "tomo.mrc"], regions=folder, truth=folder)
+    other_truth = tmp_path / "other.labels.mrc"
+    shutil.copy(job.truth, other_truth)
+    assert not prepare(dataclasses.replace(job, truth=other_truth), finished[1], finished[0]).done
+
+
+def test_finish_removes_what_interrupted_writes_and_the_earlier_set_left(folder, tmp_path, probability_from_truth):
+    """A SIGKILL mid-write leaves `.NAME.....part` files; an earlier run's outputs that the new set does not
+    write would sit beside it as if they belonged to it. Another tomogram's files stay."""
+    out = tmp_path / "out"
+    (out / "vesicles").mkdir(parents=True)
+    (out / "runs").mkdir()
+    stale = [out / ".tomo.labels.mrc.k2j4h5g6.part", out / "vesicles" / ".tomo.parquet.abcd_123.part",
+             out / "runs" / ".tomo.parquet.zz99zz99.part", out / "tomo.prob.mrc", out / "tomo.global.mrc"]
+    others = [out / ".tomo2.labels.mrc.k2j4h5g6.part", out / ".tomo.labels.mrc.backup", out / "tomo2.prob.mrc"]
+    for path in stale + others:
+        path.write_bytes(b"x" * 100)
+    prepared = prepare(Job(path=folder / "tomo.mrc"), SETTINGS, out)
+    probability = probability_from_truth(np.asarray(read_volume(folder / "tomo.labels.mrc").data), 4)
+    result = finish(prepared, ProbabilityMap(probability, 0.0), SETTINGS, out)
+    assert not [path for path in stale if path.exists()]
+    assert all(path.exists() for path in others)
+    assert sorted(result.paths) == ["labels", "model", "run", "vesicles"]
+
+
+def test_an_interrupted_write_leaves_a_record_that_is_redone(folder, tmp_path, probability_from_truth, monkeypatch):
+    import cryoves.engine.job
+
+    out = tmp_path / "out"
+    probability = ProbabilityMap(probability_from_truth(np.asarray(read_volume(folder / "tomo.labels.mrc").data),
+                                                        4), 0.0)
+    job = Job(path=folder / "tomo.mrc")
+    finish(prepare(job, SETTINGS, out), probability, SETTINGS, out)
+    assert prepare(job, SETTINGS, out).done
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cryoves.engine.job, "write_pyto", interrupted)  # after labels, model and table
+    pyto = dataclasses.replace(SETTINGS, outputs=OutputOptions(pyto=True))
+    with pytest.raises(KeyboardInterrupt):
+        finish(prepare(dataclasses.replace(job, region=folder / "tomo.region.mrc"), pyto, out), probability,
+               pyto, out)
+    record = read_run_record(out, "tomo")
+    assert record["status"] == "error" and "interrupted while its outputs were written" in record["error"]
+    assert not prepare(job, SETTINGS, out).done
