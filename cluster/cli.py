@@ -1,7 +1,8 @@
 """The `cryoves` command line: one subcommand per job, heavy imports inside the command bodies.
 
 Exit codes: 0 done; 2 for what the user can fix (usage errors and every CryovesError, one line);
-1 for anything else (a bug; the traceback is shown with --verbose).
+1 for anything else (a bug; the traceback is shown with --verbose); 130 interrupted; 141 (128 + SIGPIPE)
+quietly, when the output pipe closes early (`cryoves info *.mrc | head`).
 """
 
 import argparse
@@ -14,6 +15,7 @@ from pathlib import Path
 from cryoves.engine.errors import CryovesError
 
 log = logging.getLogger("cryoves")
+EXIT_CLOSED_PIPE = 128 + 13  # as a tool killed by SIGPIPE
 
 
 def _number(text: str) -> float:
@@ -682,7 +684,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         _resolve_weights(args)
-        return args.run(args)
+        try:
+            return args.run(args)
+        finally:
+            sys.stdout.flush()  # output into a pipe closed early (`| head`) fails here, not at exit
+    except BrokenPipeError:  # the reader has all it wanted: end quietly, as command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the flush at exit writes nowhere
+        return EXIT_CLOSED_PIPE
     except CryovesError as error:
         if args.verbose:
             log.exception("details")

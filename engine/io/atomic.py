@@ -55,6 +55,9 @@ def remove_stale_parts(path) -> list[Path]:
 
 
 def _write_error(path: Path, error: OSError) -> CryovesError:
+    existing = next(folder for folder in path.parents if folder.exists())
+    if not existing.is_dir():
+        return CryovesError(f"{path}: cannot be written: {existing} is a file, not a folder")
     reason = error.strerror or str(error)
     return CryovesError(f"{path}: cannot be written ({reason}); check the free space and permissions of "
                         f"{path.parent}")

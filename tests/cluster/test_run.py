@@ -14,7 +14,7 @@ import pytest
 from cryoves.cluster.cli import _settings, build_parser, main
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import read_volume, write_volume
-from cryoves.engine.job import STEPS, Settings
+from cryoves.engine.job import STEPS, Settings, make_jobs
 from cryoves.engine.network.model import bundled_model_dir
 from cryoves.engine.pipeline import SegmentParams
 from cryoves.engine.stages.threshold import ThresholdParams
@@ -212,7 +212,8 @@ def test_expand_inputs(tmp_path):
     assert [p.name for p in expand_inputs([str(folder)])] == ["t1.mrc", "t2.mrc"]
     assert [p.name for p in expand_inputs([str(tmp_path / "*" / "t*.mrc")])] == ["t1.mrc", "t2.mrc", "t3.mrc"]
     assert [p.name for p in expand_inputs([str(tmp_path / "?")])] == ["t1.mrc", "t2.mrc", "t3.mrc"]
-    assert [p.name for p in expand_inputs([str(listing), str(folder)])] == ["t3.mrc", "t1.mrc", "t2.mrc"]
+    assert [p.name for p in expand_inputs([str(listing), str(folder)])] == ["t3.mrc", "t1.mrc", "t1.mrc", "t2.mrc"]
+    assert [job.name for job in make_jobs(expand_inputs([str(listing), str(folder)]))] == ["t3", "t1", "t2"]
     with pytest.raises(CryovesError, match="no such file"):
         expand_inputs([str(tmp_path / "missing.mrc")])
     with pytest.raises(CryovesError, match="matches no files"):
@@ -220,7 +221,18 @@ def test_expand_inputs(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "t1.mrc").write_bytes(b"")
     with pytest.raises(CryovesError, match="overwrite"):
-        expand_inputs([str(folder), str(tmp_path / "c")])
+        make_jobs(expand_inputs([str(folder), str(tmp_path / "c")]))
+
+
+def test_inputs_are_named_by_the_path_given(tmp_path):
+    """links/a.mrc -> ../x/tomogram.mrc is `a`, as in `cryoves segment`; two links to one file are two names."""
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "tomogram.mrc").write_bytes(b"")
+    (tmp_path / "links").mkdir()
+    for name in ("a", "b"):
+        (tmp_path / "links" / f"{name}.mrc").symlink_to("../x/tomogram.mrc")
+    jobs = make_jobs(expand_inputs([str(tmp_path / "links"), str(tmp_path / "links" / "a.mrc")]))
+    assert [(job.name, job.path) for job in jobs] == [(name, tmp_path / "links" / f"{name}.mrc") for name in "ab"]
 
 
 def test_cli_run_segments_the_good_and_exits_2_for_the_bad(ray_instance, inputs, regions, weights, reference,

@@ -65,9 +65,37 @@ def test_implausible_voxel_sizes_are_refused_unless_overridden(write_mrc, voxel_
     assert read_volume(path, voxel_size_a=17.5).voxel_size_a == 17.5
 
 
-def test_bad_override_is_refused(write_mrc):
-    with pytest.raises(CryovesError, match="--voxel-size must be a positive number"):
-        read_volume(write_mrc(np.zeros((4, 4, 4), dtype=np.float32)), voxel_size_a=-3.0)
+@pytest.mark.parametrize(("voxel_size_a", "message"), [
+    (-3.0, "--voxel-size must be a positive number"),
+    (0.5, "--voxel-size 0.5 Å is outside the plausible range 1-100 Å"),
+    (147.0, "--voxel-size 147 Å is outside the plausible range 1-100 Å"),
+])
+def test_bad_override_is_refused(write_mrc, voxel_size_a, message):
+    with pytest.raises(CryovesError, match=message):
+        read_volume(write_mrc(np.zeros((4, 4, 4), dtype=np.float32)), voxel_size_a=voxel_size_a)
+    assert read_volume(write_mrc(np.zeros((4, 4, 4), dtype=np.float32)), voxel_size_a=100.0).voxel_size_a == 100.0
+
+
+def test_a_write_that_fails_names_the_file_and_leaves_nothing(tmp_path):
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(CryovesError, match=r"file/x.mrc: cannot be written: .*file is a file, not a folder"):
+        write_volume(tmp_path / "file" / "x.mrc", np.zeros((2, 2, 2)), 22.0)
+    (tmp_path / "in-the-way.mrc" / "child").mkdir(parents=True)  # the rename onto a folder fails
+    with pytest.raises(CryovesError, match=r"in-the-way.mrc: cannot be written"):
+        write_volume(tmp_path / "in-the-way.mrc", np.zeros((2, 2, 2)), 22.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in-the-way.mrc"]
+
+
+def test_stale_part_files_of_one_target_are_removed(tmp_path):
+    from cryoves.engine.io.atomic import remove_stale_parts
+
+    names = [".t.mrc.abc_1234.part", ".t.mrc.zz.part", ".t.mrc.abc.part.x", ".t2.mrc.abc12345.part",
+             ".t.mrc.ab.c.part", "t.mrc"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    assert sorted(p.name for p in remove_stale_parts(tmp_path / "t.mrc")) == [".t.mrc.abc_1234.part", ".t.mrc.zz.part"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[2:])
+    assert remove_stale_parts(tmp_path / "absent" / "t.mrc") == []
 
 
 @pytest.mark.filterwarnings("ignore:Data array contains NaN values:RuntimeWarning")
