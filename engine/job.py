@@ -226,8 +226,9 @@ def is_current(record: dict | None, identity: Identity, wanted: dict[str, str], 
 
 def check_network_memory(path, shape, voxel_size_a: float, params: InferenceParams) -> None:
     """Refuse a tomogram whose network grid (the tomogram rescaled to the network's voxel size) cannot
-    fit in this machine's memory, saying what it would need: a voxel size typed wrong (147 for 14.7 Å)
-    asks for a hundred times the memory and would otherwise die of it after the reading."""
+    fit in this machine's memory (with the network's own budget, `memory_gb`), saying what it would need:
+    a voxel size typed ten times too large asks for a thousand times the memory, and would otherwise die
+    of it after the reading."""
     grid = network_shape(tuple(shape), voxel_size_a, params.network_voxel_size_a)
     needed = NETWORK_BYTES_PER_VOXEL * float(np.prod(grid, dtype=np.float64)) + params.memory_gb * 1e9
     available = physical_memory_bytes()
