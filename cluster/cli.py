@@ -189,7 +189,7 @@ def _settings(args: argparse.Namespace):
     from cryoves.engine.network.model import weights_sha256
 
     outputs = OutputOptions(probability=args.probability, stages=args.stages, pyto=args.pyto,
-                            active_zone=args.active_zone and Path(args.active_zone))
+                            active_zone=args.active_zone and Path(args.active_zone), report=not args.no_report)
     return Settings(params=_segment_params(args), weights_sha256=weights_sha256(args.weights),
                     voxel_size_a=args.voxel_size, outputs=outputs, force=args.force)
 
@@ -234,6 +234,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(_summary(item.name, finished))
         for kind, path in finished.paths.items():
             print(f"  {kind:11s} {path}")
+    _write_index(args)
     return 0
 
 
@@ -305,8 +306,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"  Dice {row['dice']:.3f}  probability-map Dice {row['probability_dice']:.3f}")
     print(f"  diameter error {row['diameter_error']:.3f}  centre residual {row['center_residual_nm']:.2f} nm")
     print("  time: " + ", ".join(f"{k} {v:.1f} s" for k, v in finished.seconds.items()))
-    print(f"outputs in {out}/: demo.labels.mrc, demo.prob.mrc, demo.mod, vesicles/, runs/, metrics.parquet;"
-          f" ground truth in {out}/phantom/")
+    print(f"outputs in {out}/: demo.labels.mrc, demo.prob.mrc, demo.mod, vesicles/, runs/, metrics.parquet, "
+          f"report/demo.png (QC report); ground truth in {out}/phantom/")
     return 0
 
 
@@ -323,6 +324,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{row['name']}: error: {row['error']}")
     print(f"{len(rows)} tomograms: {counts['ok']} segmented, {counts['skipped']} already complete (skipped), "
           f"{counts['error']} failed; outputs and run records in {args.out}")
+    _write_index(args)
     if counts["error"]:
         raise CryovesError(f"{counts['error']} of {len(rows)} tomograms failed (listed above, and in {args.out}/runs/)")
     return 0
@@ -413,6 +415,16 @@ def _add_output_options(parser: argparse.ArgumentParser) -> None:
                              "NAME.vesicles.parquet per tomogram NAME: scores each tomogram into "
                              "OUT/metrics/NAME.parquet")
     parser.add_argument("--force", action="store_true", help="recompute even when outputs are complete")
+    parser.add_argument("--no-report", action="store_true",
+                        help="skip the QC report (OUT/report/NAME.png per tomogram and OUT/report/index.html)")
+
+
+def _write_index(args: argparse.Namespace) -> None:
+    """The run's QC index over every tomogram in --out, after segment and run."""
+    if not args.no_report:
+        from cryoves.engine.report.index import write_index
+
+        print(f"QC report: {write_index(args.out)}")
 
 
 _WEIGHTS_HELP = ("bundled, cryovesnet (CryoVesNet's published weights, fetched on first use; see `cryoves models`) "

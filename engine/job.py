@@ -13,6 +13,7 @@ Between the calls, typed hand-offs: `Job` → `Prepared` → `NetworkInput` → 
 """
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterable
@@ -56,6 +57,8 @@ from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
 from cryoves.engine.stages.overlaps import rendered_spheres
 from cryoves.engine.stages.refine import Refiner
 
+log = logging.getLogger(__name__)
+
 STEPS = ("prepare", *STAGES, "write")
 """The keys of a run record's `seconds`, in order: the compute time of each step, wherever it ran."""
 REGION_SUFFIXES = (".region.mrc", ".mod")
@@ -73,6 +76,7 @@ class OutputOptions:
     stages: bool = False             # NAME.global/local/sphere.mrc (post-processing keeps them in memory)
     pyto: bool = False               # NAME.pyto.mrc and NAME.pyto.mod; needs a region
     active_zone: Path | None = None  # IMOD model of the active-zone membrane, for pyto
+    report: bool = True              # report/NAME.png: a view drawn from the written outputs, after the record
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -361,6 +365,19 @@ class Finished:
     warnings: tuple[str, ...]
 
 
+
+def _draw_report(out_dir, name: str) -> dict[str, Path]:
+    """The QC report of a finished tomogram; a view that fails to draw never fails the complete outputs."""
+    from cryoves.engine.report.tomogram import write_report
+
+    try:
+        return {"report": write_report(out_dir, name)}
+    except Exception as error:  # noqa: BLE001 - the outputs are written; only the picture is missing
+        log.warning(f"{name}: the QC report could not be drawn ({error}); the outputs are complete and "
+                    f"`cryoves report {out_dir}` draws it again")
+        return {}
+
+
 def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, out_dir, *,
            refiner: Refiner | None = None, progress: Progress | None = None) -> Finished:
     """Post-process (inside the job's region, if any), write every output, score it against the
@@ -410,6 +427,8 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
     }
     assert {Path(out_dir) / relative for relative in wanted} == set(paths.values()), "finish wrote other files"
     paths["run"] = write_run_record(out_dir, job.name, record)
+    if outputs.report:
+        paths |= _draw_report(out_dir, job.name)
     return Finished(paths, n_vesicles, result.threshold, seconds, result.warnings)
 
 

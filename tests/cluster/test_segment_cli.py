@@ -29,7 +29,8 @@ def test_segment_with_the_bundled_model(phantom_files, tmp_path, capsys):
     (row,) = pq.read_table(tmp_path / "metrics" / "tomo.parquet").to_pylist()
     assert row["ground_truth"] == str(phantom_files["vesicles"]) and row["f1"] >= 0.95, row
     assert row["center_residual_nm"] <= 1.5 and row["diameter_error"] <= 0.05, row
-    for name in ("tomo.prob.mrc", "tomo.mod", "vesicles/tomo.parquet", "runs/tomo.parquet"):
+    for name in ("tomo.prob.mrc", "tomo.mod", "vesicles/tomo.parquet", "runs/tomo.parquet", "report/tomo.png",
+                 "report/index.html"):
         assert (tmp_path / name).is_file()
     assert "vesicles, threshold" in capsys.readouterr().out
     assert _segment(phantom_files, tmp_path) == 0
@@ -47,7 +48,8 @@ def test_segment_with_cryovesnet_weights(phantom_files, tmp_path, cryovesnet_wei
 def test_origin_and_voxel_size_override_are_carried(tmp_path):
     phantom = make_phantom((32, 64, 64), 22.0, seed=2)
     tomo = write_volume(tmp_path / "raw.mrc", phantom.tomogram, 1.0, origin_a=(5.0, 6.0, 7.0))  # looks unset
-    assert main(["segment", str(tomo), "--out", str(tmp_path / "out"), "--voxel-size", "22"]) == 0
+    assert main(["segment", str(tomo), "--out", str(tmp_path / "out"), "--voxel-size", "22", "--no-report"]) == 0
+    assert not (tmp_path / "out" / "report").exists()
     labels = read_volume(tmp_path / "out" / "raw.labels.mrc")
     assert labels.voxel_size_a == 22.0 and labels.origin_a == (5.0, 6.0, 7.0)
 
