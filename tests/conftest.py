@@ -42,3 +42,31 @@ def probability_from_truth():
         return (1.0 / (1.0 + np.exp(-np.clip(3.0 * (signed + 0.5 + noise), -50, 50)))).astype(np.float32)
 
     return _map
+
+
+@pytest.fixture(scope="session")
+def random_unet():
+    """The U-Net with seeded random weights, BN statistics moved away from (0, 1) so that BN matters:
+    random_unet(n_filter_base) -> (model, {layer name: weights})."""
+
+    def make(n_filter_base: int = 16):
+        from cryoves.engine.network.model import build_unet
+
+        model = build_unet(n_filter_base=n_filter_base)
+        rng = np.random.default_rng(0)
+        weights = {}
+        for layer in model.layers:
+            arrays = []
+            for w in layer.weights:
+                value = np.asarray(w)
+                if "moving_variance" in w.path or "gamma" in w.path:
+                    value = rng.uniform(0.5, 1.5, value.shape)
+                elif "moving_mean" in w.path or "beta" in w.path or "bias" in w.path:
+                    value = rng.normal(0, 0.2, value.shape)
+                arrays.append(value.astype(np.float32))
+            if arrays:
+                layer.set_weights(arrays)
+                weights[layer.name] = arrays
+        return model, weights
+
+    return make
