@@ -185,25 +185,190 @@ def logit_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.input, model.get_layer(LOGIT_LAYER).output)
 
 
-def make_logit_fn(model: keras.Model) -> LogitFn:
-    """A `LogitFn` running `model` in inference mode (BN with moving statistics, no dropout).
+STEP_VOXELS = 1 << 19
+"""Full-resolution voxels a layer of the streamed forward (`make_logit_fn`) computes per step, as whole z-rows
+of the window (a power of two within STEP_ROWS): fewer, larger steps cost less overhead, smaller ones less
+memory (on 2 cores, steps of 2 rows of 264 x 264 ran about 1.3 times as long as one whole-window pass, 4 rows
+about as long)."""
+STEP_ROWS = (2, 16)
+STREAM_BYTES = (2_300, 1_400)
+"""Memory of the streamed forward per voxel of a window's y·x section: fixed (the rows the deeper levels need
+ahead, about 22) and per row of a step (measured: 5.1, 7.9, 11.5 and 19.9 KB for steps of 2, 4, 8 and 16 rows)."""
 
-    One traced graph serves every input shape (`reduce_retracing`), so tiles of a few shapes do
-    not recompile per call.
-    """
+
+def step_rows(section_voxels: int) -> int:
+    """z-rows per step of the streamed forward for windows of `section_voxels` y·x voxels."""
+    return int(np.clip(1 << int(np.log2(max(1, STEP_VOXELS // max(1, section_voxels)))), *STEP_ROWS))
+
+
+def streamed_bytes(window_shape: tuple[int, int, int]) -> float:
+    """Peak memory of `make_logit_fn`'s forward of one (z, y, x) window, beyond the window and its logits."""
+    section = window_shape[1] * window_shape[2]
+    return section * (STREAM_BYTES[0] + STREAM_BYTES[1] * step_rows(section))
+
+
+_GRAPH = (
+    # (layer, level, inputs): level l has 2^-l of the input's rows along each axis; an input is (layer or
+    # "input", how): "same" level, "pool" (2x2x2 maximum of the level above) or "up" (nearest 2x of the level below)
+    ("down_level_0_no_0", 0, (("input", "same"),)),
+    ("down_level_0_no_1", 0, (("down_level_0_no_0", "same"),)),
+    ("down_level_1_no_0", 1, (("down_level_0_no_1", "pool"),)),
+    ("down_level_1_no_1", 1, (("down_level_1_no_0", "same"),)),
+    ("middle_0", 2, (("down_level_1_no_1", "pool"),)),
+    ("middle_2", 2, (("middle_0", "same"),)),
+    ("up_level_1_no_0", 1, (("middle_2", "up"), ("down_level_1_no_1", "same"))),
+    ("up_level_1_no_2", 1, (("up_level_1_no_0", "same"),)),
+    ("up_level_0_no_0", 0, (("up_level_1_no_2", "up"), ("down_level_0_no_1", "same"))),
+    ("up_level_0_no_2", 0, (("up_level_0_no_0", "same"),)),
+)
+
+
+def folded_weights(weights: dict[str, list[np.ndarray]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(kernel, bias) per convolution with its batch normalisation (moving statistics) folded in, and the
+    head's; `weights` as `read_model_weights` gives them."""
+    out = {}
+    for name, _, _ in _GRAPH:
+        kernel, bias = weights[name]
+        gamma, beta, mean, variance = weights[f"{name}_bn"]
+        scale = gamma / np.sqrt(variance + BN_EPSILON)
+        out[name] = ((kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32))
+    out[LOGIT_LAYER] = tuple(np.asarray(a, np.float32) for a in weights[LOGIT_LAYER])
+    return out
+
+
+class _Rows:
+    """One layer's output along z, computed as consumers ask for it (at most `step` rows at a time) and dropped
+    once every consumer has moved past it (each asks for ranges that never move back)."""
+
+    def __init__(self, step: int, compute, consumers) -> None:
+        self.step, self.compute = step, compute
+        self.chunks: list = []  # (first row, tensor (rows, y, x, channels)), in order
+        self.stop = 0
+        self.marks = dict.fromkeys(consumers, 0)
+
+    def get(self, lo: int, hi: int, consumer: str):
+        import tensorflow as tf
+
+        while self.stop < hi:  # exactly the missing rows, at most `step` at a time
+            stop = min(self.stop + self.step, hi)
+            self.chunks.append((self.stop, self.compute(self.stop, stop)))
+            self.stop = stop
+        self.marks[consumer] = lo
+        floor = min(self.marks.values())
+        self.chunks = [(s, t) for s, t in self.chunks if s + t.shape[0] > floor]
+        parts = [t[max(lo - s, 0):hi - s] for s, t in self.chunks if s < hi and s + t.shape[0] > lo]
+        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+
+
+def _upsample(x):
+    """Nearest 2x along z, y and x of a (rows, y, x, channels) tensor."""
     import tensorflow as tf
 
-    net = logit_model(model)
+    r, h, w, c = x.shape
+    x = tf.broadcast_to(tf.reshape(x, (r, h, 1, w, 1, c)), (r, h, 2, w, 2, c))
+    return tf.reshape(tf.broadcast_to(tf.reshape(x, (r, 1, 4 * h * w * c)), (r, 2, 4 * h * w * c)),
+                      (2 * r, 2 * h, 2 * w, c))
 
-    @tf.function(reduce_retracing=True)
-    def _forward(x):
-        return net(x, training=False)
+
+_COMPILED: dict = {}
+"""`_convolve` compiled with and without the partial sum of a merge (filled by `make_logit_fn`), for every shape."""
+
+
+def _convolve(part, kernel, bias, z_pads, partial=None):
+    """relu(conv(part, kernel) [+ partial] + bias) over z-rows with their neighbours: zeros pad y and x on both
+    sides and z where `z_pads` says the window ends, as the network's "same" padding; no bias, no relu when
+    `bias` is None (the first input of a merge)."""
+    import tensorflow as tf
+
+    pads = tf.concat([z_pads[None], tf.constant([[1, 1], [1, 1], [0, 0]])], axis=0)
+    out = tf.nn.conv3d(tf.pad(part, pads)[None], kernel, [1] * 5, "VALID")[0]
+    if bias is None:
+        return out
+    if partial is not None:
+        out += partial
+    return tf.nn.relu(tf.nn.bias_add(out, bias))
+
+
+def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, logits: np.ndarray) -> None:
+    """Logits of one (z, y, x) window into `logits`, layer outputs computed a few z-rows at a time (see
+    `make_logit_fn`)."""
+    import tensorflow as tf
+
+    n_z = window.shape[0]
+    consumers: dict[str, list[str]] = {"input": [], "head": []}
+    for name, _, inputs in _GRAPH:
+        consumers[name] = []
+        for source, _ in inputs:
+            consumers[source].append(name)
+    consumers[_GRAPH[-1][0]].append("head")
+    cache = {"input": _Rows(n_z, lambda p, q: tf.constant(window[p:q, ..., None]), consumers["input"])}
+
+    def gather(source: str, how: str, lo: int, hi: int, me: str):
+        if how == "same":
+            return cache[source].get(lo, hi, me)
+        if how == "pool":
+            return tf.nn.max_pool3d(cache[source].get(2 * lo, 2 * hi, me)[None], 2, 2, "VALID")[0]
+        start = lo % 2
+        return _upsample(cache[source].get(lo // 2, (hi + 1) // 2, me))[start:start + hi - lo]
+
+    def step(p: int, q: int, name: str, inputs, n: int):
+        kernels, bias = layers[name]
+        lo, hi = max(p - 1, 0), min(q + 1, n)
+        z_pads = tf.constant([int(p == 0), int(q == n)])
+        # a merge convolves its inputs one after the other, so that only one padded input exists at a time
+        partial = None
+        for (source, how), kernel in zip(inputs[:-1], kernels):
+            partial = _COMPILED["partial"](gather(source, how, lo, hi, name), kernel, z_pads)
+        source, how = inputs[-1]
+        part = gather(source, how, lo, hi, name)
+        if partial is None:
+            return _COMPILED["relu"](part, kernels[-1], bias, z_pads)
+        return _COMPILED["merge"](part, kernels[-1], bias, z_pads, partial)
+
+    for name, level, inputs in _GRAPH:
+        n = n_z >> level
+        cache[name] = _Rows(max(1, rows >> level),
+                            lambda p, q, name=name, inputs=inputs, n=n: step(p, q, name, inputs, n), consumers[name])
+    kernel, bias = head
+    for start in range(0, n_z, rows):
+        last = cache[_GRAPH[-1][0]].get(start, min(start + rows, n_z), "head")
+        logits[start:start + last.shape[0]] = (tf.tensordot(last, kernel, 1) + bias).numpy()[..., 0]
+
+
+def make_logit_fn(model: keras.Model, rows: int | None = None) -> LogitFn:
+    """A `LogitFn` running `model` in inference mode (batch normalisation folded into the convolutions), one
+    window at a time and streamed along z: each layer computes its output `rows` z-rows at a time (None:
+    `step_rows` of the window's section) as the next layer asks for them and keeps only what a consumer still
+    needs, so memory grows with a window's y·x section (`streamed_bytes`), not its volume. Equals one
+    whole-window pass (the same zero padding at every face), without its activations for the whole window
+    (about 300 bytes per voxel)."""
+    import tensorflow as tf
+
+    if not _COMPILED:  # traced once per process, for every shape
+        slab, kernel, vector, pads = (tf.TensorSpec([None] * 4), tf.TensorSpec([3, 3, 3, None, None]),
+                                      tf.TensorSpec([None]), tf.TensorSpec([2], tf.int32))
+        _COMPILED["partial"] = tf.function(lambda part, k, z: _convolve(part, k, None, z),
+                                           input_signature=[slab, kernel, pads])
+        _COMPILED["relu"] = tf.function(_convolve, input_signature=[slab, kernel, vector, pads])
+        _COMPILED["merge"] = tf.function(_convolve, input_signature=[slab, kernel, vector, pads, slab])
+    weights = folded_weights({layer.name: layer.get_weights() for layer in model.layers if layer.get_weights()})
+    layers = {}
+    for name, _, inputs in _GRAPH:
+        kernel, bias = weights[name]
+        # a merge's kernel, split by input: conv(concat(a, b)) = conv_a(a) + conv_b(b), no concatenated copy
+        sizes = [weights[source][0].shape[-1] if source in weights else 1 for source, _ in inputs]
+        kernels = tf.split(tf.constant(kernel), sizes, axis=3) if len(sizes) > 1 else [tf.constant(kernel)]
+        layers[name] = (kernels, tf.constant(bias))
+    head = tuple(tf.constant(a.reshape(a.shape[-2], -1) if a.ndim > 1 else a) for a in weights[LOGIT_LAYER])
 
     def logit_fn(tiles: np.ndarray) -> np.ndarray:
         if tiles.ndim != 4 or any(s % POOLING_FACTOR for s in tiles.shape[1:]):
             raise ValueError(f"tiles must be (B, Z, Y, X) with Z, Y, X multiples of 4, got {tiles.shape}")
-        x = tf.convert_to_tensor(np.ascontiguousarray(tiles, dtype=np.float32)[..., None])
-        return _forward(x).numpy()[..., 0]
+        tiles = np.ascontiguousarray(tiles, dtype=np.float32)
+        logits = np.empty(tiles.shape, np.float32)
+        for tile, out in zip(tiles, logits):
+            _streamed_logits(tile, layers, head, rows or step_rows(tile.shape[1] * tile.shape[2]), out)
+        return logits
 
     return logit_fn
 

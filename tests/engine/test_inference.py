@@ -19,13 +19,14 @@ from cryoves.engine.network.inference import (
     prepare_network_input,
     probability_on_input_grid,
     read_tile,
+    window_bytes,
 )
 
 
 @pytest.fixture(scope="module")
-def tiny_logit_fn():
+def tiny_unet():
     """The same architecture (same receptive field) with 2 base filters and random weights."""
-    from cryoves.engine.network.model import build_unet, make_logit_fn
+    from cryoves.engine.network.model import build_unet
 
     model = build_unet(n_filter_base=2)
     rng = np.random.default_rng(0)
@@ -40,72 +41,112 @@ def tiny_logit_fn():
             value = rng.normal(0, 0.3, shape)
         weights.append(value.astype(np.float32))
     model.set_weights(weights)
-    return make_logit_fn(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tiny_logit_fn(tiny_unet):
+    from cryoves.engine.network.model import make_logit_fn
+
+    return make_logit_fn(tiny_unet)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 4), (8, 12, 20), (36, 28, 16)])
+@pytest.mark.parametrize("rows", [1, 2, 4, 16, 64])
+def test_streamed_forward_equals_one_whole_window_pass(tiny_unet, shape, rows):
+    """Layer by layer, a few z-rows at a time, each row kept only while needed: the logits of the whole window."""
+    from cryoves.engine.network.model import logit_model, make_logit_fn
+
+    tiles = np.random.default_rng(6).standard_normal((2, *shape)).astype(np.float32)
+    expected = np.asarray(logit_model(tiny_unet)(tiles[..., None], training=False))[..., 0]
+    npt.assert_allclose(make_logit_fn(tiny_unet, rows=rows)(tiles), expected, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
 def volume():
-    raw = np.random.default_rng(1).standard_normal((29, 42, 37)).astype(np.float32)
+    """Smooth noise, large enough to be cut along every axis with 24-voxel halos."""
+    raw = np.random.default_rng(1).standard_normal((80, 80, 100)).astype(np.float32)
     smooth = ndimage.gaussian_filter(raw, 1.5)
     return (smooth - smooth.mean()) / smooth.std()
 
 
-def _untiled(volume, logit_fn, halo):
-    """One network pass over the whole volume, extended by `halo` (reflect) and to the 4-voxel grid."""
-    pad = [(halo, halo + (-n) % 4) for n in volume.shape]
+def _untiled(volume, logit_fn, border):
+    """One network pass over the whole volume extended by `border` (reflect) and to the 4-voxel grid."""
+    pad = [(border, border + (-(n + 2 * border)) % 4) for n in volume.shape]
     padded = np.pad(volume, pad, mode="symmetric")
     logits = logit_fn(padded[None])[0]
     z, y, x = volume.shape
-    return expit(logits[halo:halo + z, halo:halo + y, halo:halo + x])
+    return expit(logits[border:border + z, border:border + y, border:border + x])
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 9, 13), (29, 42, 37), (64, 64, 8)])
-@pytest.mark.parametrize("tile", [4, 12, 32])
-def test_plan_tiles_cover_once_on_the_grid(shape, tile):
+@pytest.mark.parametrize("shape", [(1, 1, 1), (5, 9, 13), (29, 42, 37), (64, 64, 8), (60, 130, 200)])
+@pytest.mark.parametrize("counts", [(1, 1, 1), (1, 2, 3), (2, 2, 2)])
+@pytest.mark.parametrize("border", [0, 4, 24])
+def test_plan_tiles_cover_once_on_the_grid(shape, counts, border):
     halo = 24
-    tiles = plan_tiles(shape, tile, halo)
+    tiles = plan_tiles(shape, counts, halo, border)
     count = np.zeros(shape, dtype=int)
     windows = set()
     for t in tiles:
         count[t.write] += 1
         windows.add(tuple(s.stop - s.start for s in t.read))
-        for r, c, w in zip(t.read, t.crop, t.write):
-            assert r.start % 4 == 0 and (r.stop - r.start) % 4 == 0
+        for r, c, w, n in zip(t.read, t.crop, t.write, shape):
+            end = -(-(n + 2 * border) // 4) * 4  # the extended axis
+            assert r.start % 4 == 0 and (r.stop - r.start) % 4 == 0 and 0 <= r.start < r.stop <= end
             assert c.stop - c.start == w.stop - w.start > 0
-            assert c.start >= halo and c.stop <= r.stop - r.start - halo
-            assert r.start + c.start - halo == w.start  # crop and write are the same voxels
+            assert r.start + c.start - border == w.start  # crop and write are the same voxels
+            # kept voxels lie `halo` inside the window, except at a face of the extended volume
+            assert c.start >= halo or r.start == 0
+            assert c.stop <= r.stop - r.start - halo or r.stop == end
     npt.assert_array_equal(count, 1)
     assert len(windows) == 1
 
 
 def test_read_tile_is_reflect_extension():
     volume = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
-    halo = 8
-    (tile,) = plan_tiles(volume.shape, 8, halo)
-    padded = np.pad(volume, [(halo, halo + (-n) % 4) for n in volume.shape], mode="symmetric")
-    npt.assert_array_equal(read_tile(volume, tile, halo), padded[tile.read])
+    border = 8
+    (tile,) = plan_tiles(volume.shape, (1, 1, 1), 24, border)
+    padded = np.pad(volume, [(border, border + (-(n + 2 * border)) % 4) for n in volume.shape], mode="symmetric")
+    npt.assert_array_equal(read_tile(volume, tile, border), padded[tile.read])
 
 
 def test_plan_inference_from_memory_budget():
     small = plan_inference((40, 200, 200), InferenceParams(memory_gb=0.2))
     large = plan_inference((40, 200, 200), InferenceParams(memory_gb=4.0))
     assert large.redundancy < small.redundancy
-    assert len(large.tiles) < len(small.tiles)
+    assert len(large.tiles) == 1 < len(small.tiles)
+    assert window_bytes(small.window_shape) * small.batch_size <= 0.2e9
+    # one window: the volume, its 4-voxel reflected border and the grid; nothing else is computed
     whole = plan_inference((8, 12, 16), InferenceParams())
-    assert len(whole.tiles) == 1 and whole.window_shape == (56, 60, 64)
-    cryovesnet_like = plan_inference((48, 48, 48), InferenceParams(tile_vox=24, halo_vox=24))
-    assert cryovesnet_like.redundancy == pytest.approx(8 * 72 ** 3 / 48 ** 3)
+    assert len(whole.tiles) == 1 and whole.window_shape == (16, 20, 24)
+    fits = plan_inference((64, 128, 128), InferenceParams(memory_gb=4.0))
+    assert fits.redundancy == pytest.approx(72 * 136 * 136 / (64 * 128 * 128))
+    assert plan_inference((64, 128, 128), InferenceParams(border_vox=0)).redundancy == 1.0
+    # the old rule: every window keeps 24 voxels on every side, cores of 24
+    cryovesnet_like = plan_inference((48, 48, 48), InferenceParams(tile_vox=24, border_vox=24))
+    assert cryovesnet_like.window_shape == (72, 72, 72) and len(cryovesnet_like.tiles) == 8
 
 
-@pytest.mark.parametrize("tta", [1, 4, 8])
-def test_tiling_invariance_interior_and_borders(tiny_logit_fn, volume, tta):
-    small = predict_tiled(volume, tiny_logit_fn, InferenceParams(tile_vox=12, tta=tta, memory_gb=0.05))
-    large = predict_tiled(volume, tiny_logit_fn, InferenceParams(tile_vox=28, tta=tta))
-    assert small.dtype == np.float32 and small.shape == volume.shape
-    assert 0.01 < small.std()  # not a saturated, trivially tiling-invariant map
-    npt.assert_allclose(small, large, atol=1e-4)
+def test_plan_inference_cuts_the_section_before_z():
+    """Memory grows with the window's y·x section (the network streams along z): cuts go across y and x."""
+    plan = plan_inference((134, 342, 342), InferenceParams(memory_gb=1.0))
+    counts = [len({t.read[a].start for t in plan.tiles}) for a in range(3)]
+    assert counts[0] == 1 and counts[1] * counts[2] > 1
+    assert window_bytes(plan.window_shape) <= 1e9
+
+
+@pytest.mark.parametrize("border, tta, tile", [(0, 1, 28), (4, 1, 28), (24, 1, 40), (4, 4, 28), (4, 8, 28)])
+def test_tiling_invariance_interior_and_borders(tiny_logit_fn, volume, border, tta, tile):
+    cut = InferenceParams(tile_vox=tile, tta=tta, border_vox=border, memory_gb=0.05)
+    tiles = plan_inference(volume.shape, cut).tiles
+    assert all(len({t.read[axis].start for t in tiles}) >= 2 for axis in range(3))  # cut across every axis
+    tiled = predict_tiled(volume, tiny_logit_fn, cut)
+    whole = predict_tiled(volume, tiny_logit_fn, InferenceParams(tta=tta, border_vox=border, memory_gb=4))
+    assert tiled.dtype == np.float32 and tiled.shape == volume.shape
+    assert 0.01 < tiled.std()  # not a saturated, trivially tiling-invariant map
+    npt.assert_allclose(tiled, whole, atol=1e-4)
     if tta == 1:
-        npt.assert_allclose(small, _untiled(volume, tiny_logit_fn, 24), atol=1e-4)
+        npt.assert_allclose(tiled, _untiled(volume, tiny_logit_fn, border), atol=1e-4)
 
 
 def test_tta_inverts_each_transform():
