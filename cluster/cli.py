@@ -179,7 +179,8 @@ def _segment_params(args: argparse.Namespace):
     from cryoves.engine.pipeline import SegmentParams
 
     sigma = model_gaussian_sigma_vox(args.weights) if args.prefilter_sigma is None else args.prefilter_sigma
-    inference = InferenceParams(tta=args.tta, memory_gb=args.memory_gb, gaussian_sigma_vox=sigma)
+    budget = {} if args.memory_gb is None else {"memory_gb": args.memory_gb}
+    inference = InferenceParams(tta=args.tta, gaussian_sigma_vox=sigma, **budget)
     return SegmentParams(inference=inference, invert_contrast=args.invert_contrast)
 
 
@@ -456,8 +457,10 @@ def _add_network_options(parser: argparse.ArgumentParser) -> None:
                         help="test-time augmentation: 1 (off), 4 (flips) or 8 (flips and rotations)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="cpu (Keras) or gpu (PyTorch, float16; needs the gpu extra)")
-    parser.add_argument("--memory-gb", type=_positive_float, default=4.0, metavar="GB",
-                        help="memory budget for a batch of network tiles (default: 4)")
+    parser.add_argument("--memory-gb", type=_positive_float, metavar="GB",
+                        help="memory for the network's windows, in GB; a smaller budget cuts the tomogram into "
+                             "more windows, which costs time, not accuracy (default: a quarter of this machine's "
+                             "memory, or of its container's limit)")
     parser.add_argument("--prefilter-sigma", type=_non_negative_float, metavar="VOX",
                         help="Gaussian pre-filter of the network input, in network voxels (2.2 nm); 0 for input that "
                              "is already denoised (default: the model's own, 1 for CryoVesNet's weights)")
