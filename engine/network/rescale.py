@@ -12,6 +12,7 @@ from cryoves.engine.errors import CryovesError
 
 NETWORK_VOXEL_SIZE_A = 22.0
 _SLAB_VOXELS = 1 << 22
+_DCT_SLAB_VOXELS = 1 << 20
 
 
 def network_shape(shape: tuple[int, ...], voxel_size_a: float,
@@ -71,12 +72,18 @@ def _dct_shrink_axis(volume: np.ndarray, n_out: int, axis: int) -> np.ndarray:
     keep = [slice(None)] * volume.ndim
     keep[axis] = slice(0, n_out)
     scale = np.float32(np.sqrt(n_out / volume.shape[axis]))
-    # whole z-sections at a time bound the temporaries, except when z itself is resized
-    step = volume.shape[0] if axis == 0 else max(1, _SLAB_VOXELS // max(1, volume[0].size))
-    for start in range(0, volume.shape[0], step):
-        spectrum = scipy.fft.dct(volume[start:start + step], type=2, norm="ortho", axis=axis, workers=-1)
+    # slabs across another axis, about _DCT_SLAB_VOXELS each: every transform along `axis` is independent, so
+    # the result is the same, and small slabs stay in cache (a z pass over 1024x1024x261 at once ran 3.6x longer)
+    across = next((a for a in range(volume.ndim) if a != axis), None)
+    slabs = [()]  # a 1-D volume: one transform
+    if across is not None:
+        step = max(1, _DCT_SLAB_VOXELS * volume.shape[across] // max(1, volume.size))
+        slabs = [(slice(None),) * across + (slice(start, start + step),)
+                 for start in range(0, volume.shape[across], step)]
+    for slab in slabs:
+        spectrum = scipy.fft.dct(volume[slab], type=2, norm="ortho", axis=axis, workers=-1)
         coefficients = spectrum[tuple(keep)] * scale
-        out[start:start + step] = scipy.fft.idct(coefficients, type=2, norm="ortho", axis=axis, workers=-1)
+        out[slab] = scipy.fft.idct(coefficients, type=2, norm="ortho", axis=axis, workers=-1)
     return out
 
 
