@@ -55,8 +55,7 @@ from cryoves.engine.job import (
     segment_job,
     tile_plan,
 )
-from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.model import load_logit_fn, model_inference_params
 from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.stages.refine import RefineParams, refine_spheres
 from cryoves.engine.stages.threshold import ThresholdParams
@@ -198,7 +197,7 @@ def work_outside_network() -> dict:
     import multiprocessing
     from unittest.mock import patch as patch_env
 
-    params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None)))
+    params = SegmentParams(inference=model_inference_params(None))
     settings = Settings(params=params, weights_sha256="sha", force=True)
     with tempfile.TemporaryDirectory() as tmp:
         write_phantom(tmp, make_phantom(TARGET_SHAPE, TARGET_VOXEL_SIZE_A, seed=0), name="target")

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox, weights_sha256
+from cryoves.engine.network.model import load_logit_fn, model_inference_params, weights_sha256
 from cryoves.engine.network.train import TRAINING_SEEDS_BELOW
 from cryoves.engine.pipeline import SegmentParams, segment
 from cryoves.engine.scoring.matching import dice, match_vesicles
@@ -129,14 +129,14 @@ def main() -> None:
     bundled, cryovesnet = load_logit_fn(None), load_logit_fn(args.weights)
     models = {"bundled": (bundled, weights_sha256(None)), "cryovesnet": (cryovesnet, weights_sha256(args.weights))}
     columns = {
-        "bundled model": ("bundled", InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None))),
-        "CryoVesNet weights": ("cryovesnet",
-                               InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(args.weights))),
+        "bundled model": ("bundled", model_inference_params(None)),
+        "CryoVesNet weights": ("cryovesnet", model_inference_params(args.weights)),
         "CryoVesNet weights, reference pre-processing": ("cryovesnet", REFERENCE),
     }
     if args.resampling:
         for name, (model, params) in list(columns.items())[:2]:
-            columns[f"{name}, linear resampling"] = (model, replace(params, resampling="linear"))
+            other = "linear" if params.resampling == "fourier" else "fourier"
+            columns[f"{name}, {other} resampling"] = (model, replace(params, resampling=other))
     columns = {name: column for name, column in columns.items() if column[0] in args.models}
     cache_path = Path(args.cache)
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}

@@ -18,8 +18,7 @@ import numpy as np
 from cryoves.cluster.run import run_batch
 from cryoves.engine.io.mrc import write_volume
 from cryoves.engine.job import Settings
-from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import model_gaussian_sigma_vox, weights_sha256
+from cryoves.engine.network.model import model_inference_params, weights_sha256
 from cryoves.engine.pipeline import SegmentParams
 from cryoves.engine.synthetic.phantom import make_phantom
 
@@ -55,7 +54,7 @@ def main() -> None:
             shutil.copyfile(folder / f"t{i % 20:04d}.mrc", folder / f"t{i:04d}.mrc")
         samples = []
         start = time.perf_counter()
-        params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None)))
+        params = SegmentParams(inference=model_inference_params(None))
         settings = Settings(params=params, weights_sha256=weights_sha256(None))
         run_batch([str(folder)], folder / "out", settings, weights=None,
                   progress=lambda row: samples.append((len(samples) + 1, ray_and_driver_rss_mb())))

@@ -30,8 +30,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import write_volume
 from cryoves.engine.io.outputs import package_versions, peak_memory_mb
 from cryoves.engine.job import STEPS, Job, Settings, prepare, segment_job
-from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.model import load_logit_fn, model_inference_params
 from cryoves.engine.network.rescale import network_shape
 from cryoves.engine.pipeline import STAGES, SegmentParams
 from cryoves.engine.synthetic.phantom import Phantom, make_phantom
@@ -74,7 +73,7 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
         raise CryovesError(f"repeats must be >= 1, got {repeats}")
     shape = tuple(int(n) for n in (shape or SIZES[size]))
     say = progress or (lambda message: None)
-    params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(weights)))
+    params = SegmentParams(inference=model_inference_params(weights))
     say("loading the network")
     logit_fn = load_logit_fn(weights, device)
     model = ("bundled model" if weights is None else f"weights {weights}") + \

@@ -174,13 +174,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _segment_params(args: argparse.Namespace):
-    from cryoves.engine.network.inference import InferenceParams
-    from cryoves.engine.network.model import model_gaussian_sigma_vox
+    from cryoves.engine.network.model import model_inference_params
     from cryoves.engine.pipeline import SegmentParams
 
-    sigma = model_gaussian_sigma_vox(args.weights) if args.prefilter_sigma is None else args.prefilter_sigma
-    budget = {} if args.memory_gb is None else {"memory_gb": args.memory_gb}
-    inference = InferenceParams(tta=args.tta, gaussian_sigma_vox=sigma, **budget)
+    changes = {"tta": args.tta}
+    if args.prefilter_sigma is not None:
+        changes["gaussian_sigma_vox"] = args.prefilter_sigma
+    if args.memory_gb is not None:
+        changes["memory_gb"] = args.memory_gb
+    inference = model_inference_params(args.weights, **changes)
     return SegmentParams(inference=inference, invert_contrast=args.invert_contrast)
 
 

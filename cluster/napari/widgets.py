@@ -21,8 +21,7 @@ from cryoves.engine.io.outputs import tomogram_name
 from cryoves.engine.io.tables import ACTIVE_OUTCOMES, read_metadata
 from cryoves.engine.job import STEPS, Job, OutputOptions, Settings, prepare, segment_job
 from cryoves.engine.network.catalog import BUNDLED, CATALOG, resolve_weights
-from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox, weights_sha256
+from cryoves.engine.network.model import load_logit_fn, model_inference_params, weights_sha256
 from cryoves.engine.pipeline import SegmentParams
 
 OTHER_MODEL = "file..."
@@ -49,8 +48,8 @@ def segment_file(request: SegmentRequest, progress) -> bool:
     `progress(text)` hears each step. True when the outputs were already current and nothing was done."""
     weights = resolve_weights(request.weights, on_fetch=lambda model: progress(
         f"fetching {model.name}; licence {model.licence}"))
-    sigma = model_gaussian_sigma_vox(weights) if request.prefilter_sigma_vox is None else request.prefilter_sigma_vox
-    params = SegmentParams(inference=InferenceParams(tta=request.tta, gaussian_sigma_vox=sigma),
+    sigma = {} if request.prefilter_sigma_vox is None else {"gaussian_sigma_vox": request.prefilter_sigma_vox}
+    params = SegmentParams(inference=model_inference_params(weights, tta=request.tta, **sigma),
                            invert_contrast=request.invert_contrast)
     settings = Settings(params=params, weights_sha256=weights_sha256(weights),
                         outputs=OutputOptions(probability=True))

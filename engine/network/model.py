@@ -23,6 +23,8 @@ from cryoves.engine.errors import CryovesError
 if TYPE_CHECKING:
     import keras
 
+    from cryoves.engine.network.inference import InferenceParams
+
 LogitFn = Callable[[np.ndarray], np.ndarray]
 """Maps float32 tiles (B, Z, Y, X) of the z-scored volume, sizes multiples of 4, to float32 logits
 of the same shape (`make_logit_fn` here, `torch_unet.make_torch_logit_fn` for the GPU)."""
@@ -432,20 +434,26 @@ def load_model(weights=None) -> keras.Model:
     return model
 
 
-def model_gaussian_sigma_vox(weights=None) -> float:
-    """The Gaussian pre-filter (σ, network voxels) inference applies by default for a model.
+def model_inference_params(weights=None, **changes) -> InferenceParams:
+    """The network-input preparation a model was trained with, which inference applies by default, with
+    `changes` (e.g. tta, memory_gb, or a user's gaussian_sigma_vox) applied.
 
-    CryoVesNet's weights get its code's σ = 1: they were trained on NAD-denoised tomograms, and on raw,
-    noisy input the filter stands in for that denoising (method.md §2.3; without it their probability
-    Dice falls from 0.80 to 0.41 at 22 Å and to 0.006 at 14.7 Å on independently generated tomograms).
-    cryoves model folders record theirs in config.json.
+    CryoVesNet's weights get its code's pre-processing: trilinear resampling and a σ = 1 Gaussian. They were
+    trained on NAD-denoised tomograms, and on raw, noisy input the filter stands in for that denoising
+    (method.md §2.3; without it their probability Dice falls from 0.80 to 0.41 at 22 Å and to 0.006 at
+    14.7 Å on independently generated tomograms). cryoves model folders record theirs in config.json
+    (models from before band-limited resampling were trained on the trilinear one).
     """
     import json
+
+    from cryoves.engine.network.inference import InferenceParams
 
     path = bundled_model_dir() if weights is None else Path(weights)
     config_path = path / MODEL_CONFIG
     config = json.loads(config_path.read_text()) if path.is_dir() and config_path.is_file() else {}
-    return float(config.get("gaussian_sigma_vox", 1.0))
+    trained = {"gaussian_sigma_vox": float(config.get("gaussian_sigma_vox", 1.0)),
+               "resampling": config.get("resampling", "linear")}
+    return InferenceParams(**(trained | changes))
 
 
 def load_logit_fn(weights=None, device: str = "cpu") -> LogitFn:

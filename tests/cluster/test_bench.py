@@ -20,8 +20,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import read_volume, write_volume
 from cryoves.engine.io.outputs import read_run_record
 from cryoves.engine.job import STEPS
-from cryoves.engine.network.inference import InferenceParams
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.model import load_logit_fn, model_inference_params
 from cryoves.engine.pipeline import SegmentParams
 from cryoves.engine.synthetic.phantom import make_phantom
 
@@ -83,7 +82,7 @@ def test_time_pipeline_segments_the_file_as_segment_does(tmp_path):
     """One real pass of the job calls: every step timed, and the vesicle count is the written labels'."""
     phantom = make_phantom((32, 64, 64), 22.0, seed=1)
     tomogram = write_volume(tmp_path / "tomo.mrc", phantom.tomogram, 22.0)
-    params = SegmentParams(inference=InferenceParams(gaussian_sigma_vox=model_gaussian_sigma_vox(None)))
+    params = SegmentParams(inference=model_inference_params(None))
     seconds, n_found = time_pipeline(tomogram, load_logit_fn(None), params, tmp_path / "out")
     assert list(seconds) == list(STEPS)
     assert n_found == read_volume(tmp_path / "out" / "tomo.labels.mrc").data.max() > 0

@@ -98,13 +98,14 @@ def test_incompatible_weights(tmp_path):
 
 def test_cryovesnet_weights_get_the_reference_prefilter_by_default(cryovesnet_weights, tmp_path):
     from cryoves.cluster.cli import _segment_params, build_parser
-    from cryoves.engine.network.model import model_gaussian_sigma_vox
+    from cryoves.engine.network.model import model_inference_params
 
-    assert model_gaussian_sigma_vox(cryovesnet_weights) == 1.0  # method.md §2.3: the reference code's σ
+    reference = model_inference_params(cryovesnet_weights)  # method.md §2.2-2.3: the reference code's
+    assert reference.gaussian_sigma_vox == 1.0 and reference.resampling == "linear"
     parse = build_parser().parse_args
     tomo = str(tmp_path / "t.mrc")
     default = _segment_params(parse(["segment", tomo, "--out", "o", "--weights", str(cryovesnet_weights)]))
-    assert default.inference.gaussian_sigma_vox == 1.0
+    assert default.inference == reference
     denoised = _segment_params(parse(["segment", tomo, "--out", "o", "--weights", str(cryovesnet_weights),
                                       "--prefilter-sigma", "0"]))
     assert denoised.inference.gaussian_sigma_vox == 0.0

@@ -9,7 +9,7 @@ from cryoves.cluster.cli import main
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import write_labels, write_volume
 from cryoves.engine.network.inference import InferenceParams, predict_probability
-from cryoves.engine.network.model import load_logit_fn, model_gaussian_sigma_vox
+from cryoves.engine.network.model import load_logit_fn, model_inference_params
 from cryoves.engine.network.train import TrainParams, prepare_pair, train
 from cryoves.engine.synthetic.phantom import make_phantom
 
@@ -37,7 +37,7 @@ def test_a_few_steps_reduce_the_loss(trained):
 def test_saved_model_reloads_and_predicts_identically(trained, pairs):
     out, config = trained
     assert json.loads((out / "config.json").read_text())["best_epoch"] == config["best_epoch"]
-    assert model_gaussian_sigma_vox(out) == 1.0
+    assert model_inference_params(out).gaussian_sigma_vox == 1.0 and model_inference_params(out).resampling == "fourier"
     volume = make_phantom((32, 64, 64), 22.0, seed=5).tomogram
     first = predict_probability(volume, 22.0, load_logit_fn(out), InferenceParams())
     again = predict_probability(volume, 22.0, load_logit_fn(out), InferenceParams())
