@@ -427,7 +427,10 @@ def _write_index(args: argparse.Namespace) -> None:
     if not args.no_report:
         from cryoves.engine.report.index import write_index
 
-        print(f"QC report: {write_index(args.out)}")
+        try:
+            print(f"QC report: {write_index(args.out)}")
+        except Exception as error:  # noqa: BLE001 - a view that fails to draw never fails the finished work
+            log.warning(f"the QC index could not be drawn ({error}); `cryoves report {args.out}` draws it again")
 
 
 _WEIGHTS_HELP = ("bundled, cryovesnet (CryoVesNet's published weights, fetched on first use; see `cryoves models`) "

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+from scipy import ndimage
 
-from cryoves.engine.io.tables import active_mask
+from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.network.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
 from cryoves.engine.stages.localize import LocalizeParams, label_segments, localize
 from cryoves.engine.stages.outliers import OutlierParams, detect_outliers
@@ -129,7 +130,7 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     - the map holds less vesicle than one smallest vesicle (sphere of `min_radius_nm`): the network saw none;
     - the threshold search ends at the top of its range: the best boundary may lie beyond it; inverted
       contrast does this (on every phantom, with the bundled model), so does a very confident map;
-    - the darkest mask boundary is brighter than the tomogram's mean: membranes look white;
+    - the vesicles' radial profiles have a bright peak rather than a dark dip: membranes look white;
     - no vesicle is kept.
     """
     messages = []
@@ -141,13 +142,38 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     if search.searched and search.thresholds.size > 1 and search.threshold >= search.thresholds[-1]:
         messages.append(f"the global threshold search ended at the top of its range ({search.threshold:.2f}); "
                         f"if the membranes are white, rerun with --invert-contrast; else {CHECK}")
-    shells = search.mean_intensity[np.isfinite(search.mean_intensity)] if search.searched else []
-    if len(shells) and shells.min() > float(np.mean(tomogram, dtype=np.float64)):
-        messages.append("the vesicle boundaries are brighter than the tomogram's mean: the contrast looks inverted "
-                        "(white membranes); if so, rerun with --invert-contrast")
+    if membrane_polarity(tomogram, vesicles) < 0:
+        messages.append("the vesicles' radial profiles peak where they should dip: the membranes look white "
+                        "(inverted contrast); if so, rerun with --invert-contrast")
     if not np.any(active_mask(vesicles)):
         messages.append(f"no vesicles found: {CHECK}")
     return tuple(messages)
+
+
+_POLARITY_DIRECTIONS = 64
+
+
+def membrane_polarity(tomogram: np.ndarray, vesicles: pa.Table) -> float:
+    """Median over the vesicles found of log(dip / peak) of each one's radial profile (0 to 1.5 radii): the
+    largest excursion below the profile's median against the largest above it. Dark membranes dip (> 0),
+    white ones peak (< 0): a sign test that needs no calibration; NaN with fewer than 3 vesicles."""
+    active = active_mask(vesicles)
+    if active.sum() < 3:
+        return float("nan")
+    centers, radii = centers_vox(vesicles)[active], radii_vox(vesicles)[active]
+    golden = np.pi * (3 - np.sqrt(5))  # a Fibonacci sphere: evenly spread directions
+    z = np.linspace(1 - 1 / _POLARITY_DIRECTIONS, 1 / _POLARITY_DIRECTIONS - 1, _POLARITY_DIRECTIONS)
+    ring = np.sqrt(1 - z**2)
+    turns = golden * np.arange(_POLARITY_DIRECTIONS)
+    directions = np.column_stack([z, ring * np.sin(turns), ring * np.cos(turns)])
+    fractions = np.linspace(0.0, 1.5, 31)
+    points = (centers[:, None, None, :]
+              + (fractions[None, :, None, None] * radii[:, None, None, None]) * directions[None, None, :, :])
+    samples = ndimage.map_coordinates(tomogram, points.reshape(-1, 3).T, order=1, mode="nearest")
+    profiles = samples.reshape(len(centers), len(fractions), _POLARITY_DIRECTIONS).mean(axis=2)
+    median = np.median(profiles, axis=1)
+    dip, peak = median - profiles.min(axis=1), profiles.max(axis=1) - median
+    return float(np.median(np.log((dip + 1e-12) / (peak + 1e-12))))
 
 
 def _deciding_stage(spheres: pa.Table, checked: pa.Table, final: pa.Table) -> list[str]:

@@ -58,7 +58,10 @@ def read_rows(out_dir) -> list[IndexRow]:
     out_dir = Path(out_dir)
     rows = []
     for path in sorted((out_dir / "runs").glob("*.parquet")):
-        record = pq.read_table(path).to_pylist()[0]
+        records = pq.read_table(path).to_pylist() if path.is_file() else []
+        if not records:
+            continue  # not a run record (e.g. a folder in its place)
+        record = records[0]
         rows.append(_row(out_dir, str(record.get("tomogram") or path.stem), record))
     return with_checks(rows)
 

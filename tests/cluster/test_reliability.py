@@ -89,9 +89,9 @@ def test_inverted_contrast_warns_and_is_recorded(tiny_phantoms, tmp_path, cryove
     negated = write_volume(tmp_path / "negated.mrc", -np.asarray(tomogram.data), tomogram.voxel_size_a)
     result = cryoves("segment", negated, "--out", tmp_path / "out")
     assert result.returncode == 0, result.stderr
-    assert "top of its range" in result.stderr and "--invert-contrast" in result.stderr
+    assert "--invert-contrast" in result.stderr  # the threshold search's or the boundary brightness's warning
     warnings = json.loads(_record(tmp_path / "out", "negated")["warnings"])
-    assert any("top of its range" in w and "--invert-contrast" in w for w in warnings)
+    assert any("--invert-contrast" in w for w in warnings)
 
 
 def test_info_into_a_pipe_closed_early_ends_quietly(tiny_phantoms, cryoves_script):

@@ -1,11 +1,11 @@
 """No silent empty result: a tomogram without vesicles, or one whose threshold search ends at the top of its
-range, says so in one line with what to check (issue 13 item 7)."""
+range, or whose membranes look white, says so in one line with what to check (issue 13 item 7)."""
 
 import numpy as np
 import pytest
 
 from cryoves.engine.network.model import load_logit_fn
-from cryoves.engine.pipeline import SegmentParams, segment
+from cryoves.engine.pipeline import SegmentParams, membrane_polarity, segment
 from cryoves.engine.synthetic.phantom import make_phantom
 
 
@@ -28,9 +28,11 @@ def test_pure_noise_says_it_found_nothing_and_what_to_check(bundled):
                for w in result.warnings)
 
 
-def test_inverted_contrast_is_caught_by_the_threshold_search(bundled, phantom):
+def test_inverted_contrast_is_caught_by_the_membrane_polarity(bundled, phantom):
+    assert membrane_polarity(phantom.tomogram, segment(phantom.tomogram, 22.0, bundled, SegmentParams()).vesicles) > 0
     result = segment(-phantom.tomogram, 22.0, bundled, SegmentParams(), keep_stages=False)
-    assert any("top of its range" in w and "--invert-contrast" in w for w in result.warnings)
+    assert membrane_polarity(-phantom.tomogram, result.vesicles) < 0
+    assert any("look white" in w and "--invert-contrast" in w for w in result.warnings)
     fixed = segment(-phantom.tomogram, 22.0, bundled, SegmentParams(invert_contrast=True), keep_stages=False)
     assert fixed.warnings == ()
     assert len(fixed.vesicles) > 10
