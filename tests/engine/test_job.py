@@ -37,7 +37,7 @@ from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
 
 SHAPE = (32, 64, 64)
 # 4 tiles in 2 batches
-SETTINGS = Settings(params=SegmentParams(inference=InferenceParams(tile_vox=32, memory_gb=0.6)),
+SETTINGS = Settings(params=SegmentParams(inference=InferenceParams(tile_vox=16, memory_gb=0.2)),
                     weights_sha256="sha")
 
 
