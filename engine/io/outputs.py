@@ -64,8 +64,11 @@ def file_sha256(path) -> str:
 
 
 def params_digest(params, voxel_size_a: float, weights_sha256: str) -> str:
-    """A digest of everything besides the input that decides the result."""
-    text = json.dumps({"params": asdict(params), "voxel_size_a": voxel_size_a, "weights": weights_sha256},
+    """A digest of everything besides the input that decides the result; the memory budget only decides
+    the tiling, which the map does not depend on, and its default differs between machines."""
+    decisive = asdict(params)
+    decisive["inference"].pop("memory_gb", None)
+    text = json.dumps({"params": decisive, "voxel_size_a": voxel_size_a, "weights": weights_sha256},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

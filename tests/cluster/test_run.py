@@ -35,9 +35,9 @@ TIMINGS = {"seconds", "total_seconds", "peak_memory_mb"}
 
 
 def options(inputs) -> list[str]:
-    """Every output and option `segment` and `run` share; --memory-gb 0.5 makes 4 tiles, one per batch, per
+    """Every output and option `segment` and `run` share; --memory-gb 0.1 makes 4 tiles, one per batch, per
     tomogram, so each tomogram is spread over both actors."""
-    return ["--probability", "--stages", "--pyto", "--truth", str(inputs), "--memory-gb", "0.5"]
+    return ["--probability", "--stages", "--pyto", "--truth", str(inputs), "--memory-gb", "0.1"]
 
 
 def run_settings(weights, inputs, regions):
@@ -119,7 +119,8 @@ def assert_same_files(ours, theirs, names) -> None:
     """Every output of `names` in folder `ours` equals the one in `theirs`: volumes voxel for voxel with their
     grid, IMOD models byte for byte, tables exactly, run records but for timings, metrics but for the path."""
     def listing(folder):
-        return sorted(p.relative_to(folder) for p in folder.rglob("*") if p.is_file() and p.name.split(".")[0] in names)
+        return sorted(p.relative_to(folder) for p in folder.rglob("*")
+                      if p.is_file() and p.name.split(".")[0] in names and p.parent.name != "report")  # a view
 
     files = listing(theirs)
     assert listing(ours) == files and len(files) >= 11 * len(names)

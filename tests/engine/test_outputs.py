@@ -108,3 +108,14 @@ def test_a_new_set_invalidates_the_old_record_and_removes_what_it_does_not_rewri
     assert read_run_record(tmp_path, "tomo") == {"tomogram": "tomo", "status": "error", "error": "being rewritten"}
     left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
     assert left == sorted([*keep.values(), "tomo2.prob.mrc", "runs/tomo.parquet"])
+
+
+def test_the_parameter_digest_ignores_the_memory_budget_only():
+    from cryoves.engine.io.outputs import params_digest
+    from cryoves.engine.network.inference import InferenceParams
+
+    def digest(**inference):
+        return params_digest(SegmentParams(inference=InferenceParams(**inference)), 22.0, "sha")
+
+    assert digest(memory_gb=1.0) == digest(memory_gb=64.0)  # a resume on another machine is still current
+    assert digest(tta=4) != digest(tta=1) and digest(gaussian_sigma_vox=0.0) != digest()
