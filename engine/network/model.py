@@ -171,15 +171,6 @@ def read_weights(weights_path: str | Path) -> dict[str, list[np.ndarray]]:
     return {name: [a.astype(np.float32) for a in arrays] for name, arrays in out.items()}
 
 
-def load_unet(weights_path: str | Path) -> keras.Model:
-    """The U-Net with CryoVesNet's weights (a Keras 2 full-model HDF5 save)."""
-    weights = read_weights(weights_path)
-    model = build_unet()
-    for name, arrays in weights.items():
-        model.get_layer(name).set_weights(arrays)
-    return model
-
-
 def logit_model(model: keras.Model) -> keras.Model:
     """The same network without the final sigmoid (shares the layers and weights)."""
     import keras

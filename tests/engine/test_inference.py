@@ -197,12 +197,12 @@ def test_predict_probability_and_back_to_input_grid(tiny_logit_fn):
 
 def test_real_weights_find_a_dark_ring(cryovesnet_weights):
     """A hollow dark shell of vesicle size (~40 nm) lights up; flat background does not."""
-    from cryoves.engine.network.model import load_unet, make_logit_fn
+    from cryoves.engine.network.model import load_model, make_logit_fn
 
     z, y, x = np.mgrid[:48, :48, :48].astype(np.float32) - 23.5
     r = np.sqrt(z * z + y * y + x * x)
     tomogram = -np.exp(-((r - 9.0) ** 2) / 2.0) + 0.05 * np.random.default_rng(5).standard_normal(r.shape)
-    prob = predict_probability(tomogram.astype(np.float32), 22.0, make_logit_fn(load_unet(cryovesnet_weights)),
+    prob = predict_probability(tomogram.astype(np.float32), 22.0, make_logit_fn(load_model(cryovesnet_weights)),
                                InferenceParams())
     assert prob[r < 7].mean() > 0.5
     assert prob[r > 16].mean() < 0.2

@@ -6,7 +6,7 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.network.model import N_PARAMETERS, build_unet, load_unet, logit_model, make_logit_fn
+from cryoves.engine.network.model import N_PARAMETERS, build_unet, load_model, logit_model, make_logit_fn
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_parameter_count():
 
 @pytest.mark.parametrize("weights", ["random", "cryovesnet"])
 def test_equals_csbdeep_unet_block(random_model, weights, request):
-    model = random_model if weights == "random" else load_unet(request.getfixturevalue("cryovesnet_weights"))
+    model = random_model if weights == "random" else load_model(request.getfixturevalue("cryovesnet_weights"))
     reference = _csbdeep_unet()
     ours = model.get_weights()
     assert [tuple(w.shape) for w in reference.weights] == [w.shape for w in ours]
@@ -58,7 +58,7 @@ def test_logit_fn_rejects_sizes_off_the_pooling_grid(random_model):
 
 
 def test_load_cryovesnet_weights_by_topological_order(cryovesnet_weights):
-    model = load_unet(cryovesnet_weights)
+    model = load_model(cryovesnet_weights)
     with h5py.File(cryovesnet_weights, "r") as f:
         g = f["model_weights"]
         npt.assert_array_equal(model.get_layer("middle_2").get_weights()[0], g["middle_2/middle_2/kernel:0"])
@@ -70,14 +70,14 @@ def test_load_cryovesnet_weights_by_topological_order(cryovesnet_weights):
 
 def test_missing_weights_file(tmp_path):
     with pytest.raises(CryovesError, match="weight file not found"):
-        load_unet(tmp_path / "nope.h5")
+        load_model(tmp_path / "nope.h5")
 
 
 def test_not_an_h5_file(tmp_path):
     path = tmp_path / "weights.h5"
     path.write_text("not hdf5")
     with pytest.raises(CryovesError, match="not a Keras HDF5 weight file"):
-        load_unet(path)
+        load_model(path)
 
 
 def test_incompatible_weights(tmp_path):
@@ -93,7 +93,7 @@ def test_incompatible_weights(tmp_path):
         dense.attrs["weight_names"] = [b"dense/kernel:0"]
         dense.create_dataset("dense/kernel:0", data=np.zeros((8, 1), np.float32))
     with pytest.raises(CryovesError, match="do not match the CryoVesNet U-Net"):
-        load_unet(path)
+        load_model(path)
 
 
 def test_cryovesnet_weights_get_the_reference_prefilter_by_default(cryovesnet_weights, tmp_path):

@@ -27,11 +27,11 @@ def test_equals_keras_with_random_weights(random_unet):
 
 
 def test_equals_keras_with_cryovesnet_weights(cryovesnet_weights):
-    from cryoves.engine.network.model import load_unet
+    from cryoves.engine.network.model import load_model
 
     x = np.random.default_rng(2).standard_normal((1, 64, 64, 64)).astype(np.float32)
     torch_logits = make_torch_logit_fn(load_torch_unet(cryovesnet_weights))(x)
-    keras_logits = make_logit_fn(load_unet(cryovesnet_weights))(x)
+    keras_logits = make_logit_fn(load_model(cryovesnet_weights))(x)
     npt.assert_allclose(torch_logits, keras_logits, atol=1e-4)
 
 
