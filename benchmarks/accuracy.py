@@ -15,7 +15,16 @@ import time
 from datetime import date
 
 import numpy as np
-from robustness import DEV_SEED, FIELD_NM, REFERENCE, VALIDATION_SEED, Condition, make_condition
+from robustness import (
+    DEV_SEED,
+    FIELD_NM,
+    REFERENCE,
+    VALIDATION_SEED,
+    Condition,
+    found_spheres,
+    make_condition,
+    truth_spheres,
+)
 
 from cryoves.engine.network.inference import InferenceParams, predict_probability, probability_on_input_grid
 from cryoves.engine.network.model import load_logit_fn, model_inference_params
@@ -23,7 +32,6 @@ from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.scoring.matching import dice, match_vesicles, spheres_from_labels
 from cryoves.engine.stages.localize import LocalizeParams
 from cryoves.engine.stages.outliers import OutlierParams
-from cryoves.engine.units import nm_to_vox
 
 VALIDATION = [(Condition("default 22 Å", "tilt-series"), 3), (Condition("crowded", "tilt-series", preset="crowded"), 1),
               (Condition("low SNR", "tilt-series", preset="low_snr"), 1),
@@ -41,18 +49,6 @@ VARIANTS = {
                                                                                  split_regrow=False)),
     "split: paper extent 0.25": SegmentParams(localize=LocalizeParams(split_max_extent=0.25)),
 }
-
-
-def _truth(phantom):
-    table = phantom.vesicles
-    centers = np.column_stack([table.column(f"center_{a}_vox").to_numpy() for a in "zyx"])
-    return centers, nm_to_vox(table.column("radius_nm").to_numpy(), phantom.voxel_size_a)
-
-
-def _final(vesicles):
-    kept = np.asarray(vesicles.column("outcome").to_pylist()) != "removed"
-    centers = np.column_stack([vesicles.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept]
-    return centers, vesicles.column("radius_vox").to_numpy()[kept]
 
 
 def _probability(phantom, logit_fn, inference: InferenceParams) -> tuple[np.ndarray, float]:
@@ -84,11 +80,11 @@ def main() -> None:
     for condition, n_seeds in VALIDATION:
         for seed in range(VALIDATION_SEED, VALIDATION_SEED + n_seeds):
             phantom = make_condition(condition, seed)
-            truth = _truth(phantom)
+            truth = truth_spheres(phantom)
             for model_name, (logit_fn, inference) in models.items():
                 prob, network_s = _probability(phantom, logit_fn, inference)
                 result = postprocess(phantom.tomogram, prob, phantom.voxel_size_a, SegmentParams(inference=inference))
-                m = match_vesicles(*_final(result.vesicles), *truth, phantom.voxel_size_a)
+                m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
                 stage_f1 = [match_vesicles(*spheres_from_labels(result.labels[stage])[1:], *truth,
                                            phantom.voxel_size_a).f1 for stage in ("global", "local")]
                 print(f"| {condition.name} s{seed - VALIDATION_SEED} | {model_name} | "
@@ -102,11 +98,11 @@ def main() -> None:
     logit_fn, inference = models["bundled"]
     for condition in DEVELOPMENT:
         phantom = make_condition(condition, DEV_SEED)
-        truth = _truth(phantom)
+        truth = truth_spheres(phantom)
         prob, _ = _probability(phantom, logit_fn, inference)
         for variant, params in VARIANTS.items():
             result = postprocess(phantom.tomogram, prob, phantom.voxel_size_a, params)
-            m = match_vesicles(*_final(result.vesicles), *truth, phantom.voxel_size_a)
+            m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
             print(f"| {condition.imaging} | {condition.name} | {variant} | {m.f1:.3f} | {m.precision:.3f} | "
                   f"{m.recall:.3f} | {m.diameter_error:.3f} | {m.center_residual_nm:.2f} |", flush=True)
 

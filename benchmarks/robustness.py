@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.network.inference import InferenceParams
 from cryoves.engine.network.model import load_logit_fn, model_inference_params, weights_sha256
 from cryoves.engine.network.train import TRAINING_SEEDS_BELOW
@@ -26,7 +27,6 @@ from cryoves.engine.pipeline import SegmentParams, segment
 from cryoves.engine.scoring.matching import dice, match_vesicles
 from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
 from cryoves.engine.synthetic.tiltseries import TiltSeriesImaging, diffuse
-from cryoves.engine.units import nm_to_vox
 
 VALIDATION_SEED = TRAINING_SEEDS_BELOW
 """Seeds of validation phantoms start here; training draws its phantoms below it (engine/network/train.py)."""
@@ -91,20 +91,25 @@ def make_condition(condition: Condition, seed: int):
     return phantom
 
 
+def truth_spheres(phantom) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and radii (voxels) of a phantom's true vesicles."""
+    return centers_vox(phantom.vesicles), radii_vox(phantom.vesicles, phantom.voxel_size_a)
+
+
+def found_spheres(vesicles) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and radii (voxels) of the vesicles a segmentation kept."""
+    active = active_mask(vesicles)
+    return centers_vox(vesicles)[active], radii_vox(vesicles)[active]
+
+
 def score(phantom, logit_fn, inference: InferenceParams, invert_contrast: bool = False) -> Score:
     """The whole method on one phantom, scored at the final stage against its exact ground truth."""
     params = SegmentParams(inference=inference, invert_contrast=invert_contrast)
     result = segment(phantom.tomogram, phantom.voxel_size_a, logit_fn, params, keep_stages=False)
-    vesicles = result.vesicles
-    kept = np.asarray(vesicles.column("outcome").to_pylist()) != "removed"
-    centers = np.column_stack([vesicles.column(f"center_{a}_vox").to_numpy() for a in "zyx"])[kept]
-    truth = phantom.vesicles
-    true_centers = np.column_stack([truth.column(f"center_{a}_vox").to_numpy() for a in "zyx"])
-    true_radii = nm_to_vox(truth.column("radius_nm").to_numpy(), phantom.voxel_size_a)
-    m = match_vesicles(centers, vesicles.column("radius_vox").to_numpy()[kept], true_centers, true_radii,
-                       phantom.voxel_size_a)
+    found = found_spheres(result.vesicles)
+    m = match_vesicles(*found, *truth_spheres(phantom), phantom.voxel_size_a)
     return Score(m.f1, m.precision, m.recall, dice(result.labels["final"], phantom.labels), m.diameter_error,
-                 m.center_residual_nm, int(kept.sum()))
+                 m.center_residual_nm, len(found[0]))
 
 
 def _cell(s: Score) -> str:

@@ -128,8 +128,8 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     """One line per sign that the result cannot be trusted, each saying what to check; never a silent empty result.
 
     - the map holds less vesicle than one smallest vesicle (sphere of `min_radius_nm`): the network saw none;
-    - the threshold search ends at the top of its range: the best boundary may lie beyond it; inverted
-      contrast does this (on every phantom, with the bundled model), so does a very confident map;
+    - the threshold search ends at the top of its range: the best boundary may lie beyond it (a very
+      confident map does this too: CryoVesNet's on tilt-series phantoms);
     - the vesicles' radial profiles have a bright peak rather than a dark dip: membranes look white;
     - no vesicle is kept.
     """
