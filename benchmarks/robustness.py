@@ -163,7 +163,7 @@ def main() -> None:
             for seed in range(first_seed, first_seed + args.seeds):
                 phantom = None
                 for name, (model, params) in columns.items():
-                    key = f"{imaging}|{condition}|{seed}|{models[model][1]}|{params}"
+                    key = f"{imaging}|{condition}|{seed}|{models[model][1]}|{SegmentParams(inference=params)}"
                     if key not in cache:
                         phantom = phantom or make_condition(condition, seed)
                         cache[key] = asdict(score(phantom, models[model][0], params, condition.invert))

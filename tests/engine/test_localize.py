@@ -228,6 +228,42 @@ def test_pair_at_far_faces_is_split():
     assert local.max() == 5
 
 
+def saturated(centres, semi_axes=(7.2, 7.2, 7.2), shape=SHAPE):
+    """P = 1 inside a union of ellipsoids and 0 outside, as float32 maps saturate: no raised threshold splits it."""
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    a = np.asarray(semi_axes, float)
+    inside = np.zeros(shape, bool)
+    for c in centres:
+        inside |= ((z - c[0]) / a[0]) ** 2 + ((y - c[1]) / a[1]) ** 2 + ((x - c[2]) / a[2]) ** 2 <= 1.0
+    return inside.astype(np.float32)
+
+
+def test_saturated_pair_is_cut_at_its_neck():
+    """Touching vesicles with P = 1 through the contact: the threshold split cannot part them, the neck cut does."""
+    pair = [(20, 40, 40), (20, 49, 49)]
+    p = saturated(pair + SINGLES)
+    labels, local = run(p)
+    assert labels.max() == 4 and local.max() == 5
+    np.testing.assert_array_equal(local > 0, labels > 0)
+    assert_same_centres(centroids(local), pair + SINGLES, atol=0.5)
+    _, reference = run(p, split_neck_depth_nm=None)  # the reference's split alone keeps the pair whole
+    assert reference.max() == 4
+
+
+def test_saturated_chain_is_cut_into_its_vesicles():
+    chain = [(20, 12 + 9 * k, 12 + 9 * k) for k in range(4)]
+    _, local = run(saturated(chain + SINGLES))
+    assert local.max() == 7
+    assert_same_centres(centroids(local), chain + SINGLES, atol=0.6)
+
+
+@pytest.mark.parametrize("semi_axes", [(7.2, 7.2, 7.2), (11.0, 7.0, 7.0), (7.0, 10.0, 6.0)])
+def test_single_sphere_or_ellipsoid_is_never_cut(semi_axes):
+    """A lone vesicle, also stretched along z by the missing wedge, has one distance maximum: no cut."""
+    _, local = run(saturated([(20, 48, 48)], semi_axes), split_max_extent=1.0)  # every segment a candidate
+    assert local.max() == 1
+
+
 def test_discarding_rules():
     singles = [(20, 20, 20), (20, 20, 70), (20, 70, 70)]
     p = union_probability(singles)
@@ -310,6 +346,7 @@ def test_input_labels_not_modified():
         ({"min_radius_nm": -1.0}, "min_radius_nm must be >= 0 nm"),
         ({"split_min_volume_z": float("nan")}, "split_min_volume_z must be a finite number or None"),
         ({"split": "yes"}, "split must be True or False"),
+        ({"split_neck_depth_nm": 0.0}, "split_neck_depth_nm must be a number > 0 nm or None"),
     ],
 )
 def test_params_validation(kwargs, match):
