@@ -59,6 +59,7 @@ from cryoves.engine.job import (
 )
 from cryoves.engine.network.inference import InferenceParams, TilePlan
 from cryoves.engine.stages.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
+from cryoves.engine.warmup import start_kernel_warmup
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class Predictor:
         from cryoves.engine.network.model import load_logit_fn  # TensorFlow loads in the actor, not the driver
 
         self.index = index
+        start_kernel_warmup()  # fills Numba's cache for the finishing tasks while this actor predicts
         self.logit_fn = load_logit_fn(weights, device)
         self.where = {"actor": str(index), "node": ray.util.get_node_ip_address(),
                       "node_id": ray.get_runtime_context().get_node_id(),

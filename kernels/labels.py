@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
+from cryoves.kernels.arrays import readonly
 from cryoves.kernels.threads import threads_for
 
 __all__ = ["check_labels", "label_dtype", "label_stats", "label_stats_reference", "present_labels", "LabelStats",
@@ -39,7 +40,7 @@ def label_stats(labels: np.ndarray, max_label: int) -> tuple[np.ndarray, np.ndar
     """Per label 0..max_label: voxel count (int64), coordinate sums (float64, z y x), and box lo
     (inclusive) and hi (exclusive) as `scipy.ndimage.find_objects` gives them; absent labels have
     count 0 and lo > hi. Labels above `max_label` raise ValueError."""
-    return _label_stats(check_labels(labels), int(max_label))
+    return _label_stats(readonly(check_labels(labels)), int(max_label))
 
 
 @numba.njit(cache=True)
@@ -141,7 +142,7 @@ def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
         raise ValueError(f"a label ({labels.max()}) has no entry in the table of {lut.size}")
     out = np.empty(labels.shape, lut.dtype)
     with threads_for(labels.size):
-        _relabel(labels, lut, out)
+        _relabel(readonly(labels), readonly(lut), out)
     return out
 
 

@@ -19,6 +19,7 @@ import numba
 import numpy as np
 import scipy.fft
 
+from cryoves.kernels.arrays import readonly
 from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, threads_for
 
 __all__ = [
@@ -90,7 +91,7 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
     radii = _check_box_radii(box_radius_vox, centers.shape[0])
     n_bins, inv_width = _check_bins(n_bins, bin_width_vox)
     with threads_for(int(np.sum((2 * radii + 1) ** 3))):
-        sums, counts = _profile_sums(volume, centers, radii, n_bins, inv_width)
+        sums, counts = _profile_sums(readonly(volume), readonly(centers), readonly(radii), n_bins, inv_width)
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
 
@@ -167,7 +168,7 @@ def extract_boxes(volume, centers_vox, box_radius_vox):
     centers = _check_centers(centers_vox)
     r = _check_scalar_radius(box_radius_vox)
     with threads_for(centers.shape[0] * (2 * r + 1) ** 3):
-        return _extract(volume, centers, r)
+        return _extract(readonly(volume), readonly(centers), r)
 
 
 def _check_scalar_radius(box_radius_vox):
@@ -229,7 +230,7 @@ def back_project(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.
     offsets = _check_offsets(offsets_vox, profiles.shape[0])
     _, inv_width = _check_bins(1, bin_width_vox)
     with threads_for(profiles.shape[0] * (2 * r + 1) ** 3):
-        return _back_project(profiles, r, offsets, inv_width)
+        return _back_project(readonly(profiles), r, readonly(offsets), inv_width)
 
 
 def _check_offsets(offsets_vox, n):

@@ -12,6 +12,7 @@ table order.
 import numba
 import numpy as np
 
+from cryoves.kernels.arrays import readonly
 from cryoves.kernels.labels import label_dtype, relabel
 from cryoves.kernels.threads import threads_for
 
@@ -42,7 +43,7 @@ def render_spheres(shape, centers_vox, radii_vox, ids):
     index = np.zeros(shape, dtype=np.uint32)  # 1 + ball index; mapped to ids below
     if centers.shape[0]:
         with threads_for(index.size):
-            _render(index, centers, radii)
+            _render(index, readonly(centers), readonly(radii))
     return relabel(index, np.concatenate([[0], ids]).astype(label_dtype(ids.max() if ids.size else 0)))
 
 

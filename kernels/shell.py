@@ -14,6 +14,8 @@ import numba
 import numpy as np
 from scipy import ndimage
 
+from cryoves.kernels.arrays import readonly
+
 
 def shell_sums(intensity, probability, thresholds):
     """Sum and count of ``intensity`` over the 1-voxel inner shell of ``{probability > t}``, per ``t``.
@@ -36,7 +38,7 @@ def shell_sums(intensity, probability, thresholds):
     n_rows = probability.shape[0] * probability.shape[1]
     # A few chunks per thread balance the uneven foreground; each chunk owns its accumulator row.
     n_chunks = max(1, min(n_rows, 4 * numba.get_num_threads()))
-    sums_diff, counts_diff = _shell_sums(intensity, probability, thresholds, n_chunks)
+    sums_diff, counts_diff = _shell_sums(readonly(intensity), readonly(probability), readonly(thresholds), n_chunks)
     sums = np.cumsum(sums_diff.sum(axis=0))[:n_t]
     counts = np.cumsum(counts_diff.sum(axis=0))[:n_t]
     return sums, counts

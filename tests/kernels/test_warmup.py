@@ -1,0 +1,68 @@
+"""The kernel warm-up compiles what a real tomogram needs, and kernels import where no cache folder is writable."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+
+from cryoves.engine.synthetic.phantom import make_phantom
+
+SIGNATURES = """
+import numba
+from cryoves.kernels import labels, radial, render, shell
+
+def signatures():
+    return {f"{m.__name__}.{name}": set(map(str, f.signatures)) for m in (labels, radial, render, shell)
+            for name, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)}
+"""
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+                          env=os.environ | env)
+
+
+def test_segment_after_warmup_compiles_nothing_new(tmp_path):
+    """A phantom segmented after the warm-up needs no kernel signature the warm-up did not compile (the
+    phantom is made here, so that its own kernels do not compile anything in the process under test)."""
+    phantom = make_phantom((48, 96, 96), 22.0, seed=3)
+    np.save(tmp_path / "tomogram.npy", phantom.tomogram)
+    np.save(tmp_path / "probability.npy", (phantom.labels > 0).astype(np.float32) * 0.98 + 0.01)
+    result = _python(SIGNATURES + f"""
+import numpy as np
+from cryoves.engine.pipeline import SegmentParams, postprocess
+from cryoves.engine.warmup import start_kernel_warmup
+
+start_kernel_warmup().join()
+warm = signatures()
+assert sum(map(len, warm.values())) >= 7, warm
+tomogram = np.load("{tmp_path / 'tomogram.npy'}", mmap_mode="r")  # read-only, as an MRC is
+probability = np.load("{tmp_path / 'probability.npy'}")
+result = postprocess(tomogram, probability, 22.0, SegmentParams())
+assert (result.vesicles.column("outcome").to_numpy(zero_copy_only=False) == "kept").sum() >= 4
+new = {{name: sigs - warm[name] for name, sigs in signatures().items() if sigs - warm[name]}}
+assert not new, new
+""")
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_kernels_cache_in_a_temporary_folder_when_nothing_else_is_writable(tmp_path):
+    """With a read-only install and home (no in-tree or user-wide cache) and no NUMBA_CACHE_DIR, the
+    kernels still import and run, caching under the temporary folder."""
+    result = _python("""
+import os
+from numba.core import caching
+for locator in (caching.InTreeCacheLocator, caching.UserWideCacheLocator):  # as if read-only
+    locator.from_function = classmethod(lambda cls, function, path: None)
+import numpy as np
+from cryoves.kernels.labels import present_labels
+assert present_labels(np.ones((4, 4, 4), np.uint16)).volume.tolist() == [64]
+print(os.environ["NUMBA_CACHE_DIR"])
+""", TMPDIR=str(tmp_path), NUMBA_CACHE_DIR="")
+    assert result.returncode == 0, result.stderr[-3000:]
+    cache = result.stdout.strip()
+    assert cache.startswith(str(tmp_path))
+    assert any(path.suffix == ".nbi" for path in (tmp_path / cache[len(str(tmp_path)) + 1:]).rglob("*"))
