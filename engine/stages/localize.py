@@ -18,6 +18,7 @@ from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
+from cryoves.kernels.components import component_counts
 from cryoves.kernels.labels import LabelStats, check_labels, label_dtype, present_labels, relabel
 
 _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
@@ -219,23 +220,24 @@ def _split(probability, out, stats: LabelStats, threshold: float, params: Locali
 
 def _split_one(sub, own, threshold: float, params: LocalizeParams, min_piece_vox: float):
     """Labels (1..n) of the pieces of one candidate, or n = 0 when no raised threshold splits it."""
-    structure26 = _STRUCTURE[26]
-    n0 = _count(sub > np.float64(threshold), structure26, min_piece_vox)
     sub_max = float(sub.max())
     schedule = split_thresholds(threshold)
     schedule = schedule[np.r_[True, np.diff(schedule) != 0]]  # 0.99 and 0.999 start two passes each
     # t >= max gives an empty mask, t <= t* the whole candidate: neither can split it
-    for t in schedule[(schedule < sub_max) & (schedule > threshold)]:
-        mask = sub > t
-        if _count(mask, structure26, min_piece_vox) > n0:
-            pieces, n_pieces = ndimage.label(mask, structure=_STRUCTURE[6])
-            if params.split_regrow:
-                sizes = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
-                seeds = np.where(sizes[pieces] >= min_piece_vox, pieces, 0)
-                seeds, n_pieces = ndimage.label(seeds > 0, structure=_STRUCTURE[6])
-                pieces = watershed(-sub, markers=seeds, mask=own)
-            return pieces, n_pieces
-    return None, 0
+    schedule = schedule[(schedule < sub_max) & (schedule > threshold)]
+    # pieces (26-connected, at least min_piece_vox) at t* and at every raised t, in one pass
+    counts = component_counts(sub, np.r_[threshold, schedule], min_piece_vox)
+    raised = np.flatnonzero(counts[1:] > counts[0])
+    if not raised.size:
+        return None, 0
+    mask = sub > schedule[raised[0]]  # the first raised threshold that splits it
+    pieces, n_pieces = ndimage.label(mask, structure=_STRUCTURE[6])
+    if params.split_regrow:
+        sizes = np.bincount(pieces.ravel(), minlength=n_pieces + 1)
+        seeds = np.where(sizes[pieces] >= min_piece_vox, pieces, 0)
+        seeds, n_pieces = ndimage.label(seeds > 0, structure=_STRUCTURE[6])
+        pieces = watershed(-sub, markers=seeds, mask=own)
+    return pieces, n_pieces
 
 
 def _split_at_necks(own, depth_vox: float, min_piece_vox: float):
@@ -255,14 +257,6 @@ def _split_at_necks(own, depth_vox: float, min_piece_vox: float):
         markers, n = ndimage.label(np.isin(markers, np.flatnonzero(large) + 1), structure=_STRUCTURE[26])
         pieces = watershed(-distance, markers=markers, mask=own)
     return pieces, n
-
-
-def _count(mask, structure, min_vox: float) -> int:
-    """Connected components of `mask` with at least `min_vox` voxels."""
-    labels, n = ndimage.label(mask, structure=structure)
-    if not min_vox or not n:
-        return n
-    return int(np.count_nonzero(np.bincount(labels.ravel())[1:] >= min_vox))
 
 
 def _grow(probability, out, stats: LabelStats, threshold: float, v_min_vox: float, params: LocalizeParams) -> None:

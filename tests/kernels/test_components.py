@@ -1,0 +1,33 @@
+"""component_counts equals one scipy labelling per threshold."""
+
+import numpy as np
+import numpy.testing as npt
+import pytest
+from scipy import ndimage
+
+from cryoves.kernels.components import component_counts, component_counts_reference
+
+
+@pytest.mark.parametrize("min_size", [0.0, 1.0, 7.5, 40.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_counts_equal_the_reference(rng, min_size, dtype):
+    values = ndimage.gaussian_filter(rng.normal(size=(17, 30, 23)), 1.2).astype(dtype)
+    values[values < 0] = 0  # outside a segment P is 0, as the split step passes it
+    thresholds = np.concatenate([np.quantile(values, np.linspace(0.5, 0.999, 40)), [0.0, values.max()]])
+    thresholds = rng.permutation(thresholds)  # any order
+    npt.assert_array_equal(component_counts(values, thresholds, min_size),
+                           component_counts_reference(values, thresholds, min_size))
+
+
+def test_ties_and_strict_comparison():
+    """Voxels equal to a threshold are not above it; diagonal neighbours join (26-connectivity)."""
+    values = np.zeros((3, 4, 4), np.float32)
+    values[1, 1, 1] = values[1, 2, 2] = 0.5  # diagonal pair
+    values[1, 0, 3] = 0.9
+    npt.assert_array_equal(component_counts(values, [0.0, 0.5, 0.8, 0.9]), [2, 1, 1, 0])
+    npt.assert_array_equal(component_counts(values, [0.0], min_size=2), [1])
+
+
+def test_float32_values_compare_in_float64():
+    values = np.full((2, 2, 2), np.float32(0.7))
+    npt.assert_array_equal(component_counts(values, [0.7, 0.69999998]), [0, 1])  # float32(0.7) = 0.699999988
