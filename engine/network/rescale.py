@@ -9,6 +9,7 @@ import scipy.fft
 from scipy import ndimage
 
 from cryoves.engine.errors import CryovesError
+from cryoves.kernels.resize import resize_linear
 
 NETWORK_VOXEL_SIZE_A = 22.0
 _SLAB_VOXELS = 1 << 22
@@ -42,10 +43,7 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     sigma = [s if int(_TRUNCATE * s + 0.5) > 0 else 0.0 for s in sigma]
     if any(s > 0 for s in sigma):
         out = ndimage.gaussian_filter(out, sigma, mode="reflect", truncate=_TRUNCATE, output=np.float32)
-    zoom = [n_out / n_in for n_in, n_out in zip(volume.shape, shape)]
-    resized = ndimage.zoom(out, zoom, output=np.float32, order=1, mode="reflect", grid_mode=True)
-    assert resized.shape == shape, (resized.shape, shape)
-    return resized
+    return resize_linear(out, shape)
 
 
 def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

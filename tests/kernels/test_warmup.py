@@ -6,14 +6,15 @@ import textwrap
 
 import numpy as np
 
-from cryoves.engine.synthetic.phantom import make_phantom
+from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
 
 SIGNATURES = """
 import numba
-from cryoves.kernels import labels, radial, render, shell
+from cryoves.kernels import components, labels, radial, render, resize, shell
 
 def signatures():
-    return {f"{m.__name__}.{name}": set(map(str, f.signatures)) for m in (labels, radial, render, shell)
+    return {f"{m.__name__}.{name}": set(map(str, f.signatures))
+            for m in (components, labels, radial, render, resize, shell)
             for name, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)}
 """
 
@@ -26,21 +27,23 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_segment_after_warmup_compiles_nothing_new(tmp_path):
-    """A phantom segmented after the warm-up needs no kernel signature the warm-up did not compile (the
-    phantom is made here, so that its own kernels do not compile anything in the process under test)."""
-    phantom = make_phantom((48, 96, 96), 22.0, seed=3)
+    """A crowded phantom (touching vesicles: the split step) resampled and segmented after the warm-up needs
+    no kernel signature the warm-up did not compile. The phantom is made here, so that its own kernels do not
+    compile anything in the process under test."""
+    phantom = make_phantom((48, 96, 96), 22.0, seed=3, preset=PRESETS["crowded"])
     np.save(tmp_path / "tomogram.npy", phantom.tomogram)
-    np.save(tmp_path / "probability.npy", (phantom.labels > 0).astype(np.float32) * 0.98 + 0.01)
+    np.save(tmp_path / "network.npy", (phantom.labels[::2, ::2, ::2] > 0).astype(np.float32) * 0.98 + 0.01)
     result = _python(SIGNATURES + f"""
 import numpy as np
+from cryoves.engine.network.inference import probability_on_input_grid
 from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.warmup import start_kernel_warmup
 
 start_kernel_warmup().join()
 warm = signatures()
-assert sum(map(len, warm.values())) >= 7, warm
+assert sum(map(len, warm.values())) >= 11, warm
 tomogram = np.load("{tmp_path / 'tomogram.npy'}", mmap_mode="r")  # read-only, as an MRC is
-probability = np.load("{tmp_path / 'probability.npy'}")
+probability = probability_on_input_grid(np.load("{tmp_path / 'network.npy'}"), tomogram.shape)
 result = postprocess(tomogram, probability, 22.0, SegmentParams())
 assert (result.vesicles.column("outcome").to_numpy(zero_copy_only=False) == "kept").sum() >= 4
 new = {{name: sigs - warm[name] for name, sigs in signatures().items() if sigs - warm[name]}}
