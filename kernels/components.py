@@ -1,19 +1,23 @@
-"""How many connected pieces a segment falls into at each of many raised thresholds, in one pass.
+"""Union-find passes over a segment's voxels from the highest value down (26-connectivity): how many pieces
+it falls into at each of many raised thresholds, and which of its maxima stand out by more than a depth.
 
 The split step of adaptive local thresholding (method.md §2.11) raises the threshold over a segment until
 {P > t} holds more pieces than at the global threshold. Labelling the segment's box once per threshold
 (up to a few hundred thresholds per segment) was most of the post-processing time of a large tomogram.
 Here the voxels enter a union-find forest from the highest P down (26-connectivity), and the number of
-pieces of at least `min_size` voxels is read off as the level passes each threshold.
+pieces of at least `min_size` voxels is read off as the level passes each threshold. The neck cut asks
+for the maxima of a distance transform deeper than the saddle to any higher maximum (their dynamic),
+which `skimage.morphology.h_maxima` finds by a grey-level reconstruction that sorts the whole box.
 """
 
 import numba
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import h_maxima
 
 from cryoves.kernels.arrays import readonly
 
-__all__ = ["component_counts", "component_counts_reference"]
+__all__ = ["component_counts", "component_counts_reference", "deep_maxima", "deep_maxima_reference"]
 
 _STRUCTURE26 = np.ones((3, 3, 3), bool)
 
@@ -46,6 +50,25 @@ def component_counts_reference(values, thresholds, min_size: float = 0.0) -> np.
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         out.append(int(np.count_nonzero(sizes >= min_size)))
     return np.array(out, np.int64)
+
+
+def deep_maxima(values, depth: float) -> np.ndarray:
+    """Flat indices (ascending) of one peak voxel per maximum of ``values`` (> 0 only) whose dynamic
+    exceeds ``depth``: from it one must descend more than ``depth`` to reach a higher maximum. The highest
+    maximum of each connected part of ``{values > 0}`` always counts."""
+    values = np.ascontiguousarray(values)
+    if values.ndim != 3 or values.dtype.kind != "f":
+        raise ValueError(f"values must be a 3-D float array, got {values.dtype} {values.shape}")
+    flat = values.reshape(-1)
+    candidates = np.flatnonzero(flat > 0)
+    order = candidates[np.argsort(-flat[candidates], kind="stable")]
+    return np.flatnonzero(_deep_peaks(readonly(values), readonly(order), float(depth)))
+
+
+def deep_maxima_reference(values, depth: float) -> np.ndarray:
+    """The connected regions (labels 1..n, 26-connectivity) of `skimage.morphology.h_maxima`: one per maximum
+    whose dynamic exceeds ``depth``; `deep_maxima` returns one voxel of each."""
+    return ndimage.label(h_maxima(np.asarray(values, np.float64), depth), structure=_STRUCTURE26)[0]
 
 
 @numba.njit(cache=True)
@@ -102,3 +125,59 @@ def _counts(values, order, thresholds_descending, min_size):
                         large += (size[a] >= min_size) - before
         counts[j] = large
     return counts
+
+
+@numba.njit(cache=True)
+def _deep_peaks(values, order, depth):
+    nz, ny, nx = values.shape
+    flat = values.reshape(-1)
+    parent = np.full(flat.size, -1, np.int64)
+    size = np.zeros(flat.size, np.int64)
+    peak = np.zeros(flat.size, np.int64)  # of a root: its component's highest voxel (the first to enter)
+    deep = np.zeros(flat.size, np.bool_)
+    for k in range(order.size):
+        v = order[k]
+        parent[v] = v
+        size[v] = 1
+        peak[v] = v
+        level = np.float64(flat[v])
+        z, rem = divmod(v, ny * nx)
+        y, x = divmod(rem, nx)
+        for dz in range(-1, 2):
+            zz = z + dz
+            if zz < 0 or zz >= nz:
+                continue
+            for dy in range(-1, 2):
+                yy = y + dy
+                if yy < 0 or yy >= ny:
+                    continue
+                for dx in range(-1, 2):
+                    xx = x + dx
+                    if xx < 0 or xx >= nx or (dz == 0 and dy == 0 and dx == 0):
+                        continue
+                    u = (zz * ny + yy) * nx + xx
+                    if parent[u] < 0:
+                        continue
+                    a, b = _find(parent, u), _find(parent, v)
+                    if a == b:
+                        continue
+                    # the component whose peak entered later (the lower) ends here, at the saddle `level`
+                    high, low = (peak[a], peak[b]) if _entered_before(flat, peak[a], peak[b]) else (peak[b], peak[a])
+                    if np.float64(flat[low]) - level > depth:
+                        deep[low] = True
+                    if size[a] < size[b]:
+                        a, b = b, a
+                    parent[b] = a
+                    size[a] += size[b]
+                    peak[a] = high
+    for k in range(order.size):
+        v = order[k]
+        if parent[v] == v:
+            deep[peak[v]] = True
+    return deep
+
+
+@numba.njit(cache=True)
+def _entered_before(flat, i, j):
+    """Whether voxel i is higher than voxel j (ties: the lower index, as the stable descending sort has it)."""
+    return flat[i] > flat[j] or (flat[i] == flat[j] and i < j)

@@ -13,12 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 from scipy import ndimage
-from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
-from cryoves.kernels.components import component_counts
+from cryoves.kernels.components import component_counts, deep_maxima
 from cryoves.kernels.labels import LabelStats, check_labels, label_dtype, present_labels, relabel
 
 _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
@@ -242,21 +241,24 @@ def _split_one(sub, own, threshold: float, params: LocalizeParams, min_piece_vox
 
 def _split_at_necks(own, depth_vox: float, min_piece_vox: float):
     """Pieces (1..n) of a segment cut at its necks, or n = 0: a watershed of the distance transform from
-    its maxima at least ``depth_vox`` above the saddle between them; a touching sphere pair has two, a
-    sphere or an ellipsoid one. Pieces under ``min_piece_vox`` voxels are not counted as pieces."""
+    its maxima that stand more than ``depth_vox`` above the saddle to any higher one; a touching sphere
+    pair has two, a sphere or an ellipsoid one. Pieces under ``min_piece_vox`` voxels are not counted."""
     distance = ndimage.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1, 1:-1]  # the box edge is not a wall
-    markers, n = ndimage.label(h_maxima(distance, depth_vox), structure=_STRUCTURE[26])
-    if n < 2:
+    peaks = deep_maxima(distance, depth_vox)
+    if peaks.size < 2:
         return None, 0
+    markers = np.zeros(own.shape, np.int32)
+    markers.flat[peaks] = np.arange(1, peaks.size + 1)
     pieces = watershed(-distance, markers=markers, mask=own)
-    sizes = np.bincount(pieces.ravel(), minlength=n + 1)[1:]
+    sizes = np.bincount(pieces.ravel(), minlength=peaks.size + 1)[1:]
     large = sizes >= min_piece_vox
     if np.count_nonzero(large) < 2:
         return None, 0
     if not large.all():  # specks give their voxels to the large pieces around them
-        markers, n = ndimage.label(np.isin(markers, np.flatnonzero(large) + 1), structure=_STRUCTURE[26])
-        pieces = watershed(-distance, markers=markers, mask=own)
-    return pieces, n
+        markers.flat[peaks[~large]] = 0
+        markers, n = ndimage.label(markers > 0, structure=_STRUCTURE[26])
+        return watershed(-distance, markers=markers, mask=own), n
+    return pieces, peaks.size
 
 
 def _grow(probability, out, stats: LabelStats, threshold: float, v_min_vox: float, params: LocalizeParams) -> None:

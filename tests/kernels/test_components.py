@@ -5,7 +5,12 @@ import numpy.testing as npt
 import pytest
 from scipy import ndimage
 
-from cryoves.kernels.components import component_counts, component_counts_reference
+from cryoves.kernels.components import (
+    component_counts,
+    component_counts_reference,
+    deep_maxima,
+    deep_maxima_reference,
+)
 
 
 @pytest.mark.parametrize("min_size", [0.0, 1.0, 7.5, 40.0])
@@ -31,3 +36,23 @@ def test_ties_and_strict_comparison():
 def test_float32_values_compare_in_float64():
     values = np.full((2, 2, 2), np.float32(0.7))
     npt.assert_array_equal(component_counts(values, [0.7, 0.69999998]), [0, 1])  # float32(0.7) = 0.699999988
+
+
+@pytest.mark.parametrize("depth", [0.05, 0.2, 0.5])
+def test_deep_maxima_are_the_h_maxima(rng, depth):
+    """One peak inside each h-maximum region, and no peak outside them."""
+    values = ndimage.gaussian_filter(rng.normal(size=(19, 28, 24)), 2.0)
+    values = np.clip(values / values.std(), 0, None).astype(np.float32)  # > 0 where a segment would be
+    regions = deep_maxima_reference(values, depth)
+    peaks = deep_maxima(values, depth)
+    assert regions.max() >= 2
+    npt.assert_array_equal(np.sort(regions.ravel()[peaks]), np.arange(1, regions.max() + 1))
+
+
+def test_two_touching_balls_have_two_deep_maxima_of_their_distance_transform():
+    z, y, x = np.ogrid[:20, :20, :34]
+    pair = ((z - 10) ** 2 + (y - 10) ** 2 + (x - 10) ** 2 <= 49) | ((z - 10) ** 2 + (y - 10) ** 2 + (x - 22) ** 2 <= 49)
+    distance = ndimage.distance_transform_edt(pair).astype(np.float32)
+    peaks = np.unravel_index(deep_maxima(distance, 2.0), pair.shape)
+    npt.assert_array_equal(peaks[2], [10, 22])
+    assert deep_maxima(distance, 5.0).size == 1  # the neck is 3.6 voxels below the centres
