@@ -101,6 +101,8 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
             say(f"timed run {i + 1} of {repeats}")
             run_s, n_found = time_pipeline(tomogram, logit_fn, params, work)
             seconds = {name: min(t, seconds.get(name, t)) for name, t in run_s.items()}
+    say("kernel compilation in a fresh Numba cache (a first run after installing)")
+    first_use = kernel_first_use()
     net_voxels = prod(network_shape(shape, BENCH_VOXEL_SIZE_A, params.inference.network_voxel_size_a))
     stages = {name: _rate(seconds[name], net_voxels if name == "network" else prod(shape), name)
               for name in STEPS}
@@ -118,6 +120,7 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
         "total_seconds": sum(seconds.values()),
         "repeats": repeats,
         "warmup_seconds": warmup_s,
+        "kernel_first_use": first_use,
         "phantom_seconds": phantom_s,
         "peak_memory_mb": peak_memory_mb(),
         "projection": project(stages, params),
@@ -146,6 +149,8 @@ def format_bench(record: dict) -> str:
         f"{'total':12s} {'':8s} {record['total_seconds']:9.3f}",
         f"(fastest of {record['repeats']} runs; warm-up {record['warmup_seconds']:.1f} s, "
         f"phantom {record['phantom_seconds']:.1f} s, peak memory {record['peak_memory_mb']:.0f} MB)",
+        f"first use: the kernels compile in {record['kernel_first_use']['compile_seconds']:.1f} s (once per machine, "
+        f"while the network runs), later processes load them in {record['kernel_first_use']['cached_seconds']:.1f} s",
         "",
     ]
     p = record["projection"]
@@ -250,6 +255,18 @@ def hardware(device: str = "cpu") -> dict:
     }
 
 
+def kernel_first_use() -> dict:
+    """Seconds of `warm_kernels` in a new process with an empty Numba cache (what the first run after an
+    install compiles, in the background while the network runs), and again with that cache filled."""
+    code = ("import time; t = time.perf_counter(); from cryoves.engine.warmup import warm_kernels; warm_kernels(); "
+            "print(time.perf_counter() - t)")
+    with tempfile.TemporaryDirectory(prefix="cryoves-numba-") as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        compile_s, cached_s = (float(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                                     text=True, check=True).stdout.split()[-1]) for _ in range(2))
+    return {"compile_seconds": compile_s, "cached_seconds": cached_s}
+
+
 def time_pipeline(tomogram: Path, logit_fn, params: SegmentParams, out_dir) -> tuple[dict, int]:
     """Segment one tomogram file into `out_dir` with the job calls, as `cryoves segment` does without
     optional outputs: (the run record's seconds per step, vesicles found)."""
@@ -308,5 +325,5 @@ def _gpu_name(device: str) -> str | None:
     return None
 
 
-__all__ = ["SIZES", "run_bench", "format_bench", "project", "time_pipeline", "phantom_probability", "fitted_exponent",
-           "hardware", "Node", "model_throughput"]
+__all__ = ["SIZES", "run_bench", "format_bench", "project", "time_pipeline", "kernel_first_use", "phantom_probability",
+           "fitted_exponent", "hardware", "Node", "model_throughput"]

@@ -10,22 +10,26 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _SHAPE = (40, 64, 80)
-_CENTRES = ((20.0, 16.0, 16.0), (20.0, 44.0, 20.0), (20.0, 20.0, 50.0), (20.0, 29.0, 59.0))  # the last two touch
+_CENTRES = ((20.0, 16.0, 16.0), (20.0, 44.0, 20.0),
+            (20.0, 20.0, 50.0), (20.0, 29.0, 59.0),   # a touching pair that a raised threshold splits
+            (20.0, 44.0, 50.0), (20.0, 53.0, 59.0))   # one that only the neck cut splits: P = 1 through it
 _RADIUS_VOX = 8.0  # 17.6 nm at 22 Å: every vesicle passes every stage
 
 
 def warm_kernels() -> None:
     """Resample a probability map to the input grid and run every stage after the network once on small
-    synthetic vesicles, two of them touching (the split step): each kernel is compiled (or loaded from
-    Numba's cache) for the types a tomogram brings (float32 tomogram and map)."""
+    synthetic vesicles, two pairs of them touching (both ways of the split step): each kernel is compiled
+    (or loaded from Numba's cache) for the types a tomogram brings (float32 tomogram and map)."""
     from cryoves.engine.network.inference import probability_on_input_grid
     from cryoves.engine.pipeline import SegmentParams, postprocess
 
     grid = np.indices(_SHAPE, dtype=np.float32)
-    distance = np.min([np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) for centre in _CENTRES], axis=0)
+    distances = [np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) for centre in _CENTRES]
+    distance = np.min(distances, axis=0)
     tomogram = -np.exp(-0.5 * (distance - _RADIUS_VOX) ** 2).astype(np.float32)  # dark membranes
     tomogram += np.random.default_rng(0).normal(0.0, 0.05, _SHAPE).astype(np.float32)
     probability = (1.0 / (1.0 + np.exp(distance - _RADIUS_VOX))).astype(np.float32)
+    probability[np.min(distances[4:], axis=0) < _RADIUS_VOX] = 1.0
     probability = probability_on_input_grid(np.ascontiguousarray(probability[::2, ::2, ::2]), _SHAPE)
     postprocess(tomogram, probability, 22.0, SegmentParams(), keep_stages=False)
 
