@@ -220,6 +220,7 @@ def _stage_bar(name: str, stages):
 def cmd_segment(args: argparse.Namespace) -> int:
     from cryoves.engine.job import STEPS, make_jobs, prepare, segment_job
     from cryoves.engine.network.model import load_logit_fn
+    from cryoves.engine.warmup import start_kernel_warmup
 
     settings = _settings(args)
     prepared = [prepare(job, settings, args.out) for job in make_jobs(args.tomograms, args.region, args.truth)]
@@ -228,6 +229,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     todo = [p for p in prepared if not p.done]
     if not todo:
         return 0
+    start_kernel_warmup()  # compiles beside TensorFlow's start and the network, on a first run
     logit_fn = load_logit_fn(args.weights, args.device)
     for item in todo:
         bar, progress = _stage_bar(item.name, STEPS[1:])
@@ -289,7 +291,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from cryoves.engine.network.model import load_logit_fn, weights_sha256
     from cryoves.engine.scoring.evaluate import evaluate, load_spheres
     from cryoves.engine.synthetic.phantom import make_phantom, write_phantom
+    from cryoves.engine.warmup import start_kernel_warmup
 
+    start_kernel_warmup()
     out = Path(args.out)
     print(f"making a synthetic presynaptic tomogram {tuple(args.shape)} at 22 Å (seed {args.seed}) ...")
     truth = write_phantom(out / "phantom", make_phantom(tuple(args.shape), 22.0, seed=args.seed), name="demo")

@@ -1,19 +1,23 @@
-"""Compile the post-processing's Numba kernels while the network runs, so that the first tomogram after an
-install does not wait for them (about 10 s of compilation on 2 cores; later processes load Numba's cache)."""
+"""Compile the Numba kernels of the post-processing in a child process while this one loads TensorFlow and
+runs the network, so that the first tomogram after an install does not wait for them (about 10-15 s of one
+core, once per machine: Numba caches them on disk, and later processes load them in about a second)."""
 
 import functools
-import logging
-import threading
+import hashlib
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
-
-log = logging.getLogger(__name__)
 
 _SHAPE = (40, 64, 80)
 _CENTRES = ((20.0, 16.0, 16.0), (20.0, 44.0, 20.0),
             (20.0, 20.0, 50.0), (20.0, 29.0, 59.0),   # a touching pair that a raised threshold splits
             (20.0, 44.0, 50.0), (20.0, 53.0, 59.0))   # one that only the neck cut splits: P = 1 through it
 _RADIUS_VOX = 8.0  # 17.6 nm at 22 Å: every vesicle passes every stage
+_WAIT_S = 600.0
 
 
 def warm_kernels() -> None:
@@ -34,17 +38,52 @@ def warm_kernels() -> None:
     postprocess(tomogram, probability, 22.0, SegmentParams(), keep_stages=False)
 
 
-def _warm_quietly() -> None:
-    try:
-        warm_kernels()
-    except Exception as error:  # noqa: BLE001 - only a head start: the real run compiles what is missing
-        log.debug(f"kernel warm-up failed: {error}")
+def warm_marker() -> Path | None:
+    """The file a finished warm-up leaves in the kernels' Numba cache folder, named for what makes Numba
+    recompile (its version, the CPU, the kernels' sources); None where Numba's cache folder is not ours to know."""
+    import llvmlite.binding
+    import numba
+
+    from cryoves.kernels import cache_dir
+
+    folder = cache_dir()
+    if folder is None:
+        return None
+    sources = sorted(Path(__file__).parents[1].joinpath("kernels").glob("*.py"))
+    stamp = [numba.__version__, platform.machine(), llvmlite.binding.get_host_cpu_name()]
+    stamp += [f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in sources]
+    return Path(folder) / f"cryoves-warm-{hashlib.sha256('|'.join(stamp).encode()).hexdigest()[:16]}"
+
+
+@dataclass(eq=False)
+class KernelWarmup:
+    """The child process compiling the kernels, or None when Numba's cache already holds them."""
+
+    process: subprocess.Popen | None
+
+    def join(self) -> None:
+        """Wait for the kernels to be in Numba's cache (at most _WAIT_S; past that this process compiles
+        what it needs itself)."""
+        if self.process is not None:
+            try:
+                self.process.wait(_WAIT_S)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 @functools.cache
-def start_kernel_warmup() -> threading.Thread:
-    """Start `warm_kernels` in a background thread, once per process; join it before the first stage after
-    the network. The network releases the GIL, so compilation overlaps it."""
-    thread = threading.Thread(target=_warm_quietly, name="cryoves-kernel-warmup", daemon=True)
-    thread.start()
-    return thread
+def start_kernel_warmup() -> KernelWarmup:
+    """Start `warm_kernels` in a child process, once per process and only while the cache is cold; `join`
+    it before the first stage after the network."""
+    marker = warm_marker()
+    if marker is None or marker.exists():
+        return KernelWarmup(None)
+    return KernelWarmup(subprocess.Popen([sys.executable, "-m", "cryoves.engine.warmup"], stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+
+if __name__ == "__main__":
+    warm_kernels()
+    marker = warm_marker()
+    if marker is not None:
+        marker.touch()

@@ -5,17 +5,23 @@ import tempfile
 
 from numba.core import caching, config
 
+_LOCATORS = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)
 
-def _cache_locatable() -> bool:
-    """Whether Numba finds a writable place for this folder's kernel caches (numba.core.caching's rules)."""
+
+def cache_dir() -> str | None:
+    """The folder where Numba caches these kernels, by its own rules (NUMBA_CACHE_DIR, beside the sources,
+    the user cache); None where none is writable or the user chose other locators."""
     if config.CACHE_LOCATOR_CLASSES:
-        return True  # the user chose the locators
+        return None
     source = os.path.join(os.path.dirname(__file__), "shell.py")
-    locators = (caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator)
-    return any(locator.from_function(_cache_locatable, source) is not None for locator in locators)
+    for locator in _LOCATORS:
+        found = locator.from_function(cache_dir, source)
+        if found is not None:
+            return found.get_cache_path()
+    return None
 
 
-if not _cache_locatable():
+if not config.CACHE_LOCATOR_CLASSES and cache_dir() is None:
     # A read-only install and home: cache in a temporary folder instead of failing at import. Child
     # processes (Ray workers) read the same folder from the environment.
     config.CACHE_DIR = os.path.join(tempfile.gettempdir(), f"cryoves-numba-{os.getuid()}")

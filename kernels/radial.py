@@ -120,8 +120,9 @@ def _profile_sums(volume, centers, radii, n_bins, inv_width):
                     if k < n_bins:
                         s[k] += row[x]
                         c[k] += 1
-        sums[i] = s
-        counts[i] = c
+        for k in range(n_bins):  # element-wise: a row assignment compiles shape-error formatting (~2 s)
+            sums[i, k] = s[k]
+            counts[i, k] = c[k]
     return sums, counts
 
 

@@ -37,9 +37,9 @@ def test_segment_after_warmup_compiles_nothing_new(tmp_path):
 import numpy as np
 from cryoves.engine.network.inference import probability_on_input_grid
 from cryoves.engine.pipeline import SegmentParams, postprocess
-from cryoves.engine.warmup import start_kernel_warmup
+from cryoves.engine.warmup import warm_kernels
 
-start_kernel_warmup().join()
+warm_kernels()
 warm = signatures()
 assert sum(map(len, warm.values())) >= 11, warm
 tomogram = np.load("{tmp_path / 'tomogram.npy'}", mmap_mode="r")  # read-only, as an MRC is
@@ -50,6 +50,24 @@ new = {{name: sigs - warm[name] for name, sigs in signatures().items() if sigs -
 assert not new, new
 """)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_warmup_runs_once_per_cache_in_a_child_process(tmp_path):
+    """A cold cache: the warm-up compiles in a child process and leaves its marker beside Numba's files; the
+    next process finds the cache warm and starts nothing."""
+    code = """
+from cryoves.engine.warmup import start_kernel_warmup, warm_marker
+warmup = start_kernel_warmup()
+print(warmup.process is not None)
+warmup.join()
+print(warm_marker().exists(), start_kernel_warmup() is warmup)
+"""
+    first = _python(code, NUMBA_CACHE_DIR=str(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.stdout.split() == ["True", "True", "True"]
+    assert len(list(tmp_path.rglob("*.nbi"))) >= 10  # the kernels' cache index files
+    again = _python(code, NUMBA_CACHE_DIR=str(tmp_path))
+    assert again.stdout.split() == ["False", "True", "True"]
 
 
 def test_kernels_cache_in_a_temporary_folder_when_nothing_else_is_writable(tmp_path):
