@@ -14,7 +14,6 @@ from cryoves.kernels.resize import resize_linear
 NETWORK_VOXEL_SIZE_A = 22.0
 _SLAB_VOXELS = 1 << 22
 _DCT_SLAB_VOXELS = 1 << 20
-_TRUNCATE = 4.0  # scipy's default for gaussian_filter, in σ
 
 
 def network_shape(shape: tuple[int, ...], voxel_size_a: float,
@@ -37,13 +36,8 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     shape = tuple(int(n) for n in shape)
     if tuple(volume.shape) == shape:
         return volume.astype(np.float32, copy=False)
-    out = volume.astype(np.float32, copy=False)
     sigma = [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(volume.shape, shape)]
-    # an axis whose kernel is one tap (σ below 1/8 voxel, truncated at 4σ) would only be copied: skip it
-    sigma = [s if int(_TRUNCATE * s + 0.5) > 0 else 0.0 for s in sigma]
-    if any(s > 0 for s in sigma):
-        out = ndimage.gaussian_filter(out, sigma, mode="reflect", truncate=_TRUNCATE, output=np.float32)
-    return resize_linear(out, shape)
+    return resize_linear(volume, shape, sigma)  # the anti-alias folded into the interpolation taps
 
 
 def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
