@@ -36,8 +36,12 @@ def label_segments(probability: np.ndarray, threshold: float, connectivity: int 
     probability = np.asarray(probability)
     if probability.ndim != 3:
         raise ValueError(f"probability must be 3-D (z, y, x), got shape {probability.shape}")
+    mask = probability > np.float64(threshold)
     structure = _structure(connectivity)
-    labels, n = ndimage.label(probability > np.float64(threshold), structure=structure, output=np.uint32)
+    try:  # uint16 straight away: no uint32 volume and copy for the usual tomogram
+        labels, n = ndimage.label(mask, structure=structure, output=np.uint16)
+    except RuntimeError:  # scipy: "insufficient bit-depth" above 65,535 segments
+        labels, n = ndimage.label(mask, structure=structure, output=np.uint32)
     return labels.astype(label_dtype(n), copy=False)
 
 

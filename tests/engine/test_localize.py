@@ -73,6 +73,13 @@ def test_label_connectivity():
         label_segments(p, 0.5, 18)
 
 
+def test_label_beyond_65535_segments_is_uint32():
+    p = np.zeros((1, 600, 600), np.float32)
+    p[0, ::2, ::2] = 1.0  # 90,000 isolated voxels
+    labels = label_segments(p, 0.5)
+    assert labels.dtype == np.uint32 and labels.max() == 90_000
+
+
 def test_label_strict_threshold_in_float64():
     p = np.full((1, 1, 3), np.float32(0.8))
     p[0, 0, 1] = 0.0
