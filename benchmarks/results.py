@@ -61,6 +61,7 @@ from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.stages.refine import RefineParams, refine_spheres
 from cryoves.engine.stages.threshold import ThresholdParams
 from cryoves.engine.synthetic.phantom import PRESETS, make_phantom, write_phantom
+from cryoves.engine.warmup import warm_kernels
 from cryoves.kernels.labels import label_stats, label_stats_reference, relabel, relabel_reference
 from cryoves.kernels.radial import (
     back_project,
@@ -250,7 +251,9 @@ def work_outside_network() -> dict:
 
 
 def _one_core_step(tmp: str, step: str, settings: Settings) -> dict:
-    """`_prepare`'s or `_finish`'s calls of `work_outside_network`, in a fresh process after a small warm-up."""
+    """`_prepare`'s or `_finish`'s calls of `work_outside_network`, in a fresh process after a small warm-up
+    (every kernel, as `cryoves` warms them, so that no compilation is timed)."""
+    warm_kernels()
     warm = make_phantom(WARMUP_SHAPE, BENCH_VOXEL_SIZE_A, seed=1)
     warm_job = Job(path=write_volume(Path(tmp) / "warm.mrc", warm.tomogram, warm.voxel_size_a))
     warmed = prepare(warm_job, settings, tmp)
