@@ -82,8 +82,8 @@ class LocalizeParams:
     split_regrow: bool = True
     # A candidate that no raised threshold splits (a saturated map: P = 1 through the contact) is cut
     # at the necks of its distance transform, between maxima at least this much deeper than the neck
-    # (touching spheres). None: the reference's threshold split only. Measured on both phantom
-    # families: merged pairs show 2 maxima down to 3 voxels' depth, single vesicles never more than 1.
+    # (touching spheres). None: the reference's threshold split only. Measured on tilt-series development
+    # phantoms: merged pairs show 2 maxima down to 3 voxels' depth, single vesicles never more than 1.
     split_neck_depth_nm: float | None = 3.0
     grow: bool = False  # paper-era on, current off
     grow_small_factor: float = 1.0  # p: segments with V < p * V_min are small
@@ -247,7 +247,8 @@ def _split_at_necks(own, depth_vox: float, min_piece_vox: float):
     """Pieces (1..n) of a segment cut at its necks, or n = 0: a watershed of the distance transform from
     its maxima that stand more than ``depth_vox`` above the saddle to any higher one; a touching sphere
     pair has two, a sphere or an ellipsoid one. Pieces under ``min_piece_vox`` voxels are not counted."""
-    distance = ndimage.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1, 1:-1]  # the box edge is not a wall
+    # padded: the segment ends at its box's faces, where the transform would otherwise see no background
+    distance = ndimage.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1, 1:-1]
     peaks = deep_maxima(distance, depth_vox)
     if peaks.size < 2:
         return None, 0
