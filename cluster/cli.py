@@ -174,16 +174,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _segment_params(args: argparse.Namespace):
-    from cryoves.engine.network.model import model_inference_params
-    from cryoves.engine.pipeline import SegmentParams
+    from cryoves.engine.job import segment_params
 
-    changes = {"tta": args.tta}
-    if args.prefilter_sigma is not None:
-        changes["gaussian_sigma_vox"] = args.prefilter_sigma
-    if args.memory_gb is not None:
-        changes["memory_gb"] = args.memory_gb
-    inference = model_inference_params(args.weights, **changes)
-    return SegmentParams(inference=inference, invert_contrast=args.invert_contrast)
+    return segment_params(args.weights, tta=args.tta, prefilter_sigma_vox=args.prefilter_sigma,
+                          memory_gb=args.memory_gb, invert_contrast=args.invert_contrast)
 
 
 def _settings(args: argparse.Namespace):

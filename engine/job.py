@@ -51,6 +51,7 @@ from cryoves.engine.network.inference import (
     prepare_network_input,
     probability_on_input_grid,
 )
+from cryoves.engine.network.model import model_inference_params
 from cryoves.engine.network.rescale import network_shape
 from cryoves.engine.pipeline import STAGES, Progress, SegmentParams, oriented, postprocess
 from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
@@ -78,6 +79,18 @@ class OutputOptions:
     pyto: bool = False               # NAME.pyto.mrc and NAME.pyto.mod; needs a region
     active_zone: Path | None = None  # IMOD model of the active-zone membrane, for pyto
     report: bool = True              # report/NAME.png: a view drawn from the written outputs, after the record
+
+
+def segment_params(weights=None, *, tta: int = 1, prefilter_sigma_vox: float | None = None,
+                   memory_gb: float | None = None, invert_contrast: bool = False) -> SegmentParams:
+    """A run's parameters from what its user chose (the options of `segment`, `run` and `demo`, the napari
+    widget): the model's own pre-processing with those changes; None keeps the model's or the default."""
+    changes = {"tta": tta}
+    if prefilter_sigma_vox is not None:
+        changes["gaussian_sigma_vox"] = prefilter_sigma_vox
+    if memory_gb is not None:
+        changes["memory_gb"] = memory_gb
+    return SegmentParams(inference=model_inference_params(weights, **changes), invert_contrast=invert_contrast)
 
 
 @dataclass(frozen=True, kw_only=True)

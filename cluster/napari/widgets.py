@@ -19,10 +19,9 @@ from cryoves.engine.io.corrections import NEW_VESICLE, apply_corrections
 from cryoves.engine.io.mrc import read_volume
 from cryoves.engine.io.outputs import tomogram_name
 from cryoves.engine.io.tables import ACTIVE_OUTCOMES, read_metadata
-from cryoves.engine.job import STEPS, Job, OutputOptions, Settings, prepare, segment_job
+from cryoves.engine.job import STEPS, Job, OutputOptions, Settings, prepare, segment_job, segment_params
 from cryoves.engine.network.catalog import BUNDLED, CATALOG, resolve_weights
-from cryoves.engine.network.model import load_logit_fn, model_inference_params, weights_sha256
-from cryoves.engine.pipeline import SegmentParams
+from cryoves.engine.network.model import load_logit_fn, weights_sha256
 
 OTHER_MODEL = "file..."
 """Model choice for weights from a file: CryoVesNet's weights.h5 or the weights.npz of a cryoves model folder."""
@@ -48,9 +47,8 @@ def segment_file(request: SegmentRequest, progress) -> bool:
     `progress(text)` hears each step. True when the outputs were already current and nothing was done."""
     weights = resolve_weights(request.weights, on_fetch=lambda model: progress(
         f"fetching {model.name}; licence {model.licence}"))
-    sigma = {} if request.prefilter_sigma_vox is None else {"gaussian_sigma_vox": request.prefilter_sigma_vox}
-    params = SegmentParams(inference=model_inference_params(weights, tta=request.tta, **sigma),
-                           invert_contrast=request.invert_contrast)
+    params = segment_params(weights, tta=request.tta, prefilter_sigma_vox=request.prefilter_sigma_vox,
+                            invert_contrast=request.invert_contrast)
     settings = Settings(params=params, weights_sha256=weights_sha256(weights),
                         outputs=OutputOptions(probability=True))
     progress("prepare")
