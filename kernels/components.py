@@ -80,12 +80,30 @@ def _find(parent, v):
 
 
 @numba.njit(cache=True)
+def _active_neighbours(v, shape, parent, near):
+    """Writes the flat indices of voxel v's 26 neighbours already in the forest (parent >= 0) to `near`;
+    returns how many."""
+    nz, ny, nx = shape
+    z, rem = divmod(v, ny * nx)
+    y, x = divmod(rem, nx)
+    n = 0
+    for zz in range(max(z - 1, 0), min(z + 2, nz)):
+        for yy in range(max(y - 1, 0), min(y + 2, ny)):
+            for xx in range(max(x - 1, 0), min(x + 2, nx)):
+                u = (zz * ny + yy) * nx + xx
+                if u != v and parent[u] >= 0:
+                    near[n] = u
+                    n += 1
+    return n
+
+
+@numba.njit(cache=True)
 def _counts(values, order, thresholds_descending, min_size):
-    nz, ny, nx = values.shape
     flat = values.reshape(-1)
     parent = np.full(flat.size, -1, np.int64)  # -1: not yet above the level
     size = np.zeros(flat.size, np.int64)
     counts = np.zeros(thresholds_descending.size, np.int64)
+    near = np.empty(26, np.int64)
     large = 0
     k = 0
     for j in range(thresholds_descending.size):
@@ -97,79 +115,49 @@ def _counts(values, order, thresholds_descending, min_size):
             size[v] = 1
             if 1 >= min_size:
                 large += 1
-            z, rem = divmod(v, ny * nx)
-            y, x = divmod(rem, nx)
-            for dz in range(-1, 2):
-                zz = z + dz
-                if zz < 0 or zz >= nz:
+            for m in range(_active_neighbours(v, values.shape, parent, near)):
+                u = near[m]
+                a, b = _find(parent, u), _find(parent, v)
+                if a == b:
                     continue
-                for dy in range(-1, 2):
-                    yy = y + dy
-                    if yy < 0 or yy >= ny:
-                        continue
-                    for dx in range(-1, 2):
-                        xx = x + dx
-                        if xx < 0 or xx >= nx or (dz == 0 and dy == 0 and dx == 0):
-                            continue
-                        u = (zz * ny + yy) * nx + xx
-                        if parent[u] < 0:
-                            continue
-                        a, b = _find(parent, u), _find(parent, v)
-                        if a == b:
-                            continue
-                        before = (size[a] >= min_size) + (size[b] >= min_size)
-                        if size[a] < size[b]:
-                            a, b = b, a
-                        parent[b] = a
-                        size[a] += size[b]
-                        large += (size[a] >= min_size) - before
+                before = (size[a] >= min_size) + (size[b] >= min_size)
+                if size[a] < size[b]:
+                    a, b = b, a
+                parent[b] = a
+                size[a] += size[b]
+                large += (size[a] >= min_size) - before
         counts[j] = large
     return counts
 
 
 @numba.njit(cache=True)
 def _deep_peaks(values, order, depth):
-    nz, ny, nx = values.shape
     flat = values.reshape(-1)
     parent = np.full(flat.size, -1, np.int64)
     size = np.zeros(flat.size, np.int64)
     peak = np.zeros(flat.size, np.int64)  # of a root: its component's highest voxel (the first to enter)
     deep = np.zeros(flat.size, np.bool_)
+    near = np.empty(26, np.int64)
     for k in range(order.size):
         v = order[k]
         parent[v] = v
         size[v] = 1
         peak[v] = v
         level = np.float64(flat[v])
-        z, rem = divmod(v, ny * nx)
-        y, x = divmod(rem, nx)
-        for dz in range(-1, 2):
-            zz = z + dz
-            if zz < 0 or zz >= nz:
+        for m in range(_active_neighbours(v, values.shape, parent, near)):
+            u = near[m]
+            a, b = _find(parent, u), _find(parent, v)
+            if a == b:
                 continue
-            for dy in range(-1, 2):
-                yy = y + dy
-                if yy < 0 or yy >= ny:
-                    continue
-                for dx in range(-1, 2):
-                    xx = x + dx
-                    if xx < 0 or xx >= nx or (dz == 0 and dy == 0 and dx == 0):
-                        continue
-                    u = (zz * ny + yy) * nx + xx
-                    if parent[u] < 0:
-                        continue
-                    a, b = _find(parent, u), _find(parent, v)
-                    if a == b:
-                        continue
-                    # the component whose peak entered later (the lower) ends here, at the saddle `level`
-                    high, low = (peak[a], peak[b]) if _entered_before(flat, peak[a], peak[b]) else (peak[b], peak[a])
-                    if np.float64(flat[low]) - level > depth:
-                        deep[low] = True
-                    if size[a] < size[b]:
-                        a, b = b, a
-                    parent[b] = a
-                    size[a] += size[b]
-                    peak[a] = high
+            # the component whose peak entered later (the lower) ends here, at the saddle `level`
+            high, low = (peak[a], peak[b]) if _entered_before(flat, peak[a], peak[b]) else (peak[b], peak[a])
+            if np.float64(flat[low]) - level > depth:
+                deep[low] = True
+            if size[a] < size[b]:
+                a, b = b, a
+            parent[b] = a
+            size[a] += size[b]
+            peak[a] = high
     for k in range(order.size):
         v = order[k]
         if parent[v] == v:
