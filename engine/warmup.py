@@ -44,12 +44,12 @@ def warm_marker() -> Path | None:
     import llvmlite.binding
     import numba
 
-    from cryoves.kernels import cache_dir
+    from cryoves import kernels
 
-    folder = cache_dir()
+    folder = kernels.cache_dir()
     if folder is None:
         return None
-    sources = sorted(Path(__file__).parents[1].joinpath("kernels").glob("*.py"))
+    sources = sorted(Path(kernels.__file__).parent.glob("*.py"))
     stamp = [numba.__version__, platform.machine(), llvmlite.binding.get_host_cpu_name()]
     stamp += [f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in sources]
     return Path(folder) / f"cryoves-warm-{hashlib.sha256('|'.join(stamp).encode()).hexdigest()[:16]}"

@@ -32,7 +32,7 @@ def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:
     if thresholds.size == 0:
         return np.zeros(0, np.int64)
     flat = values.reshape(-1)
-    candidates = np.flatnonzero(flat.astype(np.float64) > thresholds.min())
+    candidates = np.flatnonzero(flat > np.float64(thresholds.min()))  # compared in float64, no copy
     order = candidates[np.argsort(-flat[candidates], kind="stable")]
     descending = np.argsort(-thresholds, kind="stable")
     counts = _counts(readonly(values), readonly(order), readonly(thresholds[descending]), float(min_size))

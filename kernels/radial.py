@@ -290,14 +290,14 @@ def _centred(boxes):
     plain unnormalised correlation (the reference) is otherwise identical.
     """
     boxes = np.array(boxes, dtype=np.float32)  # single precision: half the FFT time, the same peaks
-    finite = np.isfinite(boxes)
+    missing = ~np.isfinite(boxes)
     axes = tuple(range(1, boxes.ndim))
-    n_finite = finite.sum(axis=axes)
-    boxes[~finite] = 0.0
+    n_finite = int(np.prod(boxes.shape[1:])) - missing.sum(axis=axes)
+    boxes[missing] = 0.0
     sums = boxes.sum(axis=axes, dtype=np.float64)
     means = np.divide(sums, n_finite, out=np.zeros_like(sums), where=n_finite > 0).astype(np.float32)
     boxes -= means.reshape((-1,) + (1,) * (boxes.ndim - 1))
-    boxes[~finite] = 0.0
+    boxes[missing] = 0.0
     return boxes
 
 
