@@ -21,9 +21,11 @@ WINDOW, KEEP = 64, 24
 
 @pytest.fixture(scope="module")
 def logit_fn(cryovesnet_weights_path):
-    from cryoves.engine.network.model import build_unet, load_model, make_logit_fn
+    from cryoves.engine.network.model import build_unet, layer_weights, load_logit_fn, make_logit_fn
 
-    return make_logit_fn(load_model(cryovesnet_weights_path) if cryovesnet_weights_path.is_file() else build_unet())
+    if cryovesnet_weights_path.is_file():
+        return load_logit_fn(cryovesnet_weights_path)
+    return make_logit_fn(layer_weights(build_unet()))
 
 
 def _volume(shape):

@@ -82,11 +82,18 @@ def test_postprocess(benchmark, size):
 
 @pytest.fixture(scope="module")
 def logit_fn():
-    from cryoves.engine.network.model import MODEL_WEIGHTS, build_unet, bundled_model_dir, load_logit_fn, make_logit_fn
+    from cryoves.engine.network.model import (
+        MODEL_WEIGHTS,
+        build_unet,
+        bundled_model_dir,
+        layer_weights,
+        load_logit_fn,
+        make_logit_fn,
+    )
 
     if (bundled_model_dir() / MODEL_WEIGHTS).is_file():
         return load_logit_fn(None)
-    return make_logit_fn(build_unet())  # same compute as the trained network
+    return make_logit_fn(layer_weights(build_unet()))  # same compute as the trained network
 
 
 @pytest.mark.parametrize("size", RUN_SIZES, ids=_shape_id)

@@ -51,9 +51,17 @@ def conv_layers(n_filter_base: int = 16) -> list[tuple[str, int, int]]:
 
 def import_tensorflow_quietly() -> None:
     """Import TensorFlow with its C++ start-up messages (CUDA probing, oneDNN notes) kept off the
-    terminal, where they look like errors to users; they are shown if the import itself fails."""
+    terminal, where they look like errors to users; they are shown if the import itself fails.
+
+    TensorFlow's import also imports all of Keras when it can (about 1 s and 120 MB, matplotlib included),
+    which running the network (`make_logit_fn`) does not use: Keras is kept out of that import and
+    imports as usual when something asks for it (`build_unet`, training).
+    """
     if "tensorflow" in sys.modules:
         return
+    keep_out_keras = "keras" not in sys.modules
+    if keep_out_keras:
+        sys.modules["keras"] = None  # TensorFlow catches the ImportError this gives
     with tempfile.TemporaryFile() as sink:
         saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
@@ -69,6 +77,8 @@ def import_tensorflow_quietly() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+            if keep_out_keras and sys.modules.get("keras", False) is None:
+                del sys.modules["keras"]
 
 
 def _conv_bn_relu(x, name: str, n_filter: int, kernel_size: int):
@@ -153,22 +163,34 @@ def read_weights(weights_path: str | Path) -> dict[str, list[np.ndarray]]:
             f"1x1x1 head); found convolutions {[n for n, _ in convs]} and {len(bns)} batch-norm layers"
         )
     out: dict[str, list[np.ndarray]] = {}
-    expected: dict[str, list[tuple[int, ...]]] = {}
-    for (name, c_in, c_out), (_, w), bn in zip(blocks, convs[:-1], bns):
+    for (name, _, _), (_, w), bn in zip(blocks, convs[:-1], bns):
         out[name] = [w.get("kernel"), w.get("bias")]
         out[f"{name}_bn"] = [bn.get(k) for k in ("gamma", "beta", "moving_mean", "moving_variance")]
+    out[LOGIT_LAYER] = [convs[-1][1].get("kernel"), convs[-1][1].get("bias")]
+    check_weight_shapes(out, weights_path)
+    return {name: [a.astype(np.float32) for a in arrays] for name, arrays in out.items()}
+
+
+def check_weight_shapes(weights: dict[str, list[np.ndarray]], source) -> None:
+    """Refuse weights (by layer name, Keras layout) that are not those of this U-Net, naming the first
+    layer that differs."""
+    expected: dict[str, list[tuple[int, ...]]] = {}
+    for name, c_in, c_out in conv_layers():
         expected[name] = [(3, 3, 3, c_in, c_out), (c_out,)]
         expected[f"{name}_bn"] = [(c_out,)] * 4
-    out[LOGIT_LAYER] = [convs[-1][1].get("kernel"), convs[-1][1].get("bias")]
-    expected[LOGIT_LAYER] = [(1, 1, 1, blocks[-1][2], 1), (1,)]
-    for name, arrays in out.items():
-        found = [None if a is None else a.shape for a in arrays]
-        if found != expected[name]:
+    expected[LOGIT_LAYER] = [(1, 1, 1, conv_layers()[-1][2], 1), (1,)]
+    for name, shapes in expected.items():
+        found = [None if a is None else np.shape(a) for a in weights.get(name, [])]
+        if found != shapes:
             raise CryovesError(
-                f"{weights_path}: layer {name} has weight shapes {found}, the network needs "
-                f"{expected[name]} (16 base filters, 3x3x3 kernels)"
+                f"{source}: layer {name} has weight shapes {found}, the network needs {shapes} "
+                "(16 base filters, 3x3x3 kernels)"
             )
-    return {name: [a.astype(np.float32) for a in arrays] for name, arrays in out.items()}
+
+
+def layer_weights(model: keras.Model) -> dict[str, list[np.ndarray]]:
+    """A Keras model's weights by layer name, as `read_model_weights` gives them."""
+    return {layer.name: layer.get_weights() for layer in model.layers if layer.get_weights()}
 
 
 def logit_model(model: keras.Model) -> keras.Model:
@@ -328,13 +350,15 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
         logits[start:start + last.shape[0]] = (tf.tensordot(last, kernel, 1) + bias).numpy()[..., 0]
 
 
-def make_logit_fn(model: keras.Model, rows: int | None = None) -> LogitFn:
-    """A `LogitFn` running `model` in inference mode (batch normalisation folded into the convolutions), one
+def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None) -> LogitFn:
+    """A `LogitFn` running the U-Net with `weights` (by layer name: `read_model_weights`, `layer_weights`) in
+    inference mode (batch normalisation folded into the convolutions), one
     window at a time and streamed along z: each layer computes its output `rows` z-rows at a time (None:
     `step_rows` of the window's section) as the next layer asks for them and keeps only what a consumer still
     needs, so memory grows with a window's y·x section (`streamed_bytes`), not its volume. Equals one
     whole-window pass (the same zero padding at every face), without its activations for the whole window
     (about 300 bytes per voxel)."""
+    import_tensorflow_quietly()
     import tensorflow as tf
 
     if not _COMPILED:  # traced once per process, for every shape
@@ -344,7 +368,7 @@ def make_logit_fn(model: keras.Model, rows: int | None = None) -> LogitFn:
                                            input_signature=[slab, kernel, pads])
         _COMPILED["relu"] = tf.function(_convolve, input_signature=[slab, kernel, vector, pads])
         _COMPILED["merge"] = tf.function(_convolve, input_signature=[slab, kernel, vector, pads, slab])
-    weights = folded_weights({layer.name: layer.get_weights() for layer in model.layers if layer.get_weights()})
+    weights = folded_weights(weights)
     layers = {}
     for name, _, inputs in _GRAPH:
         kernel, bias = weights[name]
@@ -398,7 +422,7 @@ def read_model_weights(weights=None) -> dict[str, list[np.ndarray]]:
     """Weights by layer name from a cryoves model folder, a CryoVesNet .h5 file, or (None) the bundled model."""
     path = bundled_model_dir() if weights is None else Path(weights)
     if not path.is_dir():
-        return read_weights(path)
+        return read_weights(path)  # checked as it is read
     if not (path / MODEL_WEIGHTS).is_file():
         raise CryovesError(f"{path}: no {MODEL_WEIGHTS} in this folder; pass a cryoves model folder "
                            "(from `cryoves train`) or CryoVesNet's weights.h5")
@@ -411,17 +435,16 @@ def read_model_weights(weights=None) -> dict[str, list[np.ndarray]]:
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise CryovesError(f"{path / MODEL_WEIGHTS}: not a readable weight file, truncated or damaged "
                            f"({type(error).__name__}: {error}); copy or train the model again") from error
-    return {name: [by_index[i] for i in sorted(by_index)] for name, by_index in grouped.items()}
+    layers = {name: [by_index[i] for i in sorted(by_index)] for name, by_index in grouped.items()}
+    check_weight_shapes(layers, path / MODEL_WEIGHTS)
+    return layers
 
 
 def load_model(weights=None) -> keras.Model:
     """The U-Net with the weights of `read_model_weights(weights)`."""
     model = build_unet()
-    try:
-        for name, arrays in read_model_weights(weights).items():
-            model.get_layer(name).set_weights(arrays)
-    except ValueError as error:
-        raise CryovesError(f"{weights}: weights do not fit the cryoves U-Net ({error})") from error
+    for name, arrays in read_model_weights(weights).items():
+        model.get_layer(name).set_weights(arrays)
     return model
 
 
@@ -448,10 +471,10 @@ def model_inference_params(weights=None, **changes) -> InferenceParams:
 
 
 def load_logit_fn(weights=None, device: str = "cpu") -> LogitFn:
-    """The network with the weights of `load_model(weights)` as a `LogitFn`: Keras on the CPU, or on
-    "gpu" the PyTorch port in float16 (the optional `gpu` extra)."""
+    """The network with the weights of `read_model_weights(weights)` as a `LogitFn`: TensorFlow on the CPU
+    (without Keras), or on "gpu" the PyTorch port in float16 (the optional `gpu` extra)."""
     if device == "cpu":
-        return make_logit_fn(load_model(weights))
+        return make_logit_fn(read_model_weights(weights))
     try:
         from cryoves.engine.network.torch_unet import load_gpu_logit_fn
     except ImportError as error:

@@ -46,20 +46,20 @@ def tiny_unet():
 
 @pytest.fixture(scope="module")
 def tiny_logit_fn(tiny_unet):
-    from cryoves.engine.network.model import make_logit_fn
+    from cryoves.engine.network.model import layer_weights, make_logit_fn
 
-    return make_logit_fn(tiny_unet)
+    return make_logit_fn(layer_weights(tiny_unet))
 
 
 @pytest.mark.parametrize("shape", [(4, 4, 4), (8, 12, 20), (36, 28, 16)])
 @pytest.mark.parametrize("rows", [1, 2, 4, 16, 64])
 def test_streamed_forward_equals_one_whole_window_pass(tiny_unet, shape, rows):
     """Layer by layer, a few z-rows at a time, each row kept only while needed: the logits of the whole window."""
-    from cryoves.engine.network.model import logit_model, make_logit_fn
+    from cryoves.engine.network.model import layer_weights, logit_model, make_logit_fn
 
     tiles = np.random.default_rng(6).standard_normal((2, *shape)).astype(np.float32)
     expected = np.asarray(logit_model(tiny_unet)(tiles[..., None], training=False))[..., 0]
-    npt.assert_allclose(make_logit_fn(tiny_unet, rows=rows)(tiles), expected, atol=1e-5)
+    npt.assert_allclose(make_logit_fn(layer_weights(tiny_unet), rows=rows)(tiles), expected, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -197,12 +197,12 @@ def test_predict_probability_and_back_to_input_grid(tiny_logit_fn):
 
 def test_real_weights_find_a_dark_ring(cryovesnet_weights):
     """A hollow dark shell of vesicle size (~40 nm) lights up; flat background does not."""
-    from cryoves.engine.network.model import load_model, make_logit_fn
+    from cryoves.engine.network.model import load_logit_fn
 
     z, y, x = np.mgrid[:48, :48, :48].astype(np.float32) - 23.5
     r = np.sqrt(z * z + y * y + x * x)
     tomogram = -np.exp(-((r - 9.0) ** 2) / 2.0) + 0.05 * np.random.default_rng(5).standard_normal(r.shape)
-    prob = predict_probability(tomogram.astype(np.float32), 22.0, make_logit_fn(load_model(cryovesnet_weights)),
+    prob = predict_probability(tomogram.astype(np.float32), 22.0, load_logit_fn(cryovesnet_weights),
                                InferenceParams())
     assert prob[r < 7].mean() > 0.5
     assert prob[r > 16].mean() < 0.2

@@ -6,7 +6,14 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.network.model import N_PARAMETERS, build_unet, load_model, logit_model, make_logit_fn
+from cryoves.engine.network.model import (
+    N_PARAMETERS,
+    build_unet,
+    layer_weights,
+    load_model,
+    logit_model,
+    make_logit_fn,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def test_equals_csbdeep_unet_block(random_model, weights, request):
     x = np.random.default_rng(1).standard_normal((1, 64, 64, 64, 1)).astype(np.float32)
     expected = np.asarray(reference(x, training=False))
     npt.assert_allclose(np.asarray(model(x, training=False)), expected, atol=1e-5)
-    logits = make_logit_fn(model)(x[..., 0])
+    logits = make_logit_fn(layer_weights(model))(x[..., 0])
     npt.assert_allclose(1 / (1 + np.exp(-logits)), expected[..., 0], atol=1e-5)
 
 
@@ -54,7 +61,7 @@ def test_logit_model_drops_only_the_sigmoid(random_model):
 
 def test_logit_fn_rejects_sizes_off_the_pooling_grid(random_model):
     with pytest.raises(ValueError, match="multiples of 4"):
-        make_logit_fn(random_model)(np.zeros((1, 8, 8, 6), np.float32))
+        make_logit_fn(layer_weights(random_model))(np.zeros((1, 8, 8, 6), np.float32))
 
 
 def test_load_cryovesnet_weights_by_topological_order(cryovesnet_weights):
@@ -109,3 +116,27 @@ def test_cryovesnet_weights_get_the_reference_prefilter_by_default(cryovesnet_we
     denoised = _segment_params(parse(["segment", tomo, "--out", "o", "--weights", str(cryovesnet_weights),
                                       "--prefilter-sigma", "0"]))
     assert denoised.inference.gaussian_sigma_vox == 0.0
+
+
+def test_a_model_folder_of_another_network_is_refused(tmp_path):
+    from cryoves.engine.network.model import MODEL_WEIGHTS, load_logit_fn, read_model_weights
+
+    arrays = {f"{name}/{i}": a for name, ws in read_model_weights(None).items() for i, a in enumerate(ws)}
+    arrays["middle_0/0"] = np.zeros((3, 3, 3, 32, 32), np.float32)  # 32 filters where the U-Net has 64
+    np.savez(tmp_path / MODEL_WEIGHTS, **arrays)
+    with pytest.raises(CryovesError, match=r"layer middle_0 has weight shapes \[\(3, 3, 3, 32, 32\), \(64,\)\]"):
+        load_logit_fn(tmp_path)
+
+
+def test_running_the_network_leaves_keras_unimported():
+    """TensorFlow's import would import all of Keras (1 s, 120 MB), which the network does not use; Keras
+    still imports afterwards for whatever needs it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from cryoves.engine.network.model import load_logit_fn; "
+            "logits = load_logit_fn(None)(np.zeros((1, 8, 8, 8), np.float32)); "
+            "assert logits.shape == (1, 8, 8, 8) and 'keras' not in sys.modules, sorted(sys.modules)[:5]; "
+            "import keras; keras.layers.Conv3D(1, 1); print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cryoves.engine.network.inference import InferenceParams, predict_tiled  # noqa: E402
-from cryoves.engine.network.model import make_logit_fn  # noqa: E402
+from cryoves.engine.network.model import layer_weights, make_logit_fn  # noqa: E402
 from cryoves.engine.network.torch_unet import TorchUNet, load_torch_unet, make_torch_logit_fn  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def test_equals_keras_with_random_weights(random_unet):
     net = TorchUNet(n_filter_base=4)
     net.load_keras_weights(weights)
     x = np.random.default_rng(1).standard_normal((2, 8, 16, 12)).astype(np.float32)
-    npt.assert_allclose(make_torch_logit_fn(net.eval())(x), make_logit_fn(model)(x), atol=1e-4)
+    npt.assert_allclose(make_torch_logit_fn(net.eval())(x), make_logit_fn(layer_weights(model))(x), atol=1e-4)
 
 
 def test_equals_keras_with_cryovesnet_weights(cryovesnet_weights):
@@ -31,7 +31,7 @@ def test_equals_keras_with_cryovesnet_weights(cryovesnet_weights):
 
     x = np.random.default_rng(2).standard_normal((1, 64, 64, 64)).astype(np.float32)
     torch_logits = make_torch_logit_fn(load_torch_unet(cryovesnet_weights))(x)
-    keras_logits = make_logit_fn(load_model(cryovesnet_weights))(x)
+    keras_logits = make_logit_fn(layer_weights(load_model(cryovesnet_weights)))(x)
     npt.assert_allclose(torch_logits, keras_logits, atol=1e-4)
 
 
@@ -42,7 +42,7 @@ def test_tiled_inference_accepts_the_torch_logit_fn(random_unet):
     volume = np.random.default_rng(3).standard_normal((16, 24, 20)).astype(np.float32)
     params = InferenceParams(tile_vox=16, memory_gb=0.05)
     npt.assert_allclose(predict_tiled(volume, make_torch_logit_fn(net.eval()), params),
-                        predict_tiled(volume, make_logit_fn(model), params), atol=1e-4)
+                        predict_tiled(volume, make_logit_fn(layer_weights(model)), params), atol=1e-4)
 
 
 def test_loads_a_cryoves_model_folder(tmp_path, random_unet):
@@ -51,4 +51,5 @@ def test_loads_a_cryoves_model_folder(tmp_path, random_unet):
     model, _ = random_unet(16)
     save_model(model, tmp_path, {})
     x = np.random.default_rng(4).standard_normal((1, 16, 16, 24)).astype(np.float32)
-    npt.assert_allclose(make_torch_logit_fn(load_torch_unet(tmp_path))(x), make_logit_fn(model)(x), atol=1e-4)
+    expected = make_logit_fn(layer_weights(model))(x)
+    npt.assert_allclose(make_torch_logit_fn(load_torch_unet(tmp_path))(x), expected, atol=1e-4)
