@@ -286,22 +286,24 @@ def _upsample(x):
 
 
 _COMPILED: dict = {}
-"""`_convolve` compiled with and without the partial sum of a merge (filled by `make_logit_fn`), for every shape."""
+"""`_convolve` compiled for every shape: "partial" (a merge's first input), "relu" and "merge" (with the partial
+sum); filled by `make_logit_fn`."""
 
 
-def _convolve(part, kernel, bias, z_pads, partial=None):
-    """relu(conv(part, kernel) [+ partial] + bias) over z-rows with their neighbours: zeros pad y and x on both
-    sides and z where `z_pads` says the window ends, as the network's "same" padding; no bias, no relu when
-    `bias` is None (the first input of a merge)."""
+def _convolve(part, kernel, bias, partial=None):
+    """relu(conv(part, kernel) + bias [+ partial]) over z-rows with one neighbour row on each side (zeros beyond
+    the window), zeros padding y and x as the network's "same" padding; no bias, no relu when `bias` is None (the
+    first input of a merge). Padding, bias, sum and relu are written around the 5-D convolution, with a constant
+    padding, so that TensorFlow fuses them into it (oneDNN; a quarter faster than apart)."""
     import tensorflow as tf
 
-    pads = tf.concat([z_pads[None], tf.constant([[1, 1], [1, 1], [0, 0]])], axis=0)
-    out = tf.nn.conv3d(tf.pad(part, pads)[None], kernel, [1] * 5, "VALID")[0]
+    out = tf.nn.conv3d(tf.pad(part[None], [[0, 0], [0, 0], [1, 1], [1, 1], [0, 0]]), kernel, [1] * 5, "VALID")
     if bias is None:
-        return out
+        return out[0]
+    out = tf.nn.bias_add(out, bias)
     if partial is not None:
-        out += partial
-    return tf.nn.relu(tf.nn.bias_add(out, bias))
+        out += partial[None]
+    return tf.nn.relu(out)[0]
 
 
 def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, logits: np.ndarray) -> None:
@@ -326,19 +328,23 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
         start = lo % 2
         return _upsample(cache[source].get(lo // 2, (hi + 1) // 2, me))[start:start + hi - lo]
 
+    def neighbourhood(source: str, how: str, p: int, q: int, n: int, me: str):
+        """Rows p-1 to q of an input of a layer of n rows, zeros beyond the window (the "same" padding in z)."""
+        part = gather(source, how, max(p - 1, 0), min(q + 1, n), me)
+        if p == 0 or q == n:
+            part = tf.pad(part, [[int(p == 0), int(q == n)], [0, 0], [0, 0], [0, 0]])
+        return part
+
     def step(p: int, q: int, name: str, inputs, n: int):
         kernels, bias = layers[name]
-        lo, hi = max(p - 1, 0), min(q + 1, n)
-        z_pads = tf.constant([int(p == 0), int(q == n)])
         # a merge convolves its inputs one after the other, so that only one padded input exists at a time
         partial = None
         for (source, how), kernel in zip(inputs[:-1], kernels):
-            partial = _COMPILED["partial"](gather(source, how, lo, hi, name), kernel, z_pads)
-        source, how = inputs[-1]
-        part = gather(source, how, lo, hi, name)
+            partial = _COMPILED["partial"](neighbourhood(source, how, p, q, n, name), kernel)
+        part = neighbourhood(*inputs[-1], p, q, n, name)
         if partial is None:
-            return _COMPILED["relu"](part, kernels[-1], bias, z_pads)
-        return _COMPILED["merge"](part, kernels[-1], bias, z_pads, partial)
+            return _COMPILED["relu"](part, kernels[-1], bias)
+        return _COMPILED["merge"](part, kernels[-1], bias, partial)
 
     for name, level, inputs in _GRAPH:
         n = n_z >> level
@@ -362,12 +368,10 @@ def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None)
     import tensorflow as tf
 
     if not _COMPILED:  # traced once per process, for every shape
-        slab, kernel, vector, pads = (tf.TensorSpec([None] * 4), tf.TensorSpec([3, 3, 3, None, None]),
-                                      tf.TensorSpec([None]), tf.TensorSpec([2], tf.int32))
-        _COMPILED["partial"] = tf.function(lambda part, k, z: _convolve(part, k, None, z),
-                                           input_signature=[slab, kernel, pads])
-        _COMPILED["relu"] = tf.function(_convolve, input_signature=[slab, kernel, vector, pads])
-        _COMPILED["merge"] = tf.function(_convolve, input_signature=[slab, kernel, vector, pads, slab])
+        slab, kernel, vector = tf.TensorSpec([None] * 4), tf.TensorSpec([3, 3, 3, None, None]), tf.TensorSpec([None])
+        _COMPILED["partial"] = tf.function(lambda part, k: _convolve(part, k, None), input_signature=[slab, kernel])
+        _COMPILED["relu"] = tf.function(_convolve, input_signature=[slab, kernel, vector])
+        _COMPILED["merge"] = tf.function(_convolve, input_signature=[slab, kernel, vector, slab])
     weights = folded_weights(weights)
     layers = {}
     for name, _, inputs in _GRAPH:
