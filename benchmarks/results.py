@@ -201,7 +201,7 @@ def segment_command(weights: str | None = None, runs: int = 3) -> dict:
     memory of each process (measured from a clean parent, whose only child it is)."""
     with tempfile.TemporaryDirectory(prefix="cryoves-segment-") as tmp:
         write_phantom(tmp, make_phantom(SIZES["medium"], BENCH_VOXEL_SIZE_A, seed=0), name="medium")
-        command = [sys.executable, "-c", "import sys; from cryoves.cluster.cli import main; sys.exit(main())",
+        command = [sys.executable, "-c", "from cryoves.cluster.cli import command_line; command_line()",
                    "segment", str(Path(tmp) / "medium.mrc"), "--out", str(Path(tmp) / "out"), "--no-report",
                    "--force", *(["--weights", weights] if weights else [])]
         env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(tmp) / "numba"))

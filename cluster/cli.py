@@ -6,10 +6,12 @@ quietly, when the output pipe closes early (`cryoves info *.mrc | head`).
 """
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
+import threading
 from pathlib import Path
 
 from cryoves.engine.errors import CryovesError
@@ -725,5 +727,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def command_line() -> None:
+    """The `cryoves` command: `main`, then the exit of a finished program (other threads joined, exit handlers
+    run, output flushed) without the interpreter's teardown of TensorFlow's and Numba's modules, which takes
+    about a second after every run."""
+    code = main()
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe whose reader has gone
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command_line()

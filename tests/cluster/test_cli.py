@@ -43,3 +43,16 @@ def test_installed_script_help(cryoves):
     result = subprocess.run([sys.executable, "-m", "cryoves.cluster.cli", "info", "--help"],
                             capture_output=True, text=True, check=False)
     assert result.returncode == 0 and "--voxel-size" in result.stdout
+
+
+def test_the_command_runs_exit_handlers_and_keeps_the_exit_code(tmp_path):
+    """`cryoves` ends without the interpreter's teardown (a second after every run), but as a finished program:
+    exit handlers run, output flushed, main's exit code."""
+    missing = tmp_path / "missing.mrc"
+    code = ("import atexit, sys; atexit.register(print, 'exit handler ran'); "
+            f"sys.argv = ['cryoves', 'segment', {str(missing)!r}, '--out', {str(tmp_path / 'out')!r}]; "
+            "print('before', end=' '); from cryoves.cluster.cli import command_line; command_line()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stdout == "before exit handler ran\n"
+    assert result.stderr.strip() == f"cryoves: error: {missing}: no such file; check the path"
