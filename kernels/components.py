@@ -1,5 +1,11 @@
-"""Union-find passes over a segment's voxels from the highest value down (26-connectivity): how many pieces
-it falls into at each of many raised thresholds, and which of its maxima stand out by more than a depth.
+"""Connected components by union-find: of a whole volume above a threshold, by runs of voxels along x; and
+over a segment's voxels from the highest value down (26-connectivity), how many pieces it falls into at each
+of many raised thresholds, and which of its maxima stand out by more than a depth.
+
+The global labelling (method.md §2.10) of a 1024x1024x261 map took scipy's `ndimage.label` 6.5 s on one
+core: it labels voxel by voxel, through a boolean mask. Here the map is read once into runs of voxels above
+the threshold along x (a segment's rows), runs that touch in the neighbouring rows are joined, and the ids
+are painted run by run, numbered as `ndimage.label` numbers them.
 
 The split step of adaptive local thresholding (method.md §2.11) raises the threshold over a segment until
 {P > t} holds more pieces than at the global threshold. Labelling the segment's box once per threshold
@@ -16,10 +22,137 @@ from scipy import ndimage
 from skimage.morphology import h_maxima
 
 from cryoves.kernels.arrays import readonly
+from cryoves.kernels.labels import label_dtype
 
-__all__ = ["component_counts", "component_counts_reference", "deep_maxima", "deep_maxima_reference"]
+__all__ = ["component_counts", "component_counts_reference", "deep_maxima", "deep_maxima_reference", "label_above",
+           "label_above_reference"]
 
 _STRUCTURE26 = np.ones((3, 3, 3), bool)
+_STRUCTURES = {6: ndimage.generate_binary_structure(3, 1), 26: _STRUCTURE26}
+
+
+def label_above(values, threshold: float, connectivity: int = 6) -> tuple[np.ndarray, int]:
+    """Connected components of ``{values > threshold}`` (float64 comparison; ``connectivity`` 6 or 26) and
+    their number n: ids 1..n in raster order of each component's first voxel, as `scipy.ndimage.label`
+    numbers them, in `label_dtype(n)`."""
+    values = np.asarray(values)
+    if values.ndim != 3 or values.dtype.kind != "f":
+        raise ValueError(f"values must be a 3-D float array, got {values.dtype} {values.shape}")
+    if connectivity not in _STRUCTURES or isinstance(connectivity, bool):
+        raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
+    values = readonly(np.ascontiguousarray(values))
+    row_runs = _count_runs(values, float(threshold))
+    offsets = np.zeros(row_runs.size + 1, np.int64)
+    np.cumsum(row_runs, out=offsets[1:])
+    starts, stops = _find_runs(values, float(threshold), readonly(offsets))
+    ids, n = _run_ids(readonly(offsets), readonly(starts), readonly(stops), values.shape[1], connectivity == 26)
+    labels = np.zeros(values.shape, label_dtype(n))
+    _paint_runs(labels, readonly(offsets), readonly(starts), readonly(stops), readonly(ids))
+    return labels, n
+
+
+def label_above_reference(values, threshold: float, connectivity: int = 6) -> tuple[np.ndarray, int]:
+    """`label_above` by `scipy.ndimage.label` of the boolean mask."""
+    labels, n = ndimage.label(np.asarray(values) > np.float64(threshold), structure=_STRUCTURES[connectivity],
+                              output=np.uint32)
+    return labels.astype(label_dtype(n)), n
+
+
+@numba.njit(cache=True, nogil=True)
+def _count_runs(values, threshold):
+    """Runs of consecutive voxels above `threshold` in each (z, y) row, flat over rows."""
+    nz, ny, nx = values.shape
+    counts = np.zeros(nz * ny, np.int64)
+    for z in range(nz):
+        for y in range(ny):
+            inside, n = False, 0
+            for x in range(nx):
+                above = np.float64(values[z, y, x]) > threshold
+                if above and not inside:
+                    n += 1
+                inside = above
+            counts[z * ny + y] = n
+    return counts
+
+
+@numba.njit(cache=True, nogil=True)
+def _find_runs(values, threshold, offsets):
+    """First and end x of every run, rows in raster order (row r's runs at offsets[r]:offsets[r + 1])."""
+    nz, ny, nx = values.shape
+    starts = np.empty(offsets[-1], np.int32)
+    stops = np.empty(offsets[-1], np.int32)
+    for z in range(nz):
+        for y in range(ny):
+            k, inside = offsets[z * ny + y], False
+            for x in range(nx):
+                above = np.float64(values[z, y, x]) > threshold
+                if above and not inside:
+                    starts[k] = x
+                elif inside and not above:
+                    stops[k] = x
+                    k += 1
+                inside = above
+            if inside:
+                stops[k] = nx
+    return starts, stops
+
+
+@numba.njit(cache=True)
+def _join_rows(parent, a0, a1, b0, b1, starts, stops, reach):
+    """Joins the runs of two neighbouring rows (runs a0:a1 and b0:b1) that overlap along x, or come within
+    `reach` voxels of each other (1 for diagonal neighbours)."""
+    i, j = a0, b0
+    while i < a1 and j < b1:
+        if starts[i] < stops[j] + reach and starts[j] < stops[i] + reach:
+            ri, rj = _find(parent, i), _find(parent, j)
+            if ri < rj:  # the root is a component's first run in raster order
+                parent[rj] = ri
+            elif rj < ri:
+                parent[ri] = rj
+        if stops[i] <= stops[j]:
+            i += 1
+        else:
+            j += 1
+
+
+@numba.njit(cache=True)
+def _run_ids(offsets, starts, stops, ny, diagonal):
+    """Component id of every run (1..n, in raster order of the components' first runs) and n."""
+    n_runs = starts.shape[0]
+    parent = np.arange(n_runs)
+    n_rows = offsets.shape[0] - 1
+    for r in range(n_rows):
+        a0, a1 = offsets[r], offsets[r + 1]
+        if a0 == a1:
+            continue
+        y = r % ny
+        if y > 0:
+            _join_rows(parent, a0, a1, offsets[r - 1], offsets[r], starts, stops, 1 if diagonal else 0)
+        if r >= ny:  # the row below in z, and with diagonals its y neighbours
+            for dy in range(-1 if diagonal else 0, 2 if diagonal else 1):
+                if 0 <= y + dy < ny:
+                    q = r - ny + dy
+                    _join_rows(parent, a0, a1, offsets[q], offsets[q + 1], starts, stops, 1 if diagonal else 0)
+    ids = np.empty(n_runs, np.int64)
+    n = 0
+    for k in range(n_runs):
+        root = _find(parent, k)
+        if root == k:
+            n += 1
+            ids[k] = n
+        else:
+            ids[k] = ids[root]
+    return ids, n
+
+
+@numba.njit(cache=True, nogil=True)
+def _paint_runs(labels, offsets, starts, stops, ids):
+    nz, ny, _ = labels.shape
+    for z in range(nz):
+        for y in range(ny):
+            r = z * ny + y
+            for k in range(offsets[r], offsets[r + 1]):
+                labels[z, y, starts[k]:stops[k]] = ids[k]
 
 
 def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:

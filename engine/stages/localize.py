@@ -17,7 +17,7 @@ from skimage.segmentation import watershed
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.units import nm_to_vox
-from cryoves.kernels.components import component_counts, deep_maxima
+from cryoves.kernels.components import component_counts, deep_maxima, label_above
 from cryoves.kernels.labels import LabelStats, check_labels, label_dtype, present_labels, relabel
 
 _STRUCTURE = {6: ndimage.generate_binary_structure(3, 1), 26: ndimage.generate_binary_structure(3, 3)}
@@ -36,13 +36,7 @@ def label_segments(probability: np.ndarray, threshold: float, connectivity: int 
     probability = np.asarray(probability)
     if probability.ndim != 3:
         raise ValueError(f"probability must be 3-D (z, y, x), got shape {probability.shape}")
-    mask = probability > np.float64(threshold)
-    structure = _structure(connectivity)
-    try:  # uint16 straight away: no uint32 volume and copy for the usual tomogram
-        labels, n = ndimage.label(mask, structure=structure, output=np.uint16)
-    except RuntimeError:  # scipy: "insufficient bit-depth" above 65,535 segments
-        labels, n = ndimage.label(mask, structure=structure, output=np.uint32)
-    return labels.astype(label_dtype(n), copy=False)
+    return label_above(probability, threshold, connectivity)[0]
 
 
 def segment_stats(labels: np.ndarray) -> pa.Table:
@@ -282,7 +276,7 @@ def _grow(probability, out, stats: LabelStats, threshold: float, v_min_vox: floa
     fixed = np.zeros(small.shape[0], bool)
     if ts.shape[0]:
         structure26 = _STRUCTURE[26]
-        lowest, _ = ndimage.label(probability > ts[-1], structure=structure26, output=np.int32)
+        lowest, _ = label_above(probability, ts[-1], 26)
         centres = stats.centroid[small].astype(np.int64)  # truncated, as the reference does
         comp = lowest[centres[:, 0], centres[:, 1], centres[:, 2]]
         boxes = ndimage.find_objects(lowest)
@@ -321,8 +315,3 @@ def _relabel(labels: np.ndarray, keep: np.ndarray, max_id: int) -> np.ndarray:
     lut[keep] = np.arange(1, keep.shape[0] + 1)
     return relabel(labels, lut)
 
-
-def _structure(connectivity) -> np.ndarray:
-    if isinstance(connectivity, bool) or connectivity not in _STRUCTURE:
-        raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
-    return _STRUCTURE[connectivity]

@@ -1,4 +1,4 @@
-"""component_counts equals one scipy labelling per threshold."""
+"""label_above equals scipy's labelling of the mask; component_counts one scipy labelling per threshold."""
 
 import numpy as np
 import numpy.testing as npt
@@ -10,7 +10,45 @@ from cryoves.kernels.components import (
     component_counts_reference,
     deep_maxima,
     deep_maxima_reference,
+    label_above,
+    label_above_reference,
 )
+
+
+@pytest.mark.parametrize("connectivity", [6, 26])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_label_above_equals_scipys_labelling(rng, connectivity, dtype):
+    """Same ids in the same order (raster order of first voxels), on smooth and on speckled maps, with runs
+    through the faces of the volume."""
+    for sigma in (0.0, 0.8, 2.0):
+        values = ndimage.gaussian_filter(rng.normal(size=(13, 21, 17)), sigma).astype(dtype)
+        for quantile in (0.3, 0.7, 0.95):
+            threshold = float(np.quantile(values, quantile))
+            labels, n = label_above(values, threshold, connectivity)
+            expected, n_expected = label_above_reference(values, threshold, connectivity)
+            assert n == n_expected and labels.dtype == expected.dtype == np.uint16
+            npt.assert_array_equal(labels, expected)
+
+
+def test_label_above_ties_diagonals_and_float64_comparison():
+    values = np.zeros((2, 3, 4), np.float32)
+    values[0, 0, 0] = values[1, 1, 1] = 0.9  # corner neighbours: one component only with 26-connectivity
+    values[0, 2, 3] = np.float32(0.7)  # 0.699999988 in float64: not above 0.7
+    assert label_above(values, 0.7, 6)[1] == 2 and label_above(values, 0.7, 26)[1] == 1
+    assert label_above(values, 0.69999998, 6)[1] == 3
+    assert label_above(np.zeros((1, 1, 1)), 0.0)[1] == 0
+
+
+def test_label_above_goes_to_uint32_beyond_65535_components():
+    values = np.zeros((1, 2, 2 * 70_000), np.float32)
+    values[0, 0, ::2] = 1.0  # 70,000 single voxels
+    labels, n = label_above(values, 0.5)
+    assert n == 70_000 and labels.dtype == np.uint32 and labels[0, 0, -2] == 70_000
+
+
+def test_label_above_refuses_other_connectivities():
+    with pytest.raises(ValueError, match="connectivity must be 6 or 26"):
+        label_above(np.zeros((2, 2, 2)), 0.5, 18)
 
 
 @pytest.mark.parametrize("min_size", [0.0, 1.0, 7.5, 40.0])
