@@ -15,12 +15,14 @@ Every vesicle is independent (row i of each output depends on vesicle i only), s
 vesicles can be sent to another worker and the results concatenated.
 """
 
+from functools import partial
+
 import numba
 import numpy as np
 import scipy.fft
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, threads_for
+from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, chunk_bounds, run_parallel, threads_for
 
 __all__ = [
     "radial_profiles",
@@ -90,18 +92,21 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
     centers = _check_centers(centers_vox)
     radii = _check_box_radii(box_radius_vox, centers.shape[0])
     n_bins, inv_width = _check_bins(n_bins, bin_width_vox)
+    sums = np.zeros((centers.shape[0], n_bins))
+    counts = np.zeros((centers.shape[0], n_bins), np.int64)
+    args = readonly(volume), readonly(centers), readonly(radii), inv_width, sums, counts
     with threads_for(int(np.sum((2 * radii + 1) ** 3))):
-        sums, counts = _profile_sums(readonly(volume), readonly(centers), readonly(radii), n_bins, inv_width)
+        bounds = chunk_bounds(centers.shape[0], 4 * numba.get_num_threads())
+        run_parallel([partial(_profile_sums, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:])])
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
 
-@numba.njit(parallel=True, cache=True)
-def _profile_sums(volume, centers, radii, n_bins, inv_width):
-    n = centers.shape[0]
+@numba.njit(cache=True, nogil=True)
+def _profile_sums(volume, centers, radii, inv_width, sums, counts, start, stop):
+    """Shell sums and counts of vesicles start..stop-1 into their rows of `sums` and `counts`."""
     nz, ny, nx = volume.shape
-    sums = np.zeros((n, n_bins), dtype=np.float64)
-    counts = np.zeros((n, n_bins), dtype=np.int64)
-    for i in numba.prange(n):  # row i is written by iteration i only: no races
+    n_bins = sums.shape[1]
+    for i in range(start, stop):
         s = np.zeros(n_bins)  # local accumulators: cheaper than scattering into the 2-D outputs
         c = np.zeros(n_bins, dtype=np.int64)
         cz, cy, cx = centers[i, 0], centers[i, 1], centers[i, 2]
@@ -123,7 +128,6 @@ def _profile_sums(volume, centers, radii, n_bins, inv_width):
         for k in range(n_bins):  # element-wise: a row assignment compiles shape-error formatting (~2 s)
             sums[i, k] = s[k]
             counts[i, k] = c[k]
-    return sums, counts
 
 
 def _box_axes(center, r, shape):
@@ -168,8 +172,13 @@ def extract_boxes(volume, centers_vox, box_radius_vox):
     volume = _check_volume(volume)
     centers = _check_centers(centers_vox)
     r = _check_scalar_radius(box_radius_vox)
-    with threads_for(centers.shape[0] * (2 * r + 1) ** 3):
-        return _extract(readonly(volume), readonly(centers), r)
+    e = 2 * r + 1
+    out = np.full((centers.shape[0], e, e, e), np.nan)
+    with threads_for(centers.shape[0] * e ** 3):
+        bounds = chunk_bounds(centers.shape[0], 4 * numba.get_num_threads())
+        run_parallel([partial(_extract, readonly(volume), readonly(centers), r, out, a, b)
+                      for a, b in zip(bounds[:-1], bounds[1:])])
+    return out
 
 
 def _check_scalar_radius(box_radius_vox):
@@ -178,13 +187,12 @@ def _check_scalar_radius(box_radius_vox):
     return int(box_radius_vox)
 
 
-@numba.njit(parallel=True, cache=True)
-def _extract(volume, centers, r):
-    n = centers.shape[0]
+@numba.njit(cache=True, nogil=True)
+def _extract(volume, centers, r, out, start, stop):
+    """Boxes start..stop-1 into `out` (NaN-filled: what lies outside the volume stays NaN)."""
     nz, ny, nx = volume.shape
     e = 2 * r + 1
-    out = np.full((n, e, e, e), np.nan)
-    for i in numba.prange(n):
+    for i in range(start, stop):
         az = int(np.floor(centers[i, 0] + 0.5)) - r
         ay = int(np.floor(centers[i, 1] + 0.5)) - r
         ax = int(np.floor(centers[i, 2] + 0.5)) - r
@@ -192,7 +200,6 @@ def _extract(volume, centers, r):
             for k in range(max(0, -ay), min(e, ny - ay)):
                 for m in range(max(0, -ax), min(e, nx - ax)):
                     out[i, j, k, m] = volume[az + j, ay + k, ax + m]
-    return out
 
 
 def extract_boxes_reference(volume, centers_vox, box_radius_vox):
@@ -230,8 +237,13 @@ def back_project(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.
     r = _check_scalar_radius(box_radius_vox)
     offsets = _check_offsets(offsets_vox, profiles.shape[0])
     _, inv_width = _check_bins(1, bin_width_vox)
-    with threads_for(profiles.shape[0] * (2 * r + 1) ** 3):
-        return _back_project(readonly(profiles), r, readonly(offsets), inv_width)
+    e = 2 * r + 1
+    out = np.empty((profiles.shape[0], e, e, e))
+    with threads_for(profiles.shape[0] * e ** 3):
+        bounds = chunk_bounds(profiles.shape[0], 4 * numba.get_num_threads())
+        run_parallel([partial(_back_project, readonly(profiles), r, readonly(offsets), inv_width, out, a, b)
+                      for a, b in zip(bounds[:-1], bounds[1:])])
+    return out
 
 
 def _check_offsets(offsets_vox, n):
@@ -243,12 +255,12 @@ def _check_offsets(offsets_vox, n):
     return offsets
 
 
-@numba.njit(parallel=True, cache=True)
-def _back_project(profiles, r, offsets, inv_width):
-    n, n_bins = profiles.shape
+@numba.njit(cache=True, nogil=True)
+def _back_project(profiles, r, offsets, inv_width, out, start, stop):
+    """Boxes start..stop-1 of `out`."""
+    n_bins = profiles.shape[1]
     e = 2 * r + 1
-    out = np.empty((n, e, e, e))
-    for i in numba.prange(n):
+    for i in range(start, stop):
         for j in range(e):
             dz = j - r - offsets[i, 0]
             for k in range(e):
@@ -258,7 +270,6 @@ def _back_project(profiles, r, offsets, inv_width):
                     dx = m - r - offsets[i, 2]
                     b = int(np.sqrt(dzy + dx * dx) * inv_width)
                     out[i, j, k, m] = profiles[i, b] if b < n_bins else np.nan
-    return out
 
 
 def back_project_reference(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.0):
