@@ -15,14 +15,12 @@ Every vesicle is independent (row i of each output depends on vesicle i only), s
 vesicles can be sent to another worker and the results concatenated.
 """
 
-from functools import partial
-
 import numba
 import numpy as np
 import scipy.fft
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, chunk_bounds, run_parallel, threads_for
+from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, parallel_over, threads_for
 
 __all__ = [
     "radial_profiles",
@@ -96,8 +94,7 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
     counts = np.zeros((centers.shape[0], n_bins), np.int64)
     args = readonly(volume), readonly(centers), readonly(radii), inv_width, sums, counts
     with threads_for(int(np.sum((2 * radii + 1) ** 3))):
-        bounds = chunk_bounds(centers.shape[0], 4 * numba.get_num_threads())
-        run_parallel([partial(_profile_sums, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:])])
+        parallel_over(_profile_sums, centers.shape[0], *args)
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
 
@@ -175,9 +172,7 @@ def extract_boxes(volume, centers_vox, box_radius_vox):
     e = 2 * r + 1
     out = np.full((centers.shape[0], e, e, e), np.nan)
     with threads_for(centers.shape[0] * e ** 3):
-        bounds = chunk_bounds(centers.shape[0], 4 * numba.get_num_threads())
-        run_parallel([partial(_extract, readonly(volume), readonly(centers), r, out, a, b)
-                      for a, b in zip(bounds[:-1], bounds[1:])])
+        parallel_over(_extract, centers.shape[0], readonly(volume), readonly(centers), r, out)
     return out
 
 
@@ -240,9 +235,7 @@ def back_project(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.
     e = 2 * r + 1
     out = np.empty((profiles.shape[0], e, e, e))
     with threads_for(profiles.shape[0] * e ** 3):
-        bounds = chunk_bounds(profiles.shape[0], 4 * numba.get_num_threads())
-        run_parallel([partial(_back_project, readonly(profiles), r, readonly(offsets), inv_width, out, a, b)
-                      for a, b in zip(bounds[:-1], bounds[1:])])
+        parallel_over(_back_project, profiles.shape[0], readonly(profiles), r, readonly(offsets), inv_width, out)
     return out
 
 

@@ -13,7 +13,7 @@ import numpy as np
 from scipy import ndimage
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import threads_for
+from cryoves.kernels.threads import parallel_over, threads_for
 
 __all__ = ["resize_linear", "resize_linear_reference"]
 
@@ -77,13 +77,14 @@ def _resize_axis(volume: np.ndarray, n_out: int, axis: int, sigma: float) -> np.
     out = np.empty(shape, np.float32)
     index, weights = _taps(volume.shape[axis], n_out, sigma)
     with threads_for(out.size * index.shape[1] // 2):
-        (_along_z, _along_y, _along_x)[axis](readonly(volume), readonly(index), readonly(weights), out)
+        parallel_over((_along_z, _along_y, _along_x)[axis], shape[0], readonly(volume), readonly(index),
+                      readonly(weights), out)
     return out
 
 
-@numba.njit(parallel=True, cache=True)
-def _along_z(src, index, weights, out):
-    for k in numba.prange(out.shape[0]):
+@numba.njit(cache=True, nogil=True)
+def _along_z(src, index, weights, out, start, stop):
+    for k in range(start, stop):
         for y in range(out.shape[1]):
             for x in range(out.shape[2]):
                 acc = 0.0
@@ -92,9 +93,9 @@ def _along_z(src, index, weights, out):
                 out[k, y, x] = acc
 
 
-@numba.njit(parallel=True, cache=True)
-def _along_y(src, index, weights, out):
-    for z in numba.prange(out.shape[0]):
+@numba.njit(cache=True, nogil=True)
+def _along_y(src, index, weights, out, start, stop):
+    for z in range(start, stop):
         for k in range(out.shape[1]):
             for x in range(out.shape[2]):
                 acc = 0.0
@@ -103,9 +104,9 @@ def _along_y(src, index, weights, out):
                 out[z, k, x] = acc
 
 
-@numba.njit(parallel=True, cache=True)
-def _along_x(src, index, weights, out):
-    for z in numba.prange(out.shape[0]):
+@numba.njit(cache=True, nogil=True)
+def _along_x(src, index, weights, out, start, stop):
+    for z in range(start, stop):
         for y in range(out.shape[1]):
             for k in range(out.shape[2]):
                 acc = 0.0

@@ -3,13 +3,15 @@ the thread pool that runs serial kernels over parts of their work.
 
 A Numba kernel parallelised with `prange` compiles in about five times the time of the same loop run serially
 (2.6 against 0.5 s for the radial profiles), and every kernel compiles on a machine's first run. The kernels
-with the longest compile times are therefore serial and release the GIL (`nogil`), and `run_parallel` runs
-them over contiguous parts of their work on `numba.get_num_threads()` threads.
+of the pipeline are therefore serial and release the GIL (`nogil`), and `parallel_over` and `run_parallel` run
+them over contiguous parts of their work on `numba.get_num_threads()` threads (the tilt-series simulation of
+the phantoms keeps `prange`).
 """
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 
 import numba
 import numpy as np
@@ -53,3 +55,10 @@ def run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
     futures = [_POOLS[n_threads].submit(task) for task in tasks]
     for future in futures:
         future.result()
+
+
+def parallel_over(kernel, n: int, *args) -> None:
+    """``kernel(*args, start, stop)`` over contiguous parts of range(n), a few per thread so that uneven parts
+    balance (`run_parallel`)."""
+    bounds = chunk_bounds(n, 4 * numba.get_num_threads())
+    run_parallel([partial(kernel, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:])])
