@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import sys
-import threading
 from pathlib import Path
 
 from cryoves.engine.errors import CryovesError
@@ -214,9 +213,12 @@ def _stage_bar(name: str, stages):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    from cryoves.engine.warmup import start_kernel_warmup
+
+    start_kernel_warmup()  # on a first run, compiles beside the imports, TensorFlow's start and the network
+
     from cryoves.engine.job import STEPS, make_jobs, prepare, segment_job
     from cryoves.engine.network.model import load_logit_fn
-    from cryoves.engine.warmup import start_kernel_warmup
 
     settings = _settings(args)
     prepared = [prepare(job, settings, args.out) for job in make_jobs(args.tomograms, args.region, args.truth)]
@@ -225,7 +227,6 @@ def cmd_segment(args: argparse.Namespace) -> int:
     todo = [p for p in prepared if not p.done]
     if not todo:
         return 0
-    start_kernel_warmup()  # compiles beside TensorFlow's start and the network, on a first run
     logit_fn = load_logit_fn(args.weights, args.device)
     for item in todo:
         bar, progress = _stage_bar(item.name, STEPS[1:])
@@ -728,13 +729,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def command_line() -> None:
-    """The `cryoves` command: `main`, then the exit of a finished program (other threads joined, exit handlers
-    run, output flushed) without the interpreter's teardown of TensorFlow's and Numba's modules, which takes
-    about a second after every run."""
+    """The `cryoves` command: `main`, then the exit of a finished program (exit handlers run, output flushed)
+    without the interpreter's teardown of TensorFlow's and Numba's modules, which takes about a second after
+    every run. Every output is written by `main` itself; what threads remain are idle pools."""
     code = main()
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
