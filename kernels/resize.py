@@ -84,24 +84,28 @@ def _resize_axis(volume: np.ndarray, n_out: int, axis: int, sigma: float) -> np.
 
 @numba.njit(cache=True, nogil=True)
 def _along_z(src, index, weights, out, start, stop):
+    """Output planes start..stop-1: each a weighted sum of whole input planes (loops over x vectorise)."""
     for k in range(start, stop):
-        for y in range(out.shape[1]):
-            for x in range(out.shape[2]):
-                acc = 0.0
-                for t in range(index.shape[1]):
-                    acc += weights[k, t] * src[index[k, t], y, x]
-                out[k, y, x] = acc
+        plane = out[k]
+        plane[:] = 0.0
+        for t in range(index.shape[1]):
+            weight, source = np.float32(weights[k, t]), src[index[k, t]]
+            for y in range(plane.shape[0]):
+                for x in range(plane.shape[1]):
+                    plane[y, x] += weight * source[y, x]
 
 
 @numba.njit(cache=True, nogil=True)
 def _along_y(src, index, weights, out, start, stop):
+    """Output planes start..stop-1: each row a weighted sum of whole input rows (loops over x vectorise)."""
     for z in range(start, stop):
         for k in range(out.shape[1]):
-            for x in range(out.shape[2]):
-                acc = 0.0
-                for t in range(index.shape[1]):
-                    acc += weights[k, t] * src[z, index[k, t], x]
-                out[z, k, x] = acc
+            row = out[z, k]
+            row[:] = 0.0
+            for t in range(index.shape[1]):
+                weight, source = np.float32(weights[k, t]), src[z, index[k, t]]
+                for x in range(row.shape[0]):
+                    row[x] += weight * source[x]
 
 
 @numba.njit(cache=True, nogil=True)
