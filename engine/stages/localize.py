@@ -139,12 +139,12 @@ def localize(probability: np.ndarray, labels: np.ndarray, threshold: float, voxe
     r_min_vox = nm_to_vox(params.min_radius_nm, voxel_size_a)
     v_min_vox = 4.0 / 3.0 * math.pi * r_min_vox**3
 
-    out = np.array(labels, dtype=np.uint32, order="C", copy=True)
+    out = np.array(labels, order="C", copy=True)  # in the labels' own type, widened if new ids need it
     stats = present_labels(out)
     if params.split:
         neck_depth_vox = None if params.split_neck_depth_nm is None else nm_to_vox(params.split_neck_depth_nm,
                                                                                     voxel_size_a)
-        _split(probability, out, stats, float(threshold), params, progress, v_min_vox, neck_depth_vox)
+        out = _split(probability, out, stats, float(threshold), params, progress, v_min_vox, neck_depth_vox)
     if params.grow:
         _grow(probability, out, present_labels(out), float(threshold), v_min_vox, params)
     stats = present_labels(out)
@@ -168,8 +168,9 @@ def split_thresholds(threshold: float) -> np.ndarray:
 
 
 def _split(probability, out, stats: LabelStats, threshold: float, params: LocalizeParams, progress,
-           v_min_vox: float, neck_depth_vox: float | None) -> None:
-    """Split step in place on ``out``: pieces get fresh ids above every id present.
+           v_min_vox: float, neck_depth_vox: float | None) -> np.ndarray:
+    """Split step on ``out``, in place unless fresh ids outgrow its type (then on a uint32 copy, returned):
+    pieces get fresh ids above every id present.
 
     With ``params.split_regrow`` a split counts only pieces of at least V_min/8 voxels (noise specks
     do not split a vesicle), the pieces reclaim all of the candidate's voxels by a watershed on P
@@ -177,7 +178,7 @@ def _split(probability, out, stats: LabelStats, threshold: float, params: Locali
     pieces that are still candidates are split again (chains of touching vesicles).
     """
     if stats.ids.shape[0] == 0:
-        return
+        return out
     candidates = stats.extent < params.split_max_extent
     if params.split_min_volume_z is not None:
         volume = stats.volume.astype(np.float64)
@@ -200,8 +201,11 @@ def _split(probability, out, stats: LabelStats, threshold: float, params: Locali
         if not n_pieces and neck_depth_vox is not None:
             pieces, n_pieces = _split_at_necks(own, neck_depth_vox, min_piece_vox)
         if n_pieces:
+            if next_id + n_pieces - 1 > np.iinfo(out.dtype).max:
+                out = out.astype(np.uint32)
+                lab_box = out[box]
             lab_box[own] = 0
-            lab_box[pieces > 0] = pieces[pieces > 0].astype(np.uint32) + np.uint32(next_id - 1)
+            lab_box[pieces > 0] = (pieces[pieces > 0] + (next_id - 1)).astype(out.dtype)
             if params.split_regrow and depth < _MAX_SPLIT_DEPTH:
                 for k, piece_box in enumerate(ndimage.find_objects(pieces)):
                     piece = pieces[piece_box] == k + 1
@@ -213,6 +217,7 @@ def _split(probability, out, stats: LabelStats, threshold: float, params: Locali
             done += 1
             if progress is not None:
                 progress(done, n_candidates)
+    return out
 
 
 def _split_one(sub, own, threshold: float, params: LocalizeParams, min_piece_vox: float):

@@ -196,6 +196,20 @@ def test_two_candidates_get_distinct_fresh_ids(regrow):
     assert_same_centres(centroids(local), pairs + singles, atol=0.1 if regrow else 1e-9)
 
 
+def test_fresh_ids_beyond_the_labels_type_widen_the_working_labels():
+    """Localize works in the labels' own type (uint16 for most tomograms) and moves to uint32 only when the
+    pieces' fresh ids need it: the same segments as from uint32 labels."""
+    pairs = [(20, 12, 12), (20, 21, 21), (20, 60, 60), (20, 69, 69)]
+    p = union_probability(pairs + SINGLES)
+    labels = label_segments(p, T_STAR)
+    assert labels.dtype == np.uint16
+    top = np.where(labels > 0, labels + (np.iinfo(np.uint16).max - labels.max()), 0)  # ids up to 65,535
+    expected = localize(p, top.astype(np.uint32), T_STAR, VOXEL_SIZE_A, LocalizeParams())
+    found = localize(p, top.astype(np.uint16), T_STAR, VOXEL_SIZE_A, LocalizeParams())
+    assert found.max() == 7
+    npt.assert_array_equal(found, expected)
+
+
 def test_regrown_pieces_keep_every_voxel_of_the_merged_segment():
     pair = [(20, 40, 40), (20, 49, 49)]
     labels, local = run(union_probability(pair + SINGLES))
