@@ -79,6 +79,8 @@ class InferenceParams:
     tta: int = 1  # 1, 4 (identity + flips x, y, z) or 8 (method.md §2.7)
     memory_gb: float = field(default_factory=default_memory_gb)  # budget for the network's windows in flight
     border_vox: int = 4  # reflected margin beyond every face of the volume; 0 = the network's zero padding alone
+    #                      (at faces that cut vesicles CryoVesNet's weights need it, the bundled model does
+    #                      better without: its config.json says 0; benchmarks/BORDERS.md)
     halo_vox: int = 24  # network voxels a window keeps beyond a cut between windows (the receptive field)
     tile_vox: int | None = None  # at most this many voxels per window along each axis between cuts (multiple
     #                              of 4); None = the tiling of fewest network voxels that fits memory_gb

@@ -460,7 +460,8 @@ def model_inference_params(weights=None, **changes) -> InferenceParams:
     trained on NAD-denoised tomograms, and on raw, noisy input the filter stands in for that denoising
     (method.md §2.3; without it their probability Dice falls from 0.80 to 0.41 at 22 Å and to 0.006 at
     14.7 Å on independently generated tomograms). cryoves model folders record theirs in config.json
-    (models from before band-limited resampling were trained on the trilinear one).
+    (models from before band-limited resampling were trained on the trilinear one), and may record the
+    reflected border measured best for them (the bundled model: none, benchmarks/BORDERS.md).
     """
     import json
 
@@ -471,6 +472,8 @@ def model_inference_params(weights=None, **changes) -> InferenceParams:
     config = json.loads(config_path.read_text()) if path.is_dir() and config_path.is_file() else {}
     trained = {"gaussian_sigma_vox": float(config.get("gaussian_sigma_vox", 1.0)),
                "resampling": config.get("resampling", "linear")}
+    if "border_vox" in config:
+        trained["border_vox"] = int(config["border_vox"])
     return InferenceParams(**(trained | changes))
 
 

@@ -109,6 +109,8 @@ def test_cryovesnet_weights_get_the_reference_prefilter_by_default(cryovesnet_we
 
     reference = model_inference_params(cryovesnet_weights)  # method.md §2.2-2.3: the reference code's
     assert reference.gaussian_sigma_vox == 1.0 and reference.resampling == "linear"
+    # the reflected border each model does best with at faces that cut vesicles (benchmarks/BORDERS.md)
+    assert reference.border_vox == 4 and model_inference_params(None).border_vox == 0
     parse = build_parser().parse_args
     tomo = str(tmp_path / "t.mrc")
     default = _segment_params(parse(["segment", tomo, "--out", "o", "--weights", str(cryovesnet_weights)]))
