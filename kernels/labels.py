@@ -10,7 +10,7 @@ import numba
 import numpy as np
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import parallel_over, threads_for
+from cryoves.kernels.threads import threads_for
 
 __all__ = ["check_labels", "label_dtype", "label_stats", "label_stats_reference", "present_labels", "LabelStats",
            "relabel", "relabel_reference"]
@@ -142,13 +142,13 @@ def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
         raise ValueError(f"a label ({labels.max()}) has no entry in the table of {lut.size}")
     out = np.empty(labels.shape, lut.dtype)
     with threads_for(labels.size):
-        parallel_over(_relabel, labels.shape[0], readonly(labels), readonly(lut), out)
+        _relabel(readonly(labels), readonly(lut), out)
     return out
 
 
-@numba.njit(cache=True, nogil=True)
-def _relabel(labels, lut, out, start, stop):
-    for z in range(start, stop):
+@numba.njit(parallel=True, cache=True)
+def _relabel(labels, lut, out):
+    for z in numba.prange(labels.shape[0]):
         for y in range(labels.shape[1]):
             for x in range(labels.shape[2]):
                 out[z, y, x] = lut[labels[z, y, x]]

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.fft
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, parallel_over, threads_for
+from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, threads_for
 
 __all__ = [
     "radial_profiles",
@@ -90,20 +90,18 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
     centers = _check_centers(centers_vox)
     radii = _check_box_radii(box_radius_vox, centers.shape[0])
     n_bins, inv_width = _check_bins(n_bins, bin_width_vox)
-    sums = np.zeros((centers.shape[0], n_bins))
-    counts = np.zeros((centers.shape[0], n_bins), np.int64)
-    args = readonly(volume), readonly(centers), readonly(radii), inv_width, sums, counts
     with threads_for(int(np.sum((2 * radii + 1) ** 3))):
-        parallel_over(_profile_sums, centers.shape[0], *args)
+        sums, counts = _profile_sums(readonly(volume), readonly(centers), readonly(radii), n_bins, inv_width)
     return np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
 
 
-@numba.njit(cache=True, nogil=True)
-def _profile_sums(volume, centers, radii, inv_width, sums, counts, start, stop):
-    """Shell sums and counts of vesicles start..stop-1 into their rows of `sums` and `counts`."""
+@numba.njit(parallel=True, cache=True)
+def _profile_sums(volume, centers, radii, n_bins, inv_width):
+    n = centers.shape[0]
     nz, ny, nx = volume.shape
-    n_bins = sums.shape[1]
-    for i in range(start, stop):
+    sums = np.zeros((n, n_bins), dtype=np.float64)
+    counts = np.zeros((n, n_bins), dtype=np.int64)
+    for i in numba.prange(n):  # row i is written by iteration i only: no races
         s = np.zeros(n_bins)  # local accumulators: cheaper than scattering into the 2-D outputs
         c = np.zeros(n_bins, dtype=np.int64)
         cz, cy, cx = centers[i, 0], centers[i, 1], centers[i, 2]
@@ -125,6 +123,7 @@ def _profile_sums(volume, centers, radii, inv_width, sums, counts, start, stop):
         for k in range(n_bins):  # element-wise: a row assignment compiles shape-error formatting (~2 s)
             sums[i, k] = s[k]
             counts[i, k] = c[k]
+    return sums, counts
 
 
 def _box_axes(center, r, shape):
@@ -169,11 +168,8 @@ def extract_boxes(volume, centers_vox, box_radius_vox):
     volume = _check_volume(volume)
     centers = _check_centers(centers_vox)
     r = _check_scalar_radius(box_radius_vox)
-    e = 2 * r + 1
-    out = np.full((centers.shape[0], e, e, e), np.nan)
-    with threads_for(centers.shape[0] * e ** 3):
-        parallel_over(_extract, centers.shape[0], readonly(volume), readonly(centers), r, out)
-    return out
+    with threads_for(centers.shape[0] * (2 * r + 1) ** 3):
+        return _extract(readonly(volume), readonly(centers), r)
 
 
 def _check_scalar_radius(box_radius_vox):
@@ -182,12 +178,13 @@ def _check_scalar_radius(box_radius_vox):
     return int(box_radius_vox)
 
 
-@numba.njit(cache=True, nogil=True)
-def _extract(volume, centers, r, out, start, stop):
-    """Boxes start..stop-1 into `out` (NaN-filled: what lies outside the volume stays NaN)."""
+@numba.njit(parallel=True, cache=True)
+def _extract(volume, centers, r):
+    n = centers.shape[0]
     nz, ny, nx = volume.shape
     e = 2 * r + 1
-    for i in range(start, stop):
+    out = np.full((n, e, e, e), np.nan)
+    for i in numba.prange(n):
         az = int(np.floor(centers[i, 0] + 0.5)) - r
         ay = int(np.floor(centers[i, 1] + 0.5)) - r
         ax = int(np.floor(centers[i, 2] + 0.5)) - r
@@ -195,6 +192,7 @@ def _extract(volume, centers, r, out, start, stop):
             for k in range(max(0, -ay), min(e, ny - ay)):
                 for m in range(max(0, -ax), min(e, nx - ax)):
                     out[i, j, k, m] = volume[az + j, ay + k, ax + m]
+    return out
 
 
 def extract_boxes_reference(volume, centers_vox, box_radius_vox):
@@ -232,11 +230,8 @@ def back_project(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.
     r = _check_scalar_radius(box_radius_vox)
     offsets = _check_offsets(offsets_vox, profiles.shape[0])
     _, inv_width = _check_bins(1, bin_width_vox)
-    e = 2 * r + 1
-    out = np.empty((profiles.shape[0], e, e, e))
-    with threads_for(profiles.shape[0] * e ** 3):
-        parallel_over(_back_project, profiles.shape[0], readonly(profiles), r, readonly(offsets), inv_width, out)
-    return out
+    with threads_for(profiles.shape[0] * (2 * r + 1) ** 3):
+        return _back_project(readonly(profiles), r, readonly(offsets), inv_width)
 
 
 def _check_offsets(offsets_vox, n):
@@ -248,12 +243,12 @@ def _check_offsets(offsets_vox, n):
     return offsets
 
 
-@numba.njit(cache=True, nogil=True)
-def _back_project(profiles, r, offsets, inv_width, out, start, stop):
-    """Boxes start..stop-1 of `out`."""
-    n_bins = profiles.shape[1]
+@numba.njit(parallel=True, cache=True)
+def _back_project(profiles, r, offsets, inv_width):
+    n, n_bins = profiles.shape
     e = 2 * r + 1
-    for i in range(start, stop):
+    out = np.empty((n, e, e, e))
+    for i in numba.prange(n):
         for j in range(e):
             dz = j - r - offsets[i, 0]
             for k in range(e):
@@ -263,6 +258,7 @@ def _back_project(profiles, r, offsets, inv_width, out, start, stop):
                     dx = m - r - offsets[i, 2]
                     b = int(np.sqrt(dzy + dx * dx) * inv_width)
                     out[i, j, k, m] = profiles[i, b] if b < n_bins else np.nan
+    return out
 
 
 def back_project_reference(profiles, box_radius_vox, offsets_vox=None, *, bin_width_vox=1.0):

@@ -14,7 +14,7 @@ import numpy as np
 
 from cryoves.kernels.arrays import readonly
 from cryoves.kernels.labels import label_dtype, relabel
-from cryoves.kernels.threads import parallel_over, threads_for
+from cryoves.kernels.threads import threads_for
 
 __all__ = ["render_spheres", "render_spheres_reference"]
 
@@ -43,16 +43,15 @@ def render_spheres(shape, centers_vox, radii_vox, ids):
     index = np.zeros(shape, dtype=np.uint32)  # 1 + ball index; mapped to ids below
     if centers.shape[0]:
         with threads_for(index.size):
-            parallel_over(_render, shape[0], index, readonly(centers), readonly(radii))
+            _render(index, readonly(centers), readonly(radii))
     return relabel(index, np.concatenate([[0], ids]).astype(label_dtype(ids.max() if ids.size else 0)))
 
 
-@numba.njit(cache=True, nogil=True)
-def _render(index, centers, radii, start, stop):
-    """Slices start..stop-1 of `index` (each written by one call only: no races)."""
-    _, ny, nx = index.shape
+@numba.njit(parallel=True, cache=True)
+def _render(index, centers, radii):
+    nz, ny, nx = index.shape
     n = centers.shape[0]
-    for z in range(start, stop):
+    for z in numba.prange(nz):  # slice z is written by iteration z only: no races
         for i in range(n):
             cz, cy, cx = centers[i, 0], centers[i, 1], centers[i, 2]
             r2 = radii[i] * radii[i]

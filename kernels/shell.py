@@ -10,14 +10,11 @@ through a difference array (method.md §6 item 2).
 All comparisons are made in float64: ``P > t`` means ``float64(P) > float64(t)``, also for float32 maps.
 """
 
-from functools import partial
-
 import numba
 import numpy as np
 from scipy import ndimage
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import chunk_bounds, run_parallel
 
 
 def shell_sums(intensity, probability, thresholds):
@@ -40,12 +37,8 @@ def shell_sums(intensity, probability, thresholds):
         return np.zeros(n_t, np.float64), np.zeros(n_t, np.int64)
     n_rows = probability.shape[0] * probability.shape[1]
     # A few chunks per thread balance the uneven foreground; each chunk owns its accumulator row.
-    bounds = chunk_bounds(n_rows, 4 * numba.get_num_threads())
-    sums_diff = np.zeros((bounds.size - 1, n_t + 1))
-    counts_diff = np.zeros((bounds.size - 1, n_t + 1), np.int64)
-    args = readonly(intensity), readonly(probability), readonly(thresholds)
-    run_parallel([partial(_shell_sums, *args, sums_diff[c], counts_diff[c], bounds[c], bounds[c + 1])
-                  for c in range(bounds.size - 1)])
+    n_chunks = max(1, min(n_rows, 4 * numba.get_num_threads()))
+    sums_diff, counts_diff = _shell_sums(readonly(intensity), readonly(probability), readonly(thresholds), n_chunks)
     sums = np.cumsum(sums_diff.sum(axis=0))[:n_t]
     counts = np.cumsum(counts_diff.sum(axis=0))[:n_t]
     return sums, counts
@@ -128,39 +121,46 @@ def _first_at_least(thresholds, v):
     return lo
 
 
-@numba.njit(cache=True, nogil=True)
-def _shell_sums(intensity, probability, thresholds, sums, counts, r0, r1):
-    """Difference-array shell sums and counts of (z, y) rows r0..r1-1 into `sums` and `counts`."""
+@numba.njit(parallel=True, cache=True)
+def _shell_sums(intensity, probability, thresholds, n_chunks):
     nz, ny, nx = probability.shape
+    n_t = thresholds.shape[0]
+    n_rows = nz * ny
     t_first = thresholds[0]
-    for r in range(r0, r1):
-        z = r // ny
-        y = r - z * ny
-        for x in range(nx):
-            p = np.float64(probability[z, y, x])
-            if not p > t_first:  # below every threshold (or NaN): in no mask
-                continue
-            m = np.inf
-            if z > 0:
-                m = _lower(m, np.float64(probability[z - 1, y, x]))
-            if z < nz - 1:
-                m = _lower(m, np.float64(probability[z + 1, y, x]))
-            if y > 0:
-                m = _lower(m, np.float64(probability[z, y - 1, x]))
-            if y < ny - 1:
-                m = _lower(m, np.float64(probability[z, y + 1, x]))
-            if x > 0:
-                m = _lower(m, np.float64(probability[z, y, x - 1]))
-            if x < nx - 1:
-                m = _lower(m, np.float64(probability[z, y, x + 1]))
-            if m >= p:
-                continue
-            # shell for every t with m <= t < p: bins [lo, hi)
-            lo = _first_at_least(thresholds, m)
-            hi = _first_at_least(thresholds, p)
-            if lo < hi:
-                v = np.float64(intensity[z, y, x])
-                sums[lo] += v
-                sums[hi] -= v
-                counts[lo] += 1
-                counts[hi] -= 1
+    sums = np.zeros((n_chunks, n_t + 1), np.float64)
+    counts = np.zeros((n_chunks, n_t + 1), np.int64)
+    for c in numba.prange(n_chunks):  # row c of the accumulators is written by chunk c only
+        r0 = c * n_rows // n_chunks
+        r1 = (c + 1) * n_rows // n_chunks
+        for r in range(r0, r1):
+            z = r // ny
+            y = r - z * ny
+            for x in range(nx):
+                p = np.float64(probability[z, y, x])
+                if not p > t_first:  # below every threshold (or NaN): in no mask
+                    continue
+                m = np.inf
+                if z > 0:
+                    m = _lower(m, np.float64(probability[z - 1, y, x]))
+                if z < nz - 1:
+                    m = _lower(m, np.float64(probability[z + 1, y, x]))
+                if y > 0:
+                    m = _lower(m, np.float64(probability[z, y - 1, x]))
+                if y < ny - 1:
+                    m = _lower(m, np.float64(probability[z, y + 1, x]))
+                if x > 0:
+                    m = _lower(m, np.float64(probability[z, y, x - 1]))
+                if x < nx - 1:
+                    m = _lower(m, np.float64(probability[z, y, x + 1]))
+                if m >= p:
+                    continue
+                # shell for every t with m <= t < p: bins [lo, hi)
+                lo = _first_at_least(thresholds, m)
+                hi = _first_at_least(thresholds, p)
+                if lo < hi:
+                    v = np.float64(intensity[z, y, x])
+                    sums[c, lo] += v
+                    sums[c, hi] -= v
+                    counts[c, lo] += 1
+                    counts[c, hi] -= 1
+    return sums, counts
