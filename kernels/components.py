@@ -35,12 +35,9 @@ def label_above(values, threshold: float, connectivity: int = 6) -> tuple[np.nda
     """Connected components of ``{values > threshold}`` (float64 comparison; ``connectivity`` 6 or 26) and
     their number n: ids 1..n in raster order of each component's first voxel, as `scipy.ndimage.label`
     numbers them, in `label_dtype(n)`."""
-    values = np.asarray(values)
-    if values.ndim != 3 or values.dtype.kind != "f":
-        raise ValueError(f"values must be a 3-D float array, got {values.dtype} {values.shape}")
     if connectivity not in _STRUCTURES or isinstance(connectivity, bool):
         raise ValueError(f"connectivity must be 6 or 26, got {connectivity!r}")
-    values = readonly(np.ascontiguousarray(values))
+    values = readonly(_float_volume(values))
     row_runs = _count_runs(values, float(threshold))
     offsets = np.zeros(row_runs.size + 1, np.int64)
     np.cumsum(row_runs, out=offsets[1:])
@@ -49,6 +46,14 @@ def label_above(values, threshold: float, connectivity: int = 6) -> tuple[np.nda
     labels = np.zeros(values.shape, label_dtype(n))
     _paint_runs(labels, readonly(offsets), readonly(starts), readonly(stops), readonly(ids))
     return labels, n
+
+
+def _float_volume(values) -> np.ndarray:
+    """`values` as a C-contiguous 3-D float array; ValueError otherwise."""
+    values = np.ascontiguousarray(values)
+    if values.ndim != 3 or values.dtype.kind != "f":
+        raise ValueError(f"values must be a 3-D float array, got {values.dtype} {values.shape}")
+    return values
 
 
 def label_above_reference(values, threshold: float, connectivity: int = 6) -> tuple[np.ndarray, int]:
@@ -158,9 +163,7 @@ def _paint_runs(labels, offsets, starts, stops, ids):
 def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:
     """Number of 26-connected components of ``{values > t}`` (float64 comparison) with at least
     ``min_size`` voxels, for each ``t`` of ``thresholds`` (any order); int64, one per threshold."""
-    values = np.ascontiguousarray(values)
-    if values.ndim != 3 or values.dtype.kind != "f":
-        raise ValueError(f"values must be a 3-D float array, got {values.dtype} {values.shape}")
+    values = _float_volume(values)
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if thresholds.size == 0:
         return np.zeros(0, np.int64)
@@ -189,9 +192,7 @@ def deep_maxima(values, depth: float) -> np.ndarray:
     """Flat indices (ascending) of one peak voxel per maximum of ``values`` (> 0 only) whose dynamic
     exceeds ``depth``: from it one must descend more than ``depth`` to reach a higher maximum. The highest
     maximum of each connected part of ``{values > 0}`` always counts."""
-    values = np.ascontiguousarray(values)
-    if values.ndim != 3 or values.dtype.kind != "f":
-        raise ValueError(f"values must be a 3-D float array, got {values.dtype} {values.shape}")
+    values = _float_volume(values)
     flat = values.reshape(-1)
     candidates = np.flatnonzero(flat > 0)
     order = candidates[np.argsort(-flat[candidates], kind="stable")]

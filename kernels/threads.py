@@ -9,7 +9,6 @@ and the shell sums keep `prange`: their serial versions ran up to twice as long 
 50 boxes of 33³ on one thread: 4.5 against 2.0 ms), which costs more over a batch than their compile once.
 """
 
-from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import partial
@@ -37,29 +36,19 @@ _POOLS: dict[int, ThreadPoolExecutor] = {}
 """One pool per thread count, so that a call never runs on more threads than it was given."""
 
 
-def _chunk_bounds(n: int, n_chunks: int) -> np.ndarray:
-    """`n_chunks` + 1 bounds of contiguous, near-equal parts of range(n) (at most n parts)."""
-    n_chunks = max(1, min(int(n), int(n_chunks)))
-    return np.arange(n_chunks + 1) * int(n) // n_chunks
-
-
-def _run_parallel(tasks: Sequence[Callable[[], object]]) -> None:
-    """Call every task (a serial nogil kernel on one part of the work), on `numba.get_num_threads()` threads
-    (in this thread when that is 1); errors are raised here."""
+def parallel_over(kernel, n: int, *args) -> None:
+    """``kernel(*args, start, stop)`` (a serial nogil kernel) over contiguous parts of range(n), a few per thread
+    so that uneven parts balance, on `numba.get_num_threads()` threads (in this thread when that is 1); errors
+    are raised here."""
     n_threads = numba.get_num_threads()
-    if n_threads == 1 or len(tasks) == 1:
-        for task in tasks:
-            task()
+    n_parts = max(1, min(int(n), 4 * n_threads))
+    bounds = np.arange(n_parts + 1) * int(n) // n_parts
+    parts = [partial(kernel, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    if n_threads == 1 or len(parts) == 1:
+        for part in parts:
+            part()
         return
     if n_threads not in _POOLS:
         _POOLS[n_threads] = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="cryoves-kernel")
-    futures = [_POOLS[n_threads].submit(task) for task in tasks]
-    for future in futures:
+    for future in [_POOLS[n_threads].submit(part) for part in parts]:
         future.result()
-
-
-def parallel_over(kernel, n: int, *args) -> None:
-    """``kernel(*args, start, stop)`` over contiguous parts of range(n), a few per thread so that uneven parts
-    balance, on the pool (in this thread when it has one thread); errors are raised here."""
-    bounds = _chunk_bounds(n, 4 * numba.get_num_threads())
-    _run_parallel([partial(kernel, *args, a, b) for a, b in zip(bounds[:-1], bounds[1:])])

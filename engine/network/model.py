@@ -358,12 +358,11 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
 
 def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None) -> LogitFn:
     """A `LogitFn` running the U-Net with `weights` (by layer name: `read_model_weights`, `layer_weights`) in
-    inference mode (batch normalisation folded into the convolutions), one
-    window at a time and streamed along z: each layer computes its output `rows` z-rows at a time (None:
-    `step_rows` of the window's section) as the next layer asks for them and keeps only what a consumer still
-    needs, so memory grows with a window's y·x section (`streamed_bytes`), not its volume. Equals one
-    whole-window pass (the same zero padding at every face), without its activations for the whole window
-    (about 300 bytes per voxel)."""
+    inference mode (batch normalisation folded into the convolutions), one window at a time and streamed along
+    z: each layer computes its output `rows` z-rows at a time (None: `step_rows` of the window's section) as the
+    next layer asks for them and keeps only what a consumer still needs, so memory grows with a window's y·x
+    section (`streamed_bytes`), not its volume. Equals one whole-window pass (the same zero padding at every
+    face), without its activations for the whole window (about 300 bytes per voxel)."""
     import_tensorflow_quietly()
     import tensorflow as tf
 
