@@ -56,11 +56,13 @@ RAY_MEMORY_SHARE = 0.7
 Progress = Callable[[str], None]
 
 
-def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, int] | None = None,
-              seed: int = 0, repeats: int | None = None, progress: Progress | None = None) -> dict:
+def run_bench(size: str, device: str, *, weights=None, precision: str = "auto",
+              shape: tuple[int, int, int] | None = None, seed: int = 0, repeats: int | None = None,
+              progress: Progress | None = None) -> dict:
     """Benchmark one phantom of `size` (small, medium, large) with the network on `device` (cpu, gpu).
 
-    `weights` is what `--weights` takes elsewhere (None: the bundled model); `shape` overrides the
+    `weights` and `precision` are what `--weights` and `--precision` take elsewhere (None: the bundled
+    model; "auto": `default_precision`); `shape` overrides the
     size's shape (tests use a smaller one). Each stage's time is the fastest of `repeats` timed runs
     (None: 3 for small, 1 otherwise).
     """
@@ -73,11 +75,12 @@ def run_bench(size: str, device: str, *, weights=None, shape: tuple[int, int, in
         raise CryovesError(f"repeats must be >= 1, got {repeats}")
     shape = tuple(int(n) for n in (shape or SIZES[size]))
     say = progress or (lambda message: None)
-    params = SegmentParams(inference=model_inference_params(weights))
+    changes = {} if precision == "auto" else {"precision": precision}
+    params = SegmentParams(inference=model_inference_params(weights, **changes))
     say("loading the network")
-    logit_fn = load_logit_fn(weights, device)
+    logit_fn = load_logit_fn(weights, device, params.inference.precision)
     model = ("bundled model" if weights is None else f"weights {weights}") + \
-        (", PyTorch float16 on CUDA" if device == "gpu" else ", TensorFlow on CPU")
+        (", PyTorch float16 on CUDA" if device == "gpu" else f", TensorFlow {params.inference.precision} on CPU")
     say(f"phantom {'x'.join(map(str, shape))} at {BENCH_VOXEL_SIZE_A:g} Å")
     start = time.perf_counter()
     phantom = make_phantom(shape, BENCH_VOXEL_SIZE_A, seed=seed)

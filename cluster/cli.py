@@ -178,7 +178,8 @@ def _segment_params(args: argparse.Namespace):
     from cryoves.engine.job import segment_params
 
     return segment_params(args.weights, tta=args.tta, prefilter_sigma_vox=args.prefilter_sigma,
-                          memory_gb=args.memory_gb, invert_contrast=args.invert_contrast)
+                          memory_gb=args.memory_gb, precision=None if args.precision == "auto" else args.precision,
+                          invert_contrast=args.invert_contrast)
 
 
 def _settings(args: argparse.Namespace):
@@ -213,7 +214,7 @@ def _stage_bar(name: str, stages):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cryoves.engine.warmup import start_kernel_warmup
+    from cryoves.engine.warmup import import_in_background, start_kernel_warmup
 
     start_kernel_warmup()  # on a first run, compiles beside the imports, TensorFlow's start and the network
 
@@ -227,7 +228,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     todo = [p for p in prepared if not p.done]
     if not todo:
         return 0
-    logit_fn = load_logit_fn(args.weights, args.device)
+    logit_fn = load_logit_fn(args.weights, args.device, settings.params.inference.precision)
+    import_in_background()
     for item in todo:
         bar, progress = _stage_bar(item.name, STEPS[1:])
         with bar:
@@ -255,7 +257,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     params = segment_params.inference
     volume = read_volume(args.tomogram, args.voxel_size)
     start = time.perf_counter()
-    logit_fn = load_logit_fn(args.weights, args.device)
+    logit_fn = load_logit_fn(args.weights, args.device, params.precision)
     loaded = time.perf_counter()
     from tqdm import tqdm
 
@@ -299,7 +301,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     job = prepare(Job(path=truth["tomogram"]), settings, out)
     bar, progress = _stage_bar("segmenting", STEPS[1:])
     with bar:
-        finished = segment_job(job, load_logit_fn(args.weights, args.device), settings, out, progress)
+        logit_fn = load_logit_fn(args.weights, args.device, settings.params.inference.precision)
+        finished = segment_job(job, logit_fn, settings, out, progress)
         bar.n = bar.total
     paths = finished.paths
     row = evaluate(load_spheres(paths["labels"]), load_spheres(truth["labels"]),
@@ -337,7 +340,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from cryoves.cluster.bench import format_bench, run_bench
 
-    record = run_bench(args.size, args.device, weights=args.weights,
+    record = run_bench(args.size, args.device, weights=args.weights, precision=args.precision,
                        progress=lambda message: print(f"... {message}", file=sys.stderr))
     print(json.dumps(record, indent=1) if args.json else format_bench(record))
     return 0
@@ -457,12 +460,22 @@ def _resolve_weights(args: argparse.Namespace) -> None:
                                 or bundled_model_dir())
 
 
+def _add_precision_option(parser: argparse.ArgumentParser) -> None:
+    from cryoves.engine.network.model import PRECISIONS
+
+    parser.add_argument("--precision", choices=("auto", *PRECISIONS), default="auto",
+                        help="the network's arithmetic on the CPU: float32, or bfloat16 (nearly twice as fast, the "
+                             "same vesicles: benchmarks/PRECISION.md), which needs a CPU with bfloat16 instructions "
+                             "(AVX512-BF16 or AMX); default auto: bfloat16 where the CPU has them, else float32")
+
+
 def _add_network_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", metavar="NAME|PATH", help=_WEIGHTS_HELP)
     parser.add_argument("--tta", type=int, choices=(1, 4, 8), default=1,
                         help="test-time augmentation: 1 (off), 4 (flips) or 8 (flips and rotations)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                        help="cpu (Keras) or gpu (PyTorch, float16; needs the gpu extra)")
+                        help="cpu (TensorFlow) or gpu (PyTorch, float16; needs the gpu extra)")
+    _add_precision_option(parser)
     parser.add_argument("--memory-gb", type=_positive_float, metavar="GB",
                         help="memory for the network's windows, in GB; a smaller budget cuts the tomogram into "
                              "more windows, which costs time, not accuracy (default: a quarter of this machine's "
@@ -620,7 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--size", choices=("small", "medium", "large"), default="small",
                        help="phantom size (default: small)")
     bench.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
-                       help="cpu (Keras) or gpu (PyTorch, float16)")
+                       help="cpu (TensorFlow) or gpu (PyTorch, float16)")
+    _add_precision_option(bench)
     bench.add_argument("--weights", metavar="NAME|PATH", help="model to time: " + _WEIGHTS_HELP)
     bench.add_argument("--json", action="store_true", help="print one machine-readable record")
     bench.set_defaults(run=cmd_bench)

@@ -156,12 +156,12 @@ def _expand_one(item: str, *, allow_list: bool, base: Path | None = None) -> lis
 class Predictor:
     """Holds the model (loaded once) and predicts batches of tiles of network-grid volumes."""
 
-    def __init__(self, index: int, weights: str | None, device: str) -> None:
+    def __init__(self, index: int, weights: str | None, device: str, precision: str) -> None:
         from cryoves.engine.network.model import load_logit_fn  # TensorFlow loads in the actor, not the driver
 
         self.index = index
         start_kernel_warmup()  # fills Numba's cache for the finishing tasks while this actor predicts
-        self.logit_fn = load_logit_fn(weights, device)
+        self.logit_fn = load_logit_fn(weights, device, precision)
         self.where = {"actor": str(index), "node": ray.util.get_node_ip_address(),
                       "node_id": ray.get_runtime_context().get_node_id(),
                       "gpu_ids": ",".join(map(str, ray.get_gpu_ids()))}
@@ -222,12 +222,12 @@ class PredictorPool:
     `ray.exceptions.RayActorError`, which the batch answers by submitting them again.
     """
 
-    def __init__(self, weights: str | None, device: str, n_actors: int, gpus: bool) -> None:
+    def __init__(self, weights: str | None, device: str, precision: str, n_actors: int, gpus: bool) -> None:
         # GPU actors reserve no CPU (else they can take every CPU and starve the CPU tasks they feed)
         options = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
         self.gpus = gpus
         self.actors = {i: Predictor.options(max_restarts=ACTOR_RESTARTS, max_task_retries=TASK_RETRIES,
-                                            **options).remote(i, weights, device) for i in range(n_actors)}
+                                            **options).remote(i, weights, device, precision) for i in range(n_actors)}
         self.queued = dict.fromkeys(self.actors, 0)
         try:  # a model that does not load stops the batch here, with one clear message
             where = ray.get([actor.ready.remote() for actor in self.actors.values()])
@@ -452,7 +452,8 @@ class _Batch:
             self._row(item, "skipped")
             return
         if self.pool is None:
-            self.pool = PredictorPool(self.weights, self.device, self.n_actors, gpus=self.gpus)
+            self.pool = PredictorPool(self.weights, self.device, self.settings.params.inference.precision,
+                                      self.n_actors, gpus=self.gpus)
         params = self.settings.params
         try:
             item.calls = self.pool.submit(item.volume_ref, tile_plan(item.prepared, params.inference),

@@ -82,7 +82,8 @@ class OutputOptions:
 
 
 def segment_params(weights=None, *, tta: int = 1, prefilter_sigma_vox: float | None = None,
-                   memory_gb: float | None = None, invert_contrast: bool = False) -> SegmentParams:
+                   memory_gb: float | None = None, precision: str | None = None,
+                   invert_contrast: bool = False) -> SegmentParams:
     """A run's parameters from what its user chose (the options of `segment`, `run` and `demo`, the napari
     widget): the model's own pre-processing with those changes; None keeps the model's or the default."""
     changes = {"tta": tta}
@@ -90,6 +91,8 @@ def segment_params(weights=None, *, tta: int = 1, prefilter_sigma_vox: float | N
         changes["gaussian_sigma_vox"] = prefilter_sigma_vox
     if memory_gb is not None:
         changes["memory_gb"] = memory_gb
+    if precision is not None:
+        changes["precision"] = precision
     return SegmentParams(inference=model_inference_params(weights, **changes), invert_contrast=invert_contrast)
 
 

@@ -55,7 +55,8 @@ def segment_file(request: SegmentRequest, progress) -> bool:
     prepared = prepare(Job(path=request.path), settings, request.out_dir)
     if prepared.done:
         return True
-    segment_job(prepared, load_logit_fn(weights, request.device), settings, request.out_dir, progress)
+    logit_fn = load_logit_fn(weights, request.device, params.inference.precision)
+    segment_job(prepared, logit_fn, settings, request.out_dir, progress)
     return False
 
 

@@ -4,16 +4,21 @@
 slice, so array index (z, y, x) is written as model point (x + 0.5, y + 0.5, z) and read back the same.
 """
 
+from __future__ import annotations
+
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from imodmodel.models import Contour, ImodModel, Object
 from scipy import ndimage
 from skimage.draw import line_nd, polygon
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
+
+if TYPE_CHECKING:  # imodmodel imports pandas (about 0.5 s): only where a model is read or written
+    from imodmodel.models import ImodModel
 
 IMOD_UNITS_NM = -9
 XY_OFFSET_VOX = np.array([0.5, 0.5, 0.0])
@@ -21,6 +26,8 @@ XY_OFFSET_VOX = np.array([0.5, 0.5, 0.0])
 
 def write_vesicle_model(path, centers_vox, radii_vox, shape, voxel_size_a: float) -> Path:
     """Write a scattered-point IMOD model: one point per vesicle centre, point size = radius (voxels)."""
+    from imodmodel.models import Contour, ImodModel, Object
+
     centers = np.asarray(centers_vox, dtype=np.float64).reshape(-1, 3)
     model = ImodModel()
     model.header.xmax, model.header.ymax, model.header.zmax = int(shape[2]), int(shape[1]), int(shape[0])
@@ -92,6 +99,8 @@ def read_model(path) -> ImodModel:
     path = Path(path)
     if not path.is_file():
         raise CryovesError(f"{path}: no such IMOD model file")
+    from imodmodel.models import ImodModel
+
     try:
         return ImodModel.from_file(path)
     except Exception as error:  # noqa: BLE001 - imodmodel raises assorted types for a malformed file

@@ -5,7 +5,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from imodmodel.models import ImodModel
 
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.imod import rasterise_tube, read_model, write_vesicle_model
@@ -35,7 +34,7 @@ def write_pyto(out_dir, name: str, volume: Volume, vesicle_labels: np.ndarray, c
     labels = write_labels(out_dir / f"{name}.pyto.mrc", pyto_labels(vesicle_labels, region, active_zone),
                           volume.voxel_size_a, volume.origin_a)
     model_path = write_vesicle_model(out_dir / f"{name}.pyto.mod", centers_vox, radii_vox, shape, volume.voxel_size_a)
-    merged = ImodModel.from_file(model_path)
+    merged = read_model(model_path)
     for extra in (region_model, active_zone_model):
         if extra is not None:
             merged.objects.extend(read_model(extra).objects)

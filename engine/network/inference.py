@@ -18,7 +18,7 @@ import numpy as np
 from scipy.special import expit
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.network.model import POOLING_FACTOR, LogitFn, streamed_bytes
+from cryoves.engine.network.model import POOLING_FACTOR, PRECISIONS, LogitFn, default_precision, streamed_bytes
 from cryoves.engine.network.rescale import (
     NETWORK_VOXEL_SIZE_A,
     gaussian_prefilter,
@@ -84,6 +84,9 @@ class InferenceParams:
     halo_vox: int = 24  # network voxels a window keeps beyond a cut between windows (the receptive field)
     tile_vox: int | None = None  # at most this many voxels per window along each axis between cuts (multiple
     #                              of 4); None = the tiling of fewest network voxels that fits memory_gb
+    precision: str = field(default_factory=default_precision)  # the network's arithmetic on the CPU, which
+    #                              `load_logit_fn` takes from here: "float32", or "bfloat16" (the default where
+    #                              the CPU has it; the GPU port runs float16)
 
     def __post_init__(self) -> None:
         if not self.network_voxel_size_a > 0:
@@ -103,6 +106,8 @@ class InferenceParams:
                 f"halo_vox must be a multiple of {GRID_VOX} and >= {RECEPTIVE_HALF_WIDTH_VOX} voxels "
                 f"(the receptive field), got {self.halo_vox}"
             )
+        if self.precision not in PRECISIONS:
+            raise CryovesError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.tile_vox is not None and (self.tile_vox < GRID_VOX or self.tile_vox % GRID_VOX):
             raise CryovesError(f"tile_vox must be a positive multiple of {GRID_VOX} voxels, got {self.tile_vox}")
 

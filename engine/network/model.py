@@ -35,6 +35,26 @@ POOLING_FACTOR = 4
 
 LOGIT_LAYER = "output"
 BN_EPSILON = 1e-3
+PRECISIONS = ("float32", "bfloat16")
+"""Arithmetic of the network on the CPU (`make_logit_fn`); the GPU port runs float16."""
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16), which TensorFlow's
+    oneDNN convolutions use; elsewhere bfloat16 is emulated, slower than float32."""
+    from llvmlite.binding import get_host_cpu_features
+
+    try:
+        features = get_host_cpu_features()
+    except RuntimeError:  # LLVM knows no features for this host
+        return False
+    return bool(features.get("avx512bf16") or features.get("amx-bf16"))
+
+
+def default_precision() -> str:
+    """bfloat16 where the CPU has it (the network nearly twice as fast, at the same vesicles and radii:
+    benchmarks/PRECISION.md), else float32."""
+    return "bfloat16" if cpu_has_bfloat16() else "float32"
 
 
 def conv_layers(n_filter_base: int = 16) -> list[tuple[str, int, int]]:
@@ -285,9 +305,9 @@ def _upsample(x):
                       (2 * r, 2 * h, 2 * w, c))
 
 
-_COMPILED: dict = {}
-"""`_convolve` compiled for every shape: "partial" (a merge's first input), "relu" and "merge" (with the partial
-sum); filled by `make_logit_fn`."""
+_COMPILED: dict[str, dict] = {}
+"""`_convolve` compiled for every shape, by precision: "partial" (a merge's first input), "relu" and "merge" (with
+the partial sum); filled by `make_logit_fn`."""
 
 
 def _convolve(part, kernel, bias, partial=None):
@@ -306,9 +326,10 @@ def _convolve(part, kernel, bias, partial=None):
     return tf.nn.relu(out)[0]
 
 
-def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, logits: np.ndarray) -> None:
-    """Logits of one (z, y, x) window into `logits`, layer outputs computed a few z-rows at a time (see
-    `make_logit_fn`)."""
+def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, logits: np.ndarray,
+                     precision: str) -> None:
+    """Logits of one (z, y, x) window into `logits`, layer outputs computed a few z-rows at a time in `precision`
+    (see `make_logit_fn`)."""
     import tensorflow as tf
 
     n_z = window.shape[0]
@@ -318,7 +339,7 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
         for source, _ in inputs:
             consumers[source].append(name)
     consumers[_GRAPH[-1][0]].append("head")
-    cache = {"input": _Rows(n_z, lambda p, q: tf.constant(window[p:q, ..., None]), consumers["input"])}
+    cache = {"input": _Rows(n_z, lambda p, q: tf.cast(window[p:q, ..., None], precision), consumers["input"])}
 
     def gather(source: str, how: str, lo: int, hi: int, me: str):
         if how == "same":
@@ -335,16 +356,18 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
             part = tf.pad(part, [[int(p == 0), int(q == n)], [0, 0], [0, 0], [0, 0]])
         return part
 
+    compiled = _COMPILED[precision]
+
     def step(p: int, q: int, name: str, inputs, n: int):
         kernels, bias = layers[name]
         # a merge convolves its inputs one after the other, so that only one padded input exists at a time
         partial = None
         for (source, how), kernel in zip(inputs[:-1], kernels):
-            partial = _COMPILED["partial"](neighbourhood(source, how, p, q, n, name), kernel)
+            partial = compiled["partial"](neighbourhood(source, how, p, q, n, name), kernel)
         part = neighbourhood(*inputs[-1], p, q, n, name)
         if partial is None:
-            return _COMPILED["relu"](part, kernels[-1], bias)
-        return _COMPILED["merge"](part, kernels[-1], bias, partial)
+            return compiled["relu"](part, kernels[-1], bias)
+        return compiled["merge"](part, kernels[-1], bias, partial)
 
     for name, level, inputs in _GRAPH:
         n = n_z >> level
@@ -353,32 +376,44 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
     kernel, bias = head
     for start in range(0, n_z, rows):
         last = cache[_GRAPH[-1][0]].get(start, min(start + rows, n_z), "head")
+        last = tf.cast(last, tf.float32)
         logits[start:start + last.shape[0]] = (tf.tensordot(last, kernel, 1) + bias).numpy()[..., 0]
 
 
-def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None) -> LogitFn:
+def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None,
+                  precision: str = "float32") -> LogitFn:
     """A `LogitFn` running the U-Net with `weights` (by layer name: `read_model_weights`, `layer_weights`) in
     inference mode (batch normalisation folded into the convolutions), one window at a time and streamed along
     z: each layer computes its output `rows` z-rows at a time (None: `step_rows` of the window's section) as the
     next layer asks for them and keeps only what a consumer still needs, so memory grows with a window's y·x
     section (`streamed_bytes`), not its volume. Equals one whole-window pass (the same zero padding at every
-    face), without its activations for the whole window (about 300 bytes per voxel)."""
+    face), without its activations for the whole window (about 300 bytes per voxel).
+
+    `precision` "bfloat16" convolves and keeps the layer outputs in bfloat16 (float32 sums inside each
+    convolution, the head in float32): on a CPU with bfloat16 instructions nearly twice as fast, at half the
+    memory of the layer outputs (`default_precision`)."""
     import_tensorflow_quietly()
     import tensorflow as tf
 
-    if not _COMPILED:  # traced once per process, for every shape
-        slab, kernel, vector = tf.TensorSpec([None] * 4), tf.TensorSpec([3, 3, 3, None, None]), tf.TensorSpec([None])
-        _COMPILED["partial"] = tf.function(lambda part, k: _convolve(part, k, None), input_signature=[slab, kernel])
-        _COMPILED["relu"] = tf.function(_convolve, input_signature=[slab, kernel, vector])
-        _COMPILED["merge"] = tf.function(_convolve, input_signature=[slab, kernel, vector, slab])
+    if precision not in PRECISIONS:
+        raise CryovesError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in _COMPILED:  # traced once per process and precision, for every shape
+        slab, vector = tf.TensorSpec([None] * 4, precision), tf.TensorSpec([None], precision)
+        kernel = tf.TensorSpec([3, 3, 3, None, None], precision)
+        _COMPILED[precision] = {
+            "partial": tf.function(lambda part, k: _convolve(part, k, None), input_signature=[slab, kernel]),
+            "relu": tf.function(_convolve, input_signature=[slab, kernel, vector]),
+            "merge": tf.function(_convolve, input_signature=[slab, kernel, vector, slab]),
+        }
     weights = folded_weights(weights)
     layers = {}
     for name, _, inputs in _GRAPH:
         kernel, bias = weights[name]
         # a merge's kernel, split by input: conv(concat(a, b)) = conv_a(a) + conv_b(b), no concatenated copy
         sizes = [weights[source][0].shape[-1] if source in weights else 1 for source, _ in inputs]
-        kernels = tf.split(tf.constant(kernel), sizes, axis=3) if len(sizes) > 1 else [tf.constant(kernel)]
-        layers[name] = (kernels, tf.constant(bias))
+        kernel = tf.constant(kernel, precision)
+        kernels = tf.split(kernel, sizes, axis=3) if len(sizes) > 1 else [kernel]
+        layers[name] = (kernels, tf.constant(bias, precision))
     head = tuple(tf.constant(a.reshape(a.shape[-2], -1) if a.ndim > 1 else a) for a in weights[LOGIT_LAYER])
 
     def logit_fn(tiles: np.ndarray) -> np.ndarray:
@@ -387,7 +422,7 @@ def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None)
         tiles = np.ascontiguousarray(tiles, dtype=np.float32)
         logits = np.empty(tiles.shape, np.float32)
         for tile, out in zip(tiles, logits):
-            _streamed_logits(tile, layers, head, rows or step_rows(tile.shape[1] * tile.shape[2]), out)
+            _streamed_logits(tile, layers, head, rows or step_rows(tile.shape[1] * tile.shape[2]), out, precision)
         return logits
 
     return logit_fn
@@ -476,11 +511,14 @@ def model_inference_params(weights=None, **changes) -> InferenceParams:
     return InferenceParams(**(trained | changes))
 
 
-def load_logit_fn(weights=None, device: str = "cpu") -> LogitFn:
+def load_logit_fn(weights=None, device: str = "cpu", precision: str = "float32") -> LogitFn:
     """The network with the weights of `read_model_weights(weights)` as a `LogitFn`: TensorFlow on the CPU
-    (without Keras), or on "gpu" the PyTorch port in float16 (the optional `gpu` extra)."""
+    (without Keras) in `precision`, or on "gpu" the PyTorch port in float16 (the optional `gpu` extra)."""
     if device == "cpu":
-        return make_logit_fn(read_model_weights(weights))
+        if precision == "bfloat16" and not cpu_has_bfloat16():
+            raise CryovesError("precision bfloat16: this CPU has no bfloat16 instructions (AVX512-BF16 or "
+                               "AMX-BF16) and would run the network slower than float32; use --precision float32")
+        return make_logit_fn(read_model_weights(weights), precision=precision)
     try:
         from cryoves.engine.network.torch_unet import load_gpu_logit_fn
     except ImportError as error:

@@ -44,7 +44,7 @@ def record():
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(bench, "time_pipeline", scripted)
-        patch.setattr(bench, "load_logit_fn", lambda weights, device: None)
+        patch.setattr(bench, "load_logit_fn", lambda weights, device, precision: None)
         patch.setattr(bench, "kernel_first_use", lambda: {"compile_seconds": 9.5, "cached_seconds": 0.8})
         result = run_bench("small", "cpu", shape=SHAPE, repeats=REPEATS)
     assert calls == [SHAPE] * (1 + REPEATS)  # a warm-up pass on the phantom itself, then the timed runs
