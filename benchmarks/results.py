@@ -195,15 +195,17 @@ _MEASURE_CHILD = ("import resource, subprocess, sys, time; t = time.perf_counter
                   "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
-def segment_command(weights: str | None = None, runs: int = 3) -> dict:
+def segment_command(weights: str | None = None, runs: int = 3, precision: str = "auto") -> dict:
     """`cryoves segment` as a user runs it, on the medium phantom, each run a new process: the first with an
     empty Numba cache (a fresh install), then `runs` more with it filled. Wall seconds and the peak resident
     memory of each process (measured from a clean parent, whose only child it is)."""
+    options = [*(["--weights", weights] if weights else []),
+               *(["--precision", precision] if precision != "auto" else [])]
     with tempfile.TemporaryDirectory(prefix="cryoves-segment-") as tmp:
         write_phantom(tmp, make_phantom(SIZES["medium"], BENCH_VOXEL_SIZE_A, seed=0), name="medium")
         command = [sys.executable, "-c", "from cryoves.cluster.cli import command_line; command_line()",
                    "segment", str(Path(tmp) / "medium.mrc"), "--out", str(Path(tmp) / "out"), "--no-report",
-                   "--force", *(["--weights", weights] if weights else [])]
+                   "--force", *options]
         env = dict(os.environ, NUMBA_CACHE_DIR=str(Path(tmp) / "numba"))
         measured = []
         for _ in range(1 + runs):
@@ -213,8 +215,8 @@ def segment_command(weights: str | None = None, runs: int = 3) -> dict:
             measured.append((float(seconds), int(max_rss_kb) * 1024 / 1e9))
     later = sorted(s for s, _ in measured[1:])
     return {"first_s": measured[0][0], "later_median_s": later[len(later) // 2], "later_s": later,
-            "peak_gb": max(gb for _, gb in measured), "command": "cryoves segment medium.mrc --out out --no-report"
-            + (f" --weights {weights}" if weights else "")}
+            "peak_gb": max(gb for _, gb in measured),
+            "command": " ".join(["cryoves segment medium.mrc --out out --no-report", *options])}
 
 
 def work_outside_network() -> dict:
@@ -235,7 +237,7 @@ def work_outside_network() -> dict:
         write_phantom(tmp, make_phantom(TARGET_SHAPE, TARGET_VOXEL_SIZE_A, seed=0), name="target")
         prepared = prepare(Job(path=Path(tmp) / "target.mrc"), settings, tmp)
         network = network_input(prepared, params)
-        logit_fn = load_logit_fn(None)
+        logit_fn = load_logit_fn(None, "cpu", params.inference.precision)
         batches = [predict_tiles(network.volume, first, logit_fn, params.inference)
                    for first in batch_starts(tile_plan(prepared, params.inference))]
         (Path(tmp) / "batches.pickle").write_bytes(pickle.dumps(batches))
@@ -321,7 +323,7 @@ def batch_overhead(n_tomograms: int = 50) -> dict:
         for seed in range(n_tomograms):
             write_phantom(folder, make_phantom((32, 64, 64), 22.0, seed=seed), name=f"phantom{seed}")
         paths = sorted(folder.glob("phantom*[0-9].mrc"))
-        logit_fn = load_logit_fn(None)
+        logit_fn = load_logit_fn(None, "cpu", settings.params.inference.precision)
         start = time.perf_counter()
         out = Path(tmp) / "in_process"
         for path in paths:
@@ -356,12 +358,17 @@ def main() -> None:
     commands = {"bundled model": segment_command(None)}
     if args.weights:
         commands = {"CryoVesNet's weights": segment_command(args.weights)} | commands
+    if model_inference_params(None).precision != "float32":  # as on a CPU without bfloat16 instructions
+        commands[f"{'CryoVesNet' if args.weights else 'bundled'}, float32"] = segment_command(args.weights,
+                                                                                             precision="float32")
     say("kernels against their references")
     kernels = kernel_speedups()
     records = {}
     for size in ["small", "medium"] + (["large"] if args.large else []):
         say(f"run_bench {size} cpu")
         records[size] = run_bench(size, "cpu", repeats=3 if size == "small" else 2)
+    network_float32 = (run_bench("medium", "cpu", precision="float32", repeats=2)["stages"]["network"]
+                       if records["medium"]["precision"] != "float32" else None)
     say("scaling")
     scale = scaling()
     say("batch on Ray against in-process")
@@ -403,7 +410,10 @@ def main() -> None:
     out(f"| tomograms/hour, {TARGET} | {proj['tomograms_per_hour']:.1f} (projected from the medium run) | "
         f"{gpu_per_hour} | CryoVesNet ≈ 18 (A4000), ≈ 2.2 (M1); "
         f"SynapseNet ≈ 27 (A100) | ≥ 720 on one H100/H200 |")
-    out(f"| network, Mvoxel/s (network grid, 22 Å) | {net['mvoxel_per_s']:.2f} (TensorFlow, CPU, medium) | "
+    float32_net = (f"; float32 {network_float32['mvoxel_per_s']:.2f} (a CPU without bfloat16 instructions)"
+                   if network_float32 else "")
+    out(f"| network, Mvoxel/s (network grid, 22 Å) | {net['mvoxel_per_s']:.2f} (TensorFlow "
+        f"{medium['precision']}, CPU, medium{float32_net}) | "
         f"{gpu_net} | "
         f"CryoVesNet ≈ 1.4-2.0 implied (20-30 % of 200 s for 81 Mvoxel, A4000) | — |")
     out(f"| post-processing, 128x256x256 at 22 Å ({medium['n_vesicles_phantom']} vesicles) | "
