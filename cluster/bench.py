@@ -70,6 +70,8 @@ def run_bench(size: str, device: str, *, weights=None, precision: str = "auto",
         raise CryovesError(f"--size {size!r} is unknown; choose one of {', '.join(SIZES)}")
     if device not in DEVICES:
         raise CryovesError(f"--device {device!r} is unknown; choose one of {', '.join(DEVICES)}")
+    if device == "gpu" and precision != "auto":
+        raise CryovesError("--precision applies to --device cpu; the GPU runs the network in float16")
     repeats = (3 if size == "small" else 1) if repeats is None else int(repeats)
     if repeats < 1:
         raise CryovesError(f"repeats must be >= 1, got {repeats}")

@@ -177,6 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _segment_params(args: argparse.Namespace):
     from cryoves.engine.job import segment_params
 
+    if args.device == "gpu" and args.precision != "auto":
+        raise CryovesError("--precision applies to --device cpu; the GPU runs the network in float16")
     return segment_params(args.weights, tta=args.tta, prefilter_sigma_vox=args.prefilter_sigma,
                           memory_gb=args.memory_gb, precision=None if args.precision == "auto" else args.precision,
                           invert_contrast=args.invert_contrast)

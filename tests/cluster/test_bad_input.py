@@ -166,6 +166,11 @@ BAD_INPUT = [
     ("run: --out is a file", lambda s: s.cmd("run", s.tomogram, "--out", s.file("out.txt", b"")), 2,
      "the output folder is a file, not a folder"),
     ("evaluate: no ground truth", lambda s: s.cmd("evaluate", s.tomogram), 2, "needs at least one prediction"),
+    ("segment: --precision with --device gpu",
+     lambda s: s.cmd("segment", s.tomogram, "--out", s.out, "--device", "gpu", "--precision", "float32"), 2,
+     "--precision applies to --device cpu; the GPU runs the network in float16"),
+    ("bench: --precision with --device gpu", lambda s: s.cmd("bench", "--device", "gpu", "--precision", "bfloat16"),
+     2, "--precision applies to --device cpu"),
 ]
 
 
