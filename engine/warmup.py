@@ -1,6 +1,7 @@
-"""Compile the Numba kernels of the post-processing in a child process while this one loads TensorFlow and
-runs the network, so that the first tomogram after an install does not wait for them (about 10-15 s of one
-core, once per machine: Numba caches them on disk, and later processes load them in about a second)."""
+"""Compile the Numba kernels of the post-processing in child processes while this one loads TensorFlow and
+runs the network, so that the first tomogram after an install does not wait for them (about 12 s of one
+core, once per machine: Numba caches them on disk, and later processes load them in about a second). Two
+children share the kernels (`PARTS`), so that the compilation left when the network ends runs on two cores."""
 
 import functools
 import hashlib
@@ -9,6 +10,7 @@ import platform
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,13 +35,9 @@ def import_in_background(modules=FINISH_IMPORTS) -> threading.Thread:
     return thread
 
 
-def warm_kernels() -> None:
-    """Resample a probability map to the input grid and run every stage after the network once on small
-    synthetic vesicles, two pairs of them touching (both ways of the split step): each kernel is compiled
-    (or loaded from Numba's cache) for the types a tomogram brings (float32 tomogram and map)."""
-    from cryoves.engine.network.inference import probability_on_input_grid
-    from cryoves.engine.pipeline import SegmentParams, postprocess
-
+def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Small synthetic vesicles, two pairs of them touching: a float32 tomogram, its network-grid probability
+    map (half the size) and the vesicles' uint16 labels."""
     grid = np.indices(_SHAPE, dtype=np.float32)
     distances = [np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre))) for centre in _CENTRES]
     distance = np.min(distances, axis=0)
@@ -47,13 +45,55 @@ def warm_kernels() -> None:
     tomogram += np.random.default_rng(0).normal(0.0, 0.05, _SHAPE).astype(np.float32)
     probability = (1.0 / (1.0 + np.exp(distance - _RADIUS_VOX))).astype(np.float32)
     probability[np.min(distances[4:], axis=0) < _RADIUS_VOX] = 1.0
-    probability = probability_on_input_grid(np.ascontiguousarray(probability[::2, ::2, ::2]), _SHAPE)
-    postprocess(tomogram, probability, 22.0, SegmentParams(), keep_stages=False)
+    labels = np.where(distance < _RADIUS_VOX, np.argmin(distances, axis=0) + 1, 0).astype(np.uint16)
+    return tomogram, np.ascontiguousarray(probability[::2, ::2, ::2]), labels
 
 
-def warm_marker() -> Path | None:
-    """The file a finished warm-up leaves in the kernels' Numba cache folder, named for what makes Numba
-    recompile (its version, the CPU, the kernels' sources); None where Numba's cache folder is not ours to know."""
+def _warm_detection() -> None:
+    """The kernels up to localisation: resampling, threshold shell sums, labelling, splitting (both ways)."""
+    from cryoves.engine.network.inference import probability_on_input_grid
+    from cryoves.engine.pipeline import SegmentParams
+    from cryoves.engine.stages.localize import label_segments, localize
+    from cryoves.engine.stages.threshold import global_threshold
+
+    tomogram, probability_net, _ = _scene()
+    params = SegmentParams()
+    probability = probability_on_input_grid(probability_net, _SHAPE)
+    threshold = global_threshold(tomogram, probability, params.threshold).threshold
+    labels = label_segments(probability, threshold, params.localize.connectivity)
+    localize(probability, labels, threshold, 22.0, params.localize)
+
+
+def _warm_measurement() -> None:
+    """The kernels from sphere refinement on: radial profiles, boxes, back-projection, outliers, rendering."""
+    from cryoves.engine.pipeline import SegmentParams
+    from cryoves.engine.stages.outliers import detect_outliers
+    from cryoves.engine.stages.overlaps import render_labels, resolve_overlaps
+    from cryoves.engine.stages.refine import refine_spheres
+
+    tomogram, _, labels = _scene()
+    params = SegmentParams()
+    spheres = refine_spheres(tomogram, labels, 22.0, params.refine)
+    checked = detect_outliers(tomogram, spheres, 22.0, params.outliers, params.refine)
+    render_labels(_SHAPE, resolve_overlaps(checked, 22.0, params.overlap))
+
+
+PARTS = {"detection": _warm_detection, "measurement": _warm_measurement}
+"""The kernels in two shares of about equal compile time (7 and 5 s of one core), each warmed by one child."""
+
+
+def warm_kernels() -> None:
+    """Compile (or load from Numba's cache) every kernel after the network for the types a tomogram brings
+    (float32 tomogram and map, uint16 labels), on small synthetic vesicles."""
+    for warm in PARTS.values():
+        warm()
+
+
+@functools.cache
+def warm_marker(part: str) -> Path | None:
+    """The file a finished warm-up of `part` leaves in the kernels' Numba cache folder, named for what makes
+    Numba recompile (its version, the CPU, the kernels' sources); None where Numba's cache folder is not ours
+    to know."""
     import llvmlite.binding
     import numba
 
@@ -65,38 +105,37 @@ def warm_marker() -> Path | None:
     sources = sorted(Path(kernels.__file__).parent.glob("*.py"))
     stamp = [numba.__version__, platform.machine(), llvmlite.binding.get_host_cpu_name()]
     stamp += [f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}" for path in sources]
-    return Path(folder) / f"cryoves-warm-{hashlib.sha256('|'.join(stamp).encode()).hexdigest()[:16]}"
+    return Path(folder) / f"cryoves-warm-{hashlib.sha256('|'.join(stamp).encode()).hexdigest()[:16]}.{part}"
 
 
 @dataclass(eq=False)
 class KernelWarmup:
-    """The child process compiling the kernels, or None when Numba's cache already holds them."""
+    """The child processes compiling the kernels, none when Numba's cache already holds them."""
 
-    process: subprocess.Popen | None
+    processes: list[subprocess.Popen]
 
     def join(self) -> None:
         """Wait for the kernels to be in Numba's cache (at most _WAIT_S; past that this process compiles
         what it needs itself)."""
-        if self.process is not None:
+        deadline = time.monotonic() + _WAIT_S
+        for process in self.processes:
             try:
-                self.process.wait(_WAIT_S)
+                process.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                pass
+                return
 
 
 @functools.cache
 def start_kernel_warmup() -> KernelWarmup:
-    """Start `warm_kernels` in a child process, once per process and only while the cache is cold; `join`
-    it before the first stage after the network."""
-    marker = warm_marker()
-    if marker is None or marker.exists():
-        return KernelWarmup(None)
-    return KernelWarmup(subprocess.Popen([sys.executable, "-m", "cryoves.engine.warmup"], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    """Start one child per share of the kernels (`PARTS`) not yet in the cache, once per process; `join` them
+    before the first stage after the network."""
+    cold = [part for part in PARTS if warm_marker(part) is not None and not warm_marker(part).exists()]
+    return KernelWarmup([subprocess.Popen([sys.executable, "-m", "cryoves.engine.warmup", part],
+                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL) for part in cold])
 
 
 if __name__ == "__main__":
-    warm_kernels()
-    marker = warm_marker()
-    if marker is not None:
-        marker.touch()
+    PARTS[sys.argv[1]]()
+    if warm_marker(sys.argv[1]) is not None:
+        warm_marker(sys.argv[1]).touch()

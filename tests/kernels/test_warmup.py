@@ -53,21 +53,21 @@ assert not new, new
 
 
 def test_warmup_runs_once_per_cache_in_a_child_process(tmp_path):
-    """A cold cache: the warm-up compiles in a child process and leaves its marker beside Numba's files; the
-    next process finds the cache warm and starts nothing."""
+    """A cold cache: the warm-up compiles in one child process per share of the kernels, each leaving its marker
+    beside Numba's files; the next process finds the cache warm and starts nothing."""
     code = """
-from cryoves.engine.warmup import start_kernel_warmup, warm_marker
+from cryoves.engine.warmup import PARTS, start_kernel_warmup, warm_marker
 warmup = start_kernel_warmup()
-print(warmup.process is not None)
+print(len(warmup.processes))
 warmup.join()
-print(warm_marker().exists(), start_kernel_warmup() is warmup)
+print(all(warm_marker(part).exists() for part in PARTS), start_kernel_warmup() is warmup)
 """
     first = _python(code, NUMBA_CACHE_DIR=str(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.split() == ["True", "True", "True"]
+    assert first.stdout.split() == ["2", "True", "True"]
     assert len(list(tmp_path.rglob("*.nbi"))) >= 10  # the kernels' cache index files
     again = _python(code, NUMBA_CACHE_DIR=str(tmp_path))
-    assert again.stdout.split() == ["False", "True", "True"]
+    assert again.stdout.split() == ["0", "True", "True"]
 
 
 def test_kernels_cache_in_a_temporary_folder_when_nothing_else_is_writable(tmp_path):
