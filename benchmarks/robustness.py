@@ -5,8 +5,8 @@
 Rows are conditions of the validation phantoms (seeds from VALIDATION_SEED, never trained on, never used to
 choose a default; `--dev` scores the development seeds instead, where defaults are chosen); columns are the
 bundled model and CryoVesNet's weights with cryoves' defaults, and CryoVesNet's weights with its reference
-pre-processing (trilinear resampling with the anti-alias Gaussian, Gaussian pre-filter σ = 1) and the network in
-float32. Each cell:
+pre-processing (trilinear resampling with the anti-alias Gaussian, Gaussian pre-filter σ = 1), the network in
+float32 and the segments searched on the tomogram's grid. Each cell:
 final F1, Dice, diameter error δ_d and centre residual Δ_c.
 `--resampling` adds the comparison of the network-input resamplers behind `InferenceParams.resampling`.
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
-from cryoves.engine.network.inference import InferenceParams
+from cryoves.engine.network.inference import InferenceParams, predict_probability, probability_on_input_grid
 from cryoves.engine.network.model import load_logit_fn, model_inference_params, weights_sha256
 from cryoves.engine.network.train import TRAINING_SEEDS_BELOW
-from cryoves.engine.pipeline import SegmentParams, segment
+from cryoves.engine.pipeline import SegmentParams, oriented, postprocess
 from cryoves.engine.scoring.matching import dice, match_vesicles
 from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
 from cryoves.engine.synthetic.tiltseries import TiltSeriesImaging, diffuse
@@ -36,7 +36,7 @@ DEV_SEED = 800_000
 FIELD_NM = (140.8, 352.0, 352.0)  # 64 x 160 x 160 voxels at 22 Å
 REFERENCE = InferenceParams(gaussian_sigma_vox=1.0, resampling="linear", precision="float32")
 """CryoVesNet's code: trilinear resampling after an anti-alias Gaussian, then a σ = 1 Gaussian (method.md §2.2-2.3),
-the network in float32."""
+the network in float32; its segments are searched on the tomogram's grid (`score`)."""
 
 
 @dataclass(frozen=True)
@@ -104,10 +104,16 @@ def found_spheres(vesicles) -> tuple[np.ndarray, np.ndarray]:
     return centers_vox(vesicles)[active], radii_vox(vesicles)[active]
 
 
-def score(phantom, logit_fn, inference: InferenceParams, invert_contrast: bool = False) -> Score:
-    """The whole method on one phantom, scored at the final stage against its exact ground truth."""
+def score(phantom, logit_fn, inference: InferenceParams, invert_contrast: bool = False, *,
+          search_on_input_grid: bool = False) -> Score:
+    """The whole method on one phantom, scored at the final stage against its exact ground truth;
+    `search_on_input_grid` searches the segments on the map resampled to the tomogram's grid (the reference)."""
     params = SegmentParams(inference=inference, invert_contrast=invert_contrast)
-    result = segment(phantom.tomogram, phantom.voxel_size_a, logit_fn, params, keep_stages=False)
+    tomogram = oriented(phantom.tomogram, params)
+    probability = predict_probability(tomogram, phantom.voxel_size_a, logit_fn, inference)
+    if search_on_input_grid:
+        probability = probability_on_input_grid(probability, tomogram.shape)
+    result = postprocess(tomogram, probability, phantom.voxel_size_a, params, keep_stages=False)
     found = found_spheres(result.vesicles)
     m = match_vesicles(*found, *truth_spheres(phantom), phantom.voxel_size_a)
     return Score(m.f1, m.precision, m.recall, dice(result.labels["final"], phantom.labels), m.diameter_error,
@@ -153,7 +159,9 @@ def main() -> None:
           f"{' --dev' if args.dev else ''}{' --resampling' if args.resampling else ''}` on {date.today()}, "
           f"{platform.machine()}. {'Development' if args.dev else 'Validation'} phantoms (seeds from {first_seed}, "
           f"never trained on), field {FIELD_NM[0]:g} x {FIELD_NM[1]:g} x {FIELD_NM[2]:g} nm. cryoves' columns run the "
-          f"network in {model_inference_params(None).precision}, the reference column in float32. Each cell: final "
+          f"network in {model_inference_params(None).precision} and search the segments on the network grid where it "
+          "is coarser than the tomogram's, the reference column runs float32 and searches on the tomogram's grid. "
+          "Each cell: final "
           "F1 / Dice / δ_d / Δ_c (nm), F1 with one-to-one matching; ⚠ marks a cryoves cell more than 0.02 F1 below "
           "the reference column.\n")
     print("| family | condition | " + " | ".join(columns) + " |")
@@ -167,13 +175,16 @@ def main() -> None:
             for seed in range(first_seed, first_seed + args.seeds):
                 phantom = None
                 for name, (model, params) in columns.items():
-                    key = f"{imaging}|{condition}|{seed}|{checksums[model]}|{SegmentParams(inference=params)}"
+                    on_input_grid = params is REFERENCE
+                    key = (f"{imaging}|{condition}|{seed}|{checksums[model]}|{SegmentParams(inference=params)}|"
+                           f"{'input grid' if on_input_grid else 'map grid'}")
                     if key not in cache:
                         phantom = phantom or make_condition(condition, seed)
                         if (model, params.precision) not in logit_fns:
                             logit_fns[model, params.precision] = load_logit_fn(paths[model], "cpu", params.precision)
                         logit_fn = logit_fns[model, params.precision]
-                        cache[key] = asdict(score(phantom, logit_fn, params, condition.invert))
+                        cache[key] = asdict(score(phantom, logit_fn, params, condition.invert,
+                                                  search_on_input_grid=on_input_grid))
                         cache_path.write_text(json.dumps(cache))
                     scores[name].append(Score(**cache[key]))
             means = {name: Score(*(float(np.mean([getattr(s, f) for s in runs])) for f in Score.__dataclass_fields__))

@@ -49,7 +49,6 @@ from cryoves.engine.network.inference import (
     plan_inference,
     predict_batch,
     prepare_network_input,
-    probability_on_input_grid,
 )
 from cryoves.engine.network.model import model_inference_params
 from cryoves.engine.network.rescale import network_shape
@@ -297,8 +296,8 @@ class TileBatch:
 
 @dataclass(frozen=True, eq=False)
 class ProbabilityMap:
-    """The vesicle probability on the input grid (float32), and the seconds of the whole network step:
-    network input, tile batches, assembly and resampling."""
+    """The vesicle probability on the network grid (float32), and the seconds of the whole network step:
+    network input, tile batches and assembly."""
 
     probability: np.ndarray
     seconds: float
@@ -337,7 +336,7 @@ def predict_tiles(network_volume: np.ndarray, first: int, logit_fn: LogitFn, par
 
 def probability_map(prepared: Prepared, network_seconds: float, batches: Iterable[TileBatch],
                     params: SegmentParams) -> ProbabilityMap:
-    """Assemble every tile batch into the network-grid map and resample it to the input grid.
+    """Assemble every tile batch into the network-grid map (`postprocess` searches the segments on it).
 
     `network_seconds` is the network input's; the batches bring theirs. `batches` may be a generator:
     only the assembly's own time is added to theirs.
@@ -353,9 +352,7 @@ def probability_map(prepared: Prepared, network_seconds: float, batches: Iterabl
         seconds += batch.seconds + time.perf_counter() - start
     if written != len(plan.tiles):
         raise RuntimeError(f"assembled {written} of {len(plan.tiles)} tiles")
-    start = time.perf_counter()
-    probability = probability_on_input_grid(prob_net, prepared.shape)
-    return ProbabilityMap(probability, seconds + time.perf_counter() - start)
+    return ProbabilityMap(prob_net, seconds)
 
 
 def predict(prepared: Prepared, logit_fn: LogitFn, params: SegmentParams,

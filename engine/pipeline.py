@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.network.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
+from cryoves.engine.network.rescale import nearest_to_shape, resample_to_shape
 from cryoves.engine.stages.localize import LocalizeParams, label_segments, localize
 from cryoves.engine.stages.outliers import OutlierParams, detect_outliers
 from cryoves.engine.stages.overlaps import OverlapParams, render_labels, resolve_overlaps
@@ -45,9 +46,9 @@ class SegmentParams:
 
 @dataclass(frozen=True, eq=False)
 class Segmentation:
-    """The result for one tomogram, all volumes on the input grid."""
+    """The result for one tomogram, its label volumes on the input grid."""
 
-    probability: np.ndarray          # float32, input grid
+    probability: np.ndarray          # float32, on the grid of the segments' search: the network's or the input's
     threshold: float                 # the global threshold t*
     labels: dict[str, np.ndarray]    # "global", "local", "sphere" (unless not kept), "final"
     vesicles: pa.Table               # one row per fitted sphere; final label k = k-th kept/repaired row
@@ -71,8 +72,7 @@ def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params
     tomogram = oriented(tomogram, params)
     seconds: dict[str, float] = {}
     with _timed("network", seconds, progress):
-        prob_net = predict_probability(tomogram, voxel_size_a, logit_fn, params.inference)
-        probability = probability_on_input_grid(prob_net, tomogram.shape)
+        probability = predict_probability(tomogram, voxel_size_a, logit_fn, params.inference)
     result = postprocess(tomogram, probability, voxel_size_a, params, region, progress, keep_stages=keep_stages)
     result.seconds.update(seconds)
     return result
@@ -81,31 +81,42 @@ def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params
 def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: float, params: SegmentParams,
                 region: np.ndarray | None = None, progress: Progress | None = None, *,
                 refiner: Refiner | None = None, keep_stages: bool = True) -> Segmentation:
-    """All stages after the network, on the input grid and the raw tomogram intensities.
+    """All stages after the network: the segments' search (threshold, labels, splitting) on the grid of
+    `probability`, the spheres and everything after on the raw tomogram intensities.
 
-    `tomogram` is already `oriented` (dark membranes). `region` (bool, input grid) restricts detection
-    to the presynaptic cytoplasm (method.md §2.8). `refiner`: see `refine.Refiner`. Without
-    `keep_stages` only the final labels are returned, and each earlier label volume is released as
-    soon as the next stage has used it (a third less memory at the peak).
+    `probability` lies on the network grid or on the tomogram's (the same field of view, centres aligned). The
+    search runs on the coarser of the two: a map finer than the tomogram is resampled to it, and on a coarser
+    map the threshold's shell criterion reads the tomogram resampled to the map (benchmarks/ACCURACY.md: the
+    same vesicles, in a tenth of the time at 7-15 Å). `tomogram` is already `oriented` (dark membranes).
+    `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8). `refiner`:
+    see `refine.Refiner`. Without `keep_stages` only the final labels are returned, and each earlier label
+    volume is released as soon as the next stage has used it (a third less memory at the peak).
     """
-    if probability.shape != tomogram.shape:
-        raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must share a grid")
+    if probability.ndim != 3 or tomogram.ndim != 3:
+        raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must be 3-D")
+    if any(m > n for m, n in zip(probability.shape, tomogram.shape)):
+        probability = probability_on_input_grid(probability, tomogram.shape)
+    grid = probability.shape
+    scale = np.divide(tomogram.shape, grid)
+    search_voxel_size_a = voxel_size_a * float(np.mean(scale))  # the network grid's spacing, up to rounding
     if region is not None:
-        probability = np.where(region, probability, np.float32(0))
+        inside = region if grid == region.shape else resample_to_shape(region.astype(np.float32), grid) >= 0.5
+        probability = np.where(inside, probability, np.float32(0))
     seconds: dict[str, float] = {}
     with _timed("threshold", seconds, progress):
-        search = global_threshold(tomogram, probability, params.threshold)
+        search = global_threshold(resample_to_shape(tomogram, grid), probability, params.threshold)
         threshold = search.threshold
     with _timed("label", seconds, progress):
         global_labels = label_segments(probability, threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
-        local_labels = localize(probability, global_labels, threshold, voxel_size_a, params.localize)
-    stages = {"global": global_labels} if keep_stages else {}
+        local_labels = localize(probability, global_labels, threshold, search_voxel_size_a, params.localize)
+    stages = {"global": nearest_to_shape(global_labels, tomogram.shape)} if keep_stages else {}
     del global_labels
     with _timed("refine", seconds, progress):
         spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine, refiner=refiner)
         if keep_stages:
-            stages |= {"local": local_labels, "sphere": render_labels(tomogram.shape, spheres)}
+            stages |= {"local": nearest_to_shape(local_labels, tomogram.shape),
+                       "sphere": render_labels(tomogram.shape, spheres)}
     del local_labels
     with _timed("outliers", seconds, progress):
         checked = detect_outliers(tomogram, spheres, voxel_size_a, params.outliers, params.refine)
@@ -113,7 +124,8 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         final = resolve_overlaps(checked, voxel_size_a, params.overlap)
         final_labels = render_labels(tomogram.shape, final)
     vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
-    warnings = quality_warnings(tomogram, probability, search, vesicles, voxel_size_a, params.overlap.min_radius_nm)
+    warnings = quality_warnings(tomogram, probability, search, vesicles, search_voxel_size_a,
+                                params.overlap.min_radius_nm)
     for message in warnings:
         log.warning(message)
     return Segmentation(probability, float(threshold), stages | {"final": final_labels}, vesicles, seconds, warnings)
@@ -126,6 +138,7 @@ CHECK = ("check the voxel size, the contrast (--invert-contrast), the pre-filter
 def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: ThresholdResult, vesicles: pa.Table,
                      voxel_size_a: float, min_radius_nm: float) -> tuple[str, ...]:
     """One line per sign that the result cannot be trusted, each saying what to check; never a silent empty result.
+    `voxel_size_a` is the spacing of `probability`'s grid.
 
     - the map holds less vesicle than one smallest vesicle (sphere of `min_radius_nm`): the network saw none;
     - the threshold search ends at the top of its range: the best boundary may lie beyond it (a very

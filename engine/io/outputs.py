@@ -32,6 +32,7 @@ from cryoves.engine.io.atomic import remove_stale_parts
 from cryoves.engine.io.imod import write_vesicle_model
 from cryoves.engine.io.mrc import Volume, write_labels, write_volume
 from cryoves.engine.io.tables import vesicle_table, write_table
+from cryoves.engine.network.inference import probability_on_input_grid
 from cryoves.engine.stages.overlaps import rendered_spheres
 
 STAGE_LABELS = ("global", "local", "sphere")
@@ -157,7 +158,7 @@ def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bo
     (`cryoves.engine.pipeline.Segmentation`) under their `output_files` names; the run record is the
     caller's to write, last.
 
-    `probability` adds NAME.prob.mrc; `stages` the label volumes of the earlier stages
+    `probability` adds NAME.prob.mrc (resampled to the input grid); `stages` the label volumes of the earlier stages
     (NAME.global/local/sphere.mrc), for per-stage evaluation.
     """
     out_dir = Path(out_dir)
@@ -165,8 +166,8 @@ def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bo
              for kind, relative in output_files(name, probability=probability, stages=stages).items()}
     paths = {"labels": write_labels(files["labels"], result.labels["final"], volume.voxel_size_a, volume.origin_a)}
     if probability:
-        paths["probability"] = write_volume(files["probability"], result.probability, volume.voxel_size_a,
-                                            volume.origin_a)
+        on_input_grid = probability_on_input_grid(result.probability, volume.data.shape)
+        paths["probability"] = write_volume(files["probability"], on_input_grid, volume.voxel_size_a, volume.origin_a)
     for stage in STAGE_LABELS if stages else ():
         paths[stage] = write_labels(files[stage], result.labels[stage], volume.voxel_size_a, volume.origin_a)
     vesicles = number_vesicles(result.vesicles)

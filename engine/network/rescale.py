@@ -40,6 +40,16 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return resize_linear(volume, shape, sigma)  # the anti-alias folded into the interpolation taps
 
 
+def nearest_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize to `shape` (labels), pixel-centre aligned as `resample_to_shape`: output voxel i
+    takes input voxel floor((i + 0.5)·N_in/N_out) on each axis."""
+    if volume.ndim != len(shape):
+        raise ValueError(f"volume has {volume.ndim} axes, shape {shape} has {len(shape)}")
+    index = [np.minimum(((np.arange(n_out) + 0.5) * n_in / n_out).astype(np.int64), n_in - 1)
+             for n_in, n_out in zip(volume.shape, shape)]
+    return volume[np.ix_(*index)]
+
+
 def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Resize to `shape`, float32: axes that shrink by cropping their DCT-II spectrum, axes that grow trilinearly.
 

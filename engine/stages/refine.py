@@ -307,10 +307,13 @@ def profile_correlation(resampled, mean_profile):
                      where=(den > 0) & np.all(np.isfinite(resampled), axis=1))
 
 
-def segment_spheres(labels):
-    """Segment ids, float centroids (n, 3) and r0 = floor(longest bounding-box side / 2) (§2.13)."""
+def segment_spheres(labels, scale=(1.0, 1.0, 1.0)):
+    """Segment ids, float centroids (n, 3) and r0 = floor(longest bounding-box side / 2) (§2.13), in voxels of a
+    grid `scale` times finer than the labels' along (z, y, x), over the same field of view (centres aligned)."""
     stats = present_labels(labels)
-    return stats.ids.astype(np.int64), stats.centroid, np.floor(stats.sides.max(axis=1, initial=0) / 2.0)
+    scale = np.asarray(scale, dtype=np.float64)
+    centers = stats.centroid if np.all(scale == 1.0) else (stats.centroid + 0.5) * scale - 0.5
+    return stats.ids.astype(np.int64), centers, np.floor((stats.sides * scale).max(axis=1, initial=0) / 2.0)
 
 
 def build_table(ids, batch: RefineResult, density, resampled, correlation, voxel_size_a, outcome=None):
@@ -341,18 +344,20 @@ def refine_spheres(tomogram: np.ndarray, labels: np.ndarray, voxel_size_a: float
                    progress: Callable[[int, int], None] | None = None, refiner: Refiner | None = None) -> pa.Table:
     """Fit a sphere to every segment of ``labels`` on the raw ``tomogram``; one row per segment.
 
+    ``labels`` lie on the tomogram's grid or on a coarser one over the same field of view (the network grid,
+    where `postprocess` finds the segments): each segment's centre and size are taken in the tomogram's voxels.
     Rows whose profile fails (empty search window, no halo) get outcome "removed" and NaN features.
     ``id`` is the segment's label in ``labels``. The Parquet metadata should carry ``asdict(params)``.
     ``refiner`` replaces `refine_batch` (same result, elsewhere: see `Refiner`).
     """
     tomogram = np.asarray(tomogram)
     labels = np.asarray(labels)
-    if tomogram.ndim != 3 or tomogram.shape != labels.shape:
-        raise CryovesError(f"tomogram {tomogram.shape} and labels {labels.shape} must be 3-D volumes "
-                           "of the same shape")
+    if tomogram.ndim != 3 or labels.ndim != 3 or any(n < m for n, m in zip(tomogram.shape, labels.shape)):
+        raise CryovesError(f"tomogram {tomogram.shape} and labels {labels.shape} must be 3-D volumes, the labels "
+                           "on the tomogram's grid or a coarser one")
     if not voxel_size_a > 0:
         raise CryovesError(f"voxel_size_a must be > 0 Å, got {voxel_size_a}")
-    ids, centers, r0 = segment_spheres(labels)
+    ids, centers, r0 = segment_spheres(labels, np.divide(tomogram.shape, labels.shape))
     if refiner is None:
         batch = refine_batch(tomogram, centers, r0, params, progress=progress)
     else:

@@ -95,3 +95,32 @@ def test_inverted_contrast_is_flagged_and_undone(scene, result):
     # --invert-contrast gives back the tomogram itself, so the result without warnings of `result`
     np.testing.assert_array_equal(oriented(inverted, SegmentParams(invert_contrast=True)), phantom.tomogram)
     assert result.warnings == ()
+
+
+def test_a_network_grid_map_finds_the_vesicles_that_its_input_grid_resampling_finds(probability_from_truth):
+    """At 11 Å the network grid (22 Å) is half as fine: the segments are searched on it, the spheres fitted on the
+    tomogram; the same vesicles as searching the map resampled to the tomogram's grid, stage labels on the input
+    grid, and a region given on the input grid still restricts the search."""
+    from cryoves.engine.network.inference import probability_on_input_grid
+    from cryoves.engine.network.rescale import nearest_to_shape
+
+    phantom = make_phantom((64, 160, 160), 11.0, seed=3, preset="crowded")
+    net_grid = (32, 80, 80)
+    probability = probability_from_truth(nearest_to_shape(phantom.labels, net_grid), seed=3)
+    coarse = postprocess(phantom.tomogram, probability, 11.0, SegmentParams())
+    fine = postprocess(phantom.tomogram, probability_on_input_grid(probability, phantom.tomogram.shape), 11.0,
+                       SegmentParams())
+    truth = truth_spheres(phantom)
+    for result in (coarse, fine):
+        m = match_vesicles(*found_spheres(result.vesicles), *truth, 11.0)
+        assert m.f1 >= 0.95 and m.center_residual_nm <= 1.5, m.as_row()
+    same = match_vesicles(*found_spheres(coarse.vesicles), *found_spheres(fine.vesicles), 11.0)
+    assert same.f1 == 1.0 and same.center_residual_nm <= 0.5, same.as_row()
+    assert coarse.probability.shape == net_grid
+    assert {name: labels.shape for name, labels in coarse.labels.items()} == dict.fromkeys(
+        ("global", "local", "sphere", "final"), phantom.tomogram.shape)
+    region = np.zeros(phantom.tomogram.shape, bool)
+    region[:, :, :80] = True
+    inside = postprocess(phantom.tomogram, probability, 11.0, SegmentParams(), region=region, keep_stages=False)
+    centers, _ = found_spheres(inside.vesicles)
+    assert len(centers) and centers[:, 2].max() < 80

@@ -125,13 +125,31 @@ def test_segment_spheres_initialisation():
     npt.assert_array_equal(r0, [3.0])
 
 
+def test_segments_on_a_coarser_grid_give_the_same_spheres(scene):
+    """Segments found on a grid half as fine (the network grid of a 11 Å tomogram) seed the same spheres: centres
+    and radii mapped to the tomogram's voxels, pixel centres aligned."""
+    fine = refine_spheres(scene, ball_labels(SHAPE, CENTERS, RADII), VOXEL_A, RefineParams())
+    half = tuple(n // 2 for n in SHAPE)
+    coarse = ball_labels(half, (CENTERS + 0.5) / 2 - 0.5, RADII / 2)
+    table = refine_spheres(scene, coarse, VOXEL_A, RefineParams())
+    assert table.column("outcome").to_pylist() == ["kept"] * 4
+    assert np.linalg.norm(_centers(table) - CENTERS, axis=1).max() < 1.0
+    npt.assert_allclose(_centers(table), _centers(fine), atol=0.5)
+    npt.assert_allclose(table.column("radius_vox").to_numpy(), fine.column("radius_vox").to_numpy(), atol=0.5)
+    ids, centers, r0 = segment_spheres(coarse, (2.0, 2.0, 2.0))
+    npt.assert_allclose(centers[:3], CENTERS[:3], atol=0.75)  # the balls' centroids in the tomogram's voxels (the
+    #                                                            fourth is cut by a face)
+
+
 def test_errors_and_progress(scene):
     with pytest.raises(CryovesError, match="box_margin_vox must be"):
         RefineParams(box_margin_vox=0)
     with pytest.raises(CryovesError, match="radius_rule"):
         RefineParams(radius_rule="inner")
-    with pytest.raises(CryovesError, match="same shape"):
-        refine_spheres(scene, np.zeros((2, 2, 2), np.uint32), VOXEL_A)
+    with pytest.raises(CryovesError, match="on the tomogram's grid or a coarser one"):
+        refine_spheres(scene, np.zeros((96, 2, 2), np.uint32), VOXEL_A)
+    with pytest.raises(CryovesError, match="must be 3-D"):
+        refine_spheres(scene, np.zeros((2, 2), np.uint32), VOXEL_A)
     calls = []
     labels = ball_labels(SHAPE, CENTERS[:1], RADII[:1])
     refine_spheres(scene, labels, VOXEL_A, progress=lambda i, n: calls.append((i, n)))

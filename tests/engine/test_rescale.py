@@ -120,3 +120,15 @@ def test_band_limited_grows_trilinearly_and_keeps_constants():
                         atol=1e-6)
     npt.assert_allclose(rescale.resample_band_limited(np.full((9, 9, 9), 2.5, np.float32), (4, 12, 5)), 2.5,
                         rtol=1e-5)
+
+
+def test_nearest_to_shape_is_pixel_centre_aligned():
+    from cryoves.engine.network.rescale import nearest_to_shape
+
+    labels = np.arange(2 * 3 * 4, dtype=np.uint16).reshape(2, 3, 4)
+    doubled = nearest_to_shape(labels, (4, 6, 8))
+    np.testing.assert_array_equal(doubled, labels.repeat(2, 0).repeat(2, 1).repeat(2, 2))
+    np.testing.assert_array_equal(nearest_to_shape(doubled, labels.shape), labels)
+    # 3 -> 5 voxels: output centres at input coordinates -0.2, 0.4, 1.0, 1.6, 2.2: nearest voxels 0, 0, 1, 2, 2
+    np.testing.assert_array_equal(nearest_to_shape(labels, (2, 5, 4))[0, :, 0], labels[0, [0, 0, 1, 2, 2], 0])
+    assert nearest_to_shape(labels, (2, 5, 4)).dtype == np.uint16
