@@ -15,7 +15,7 @@ from datetime import date
 import numpy as np
 from robustness import DEV_SEED, FIELD_NM, VALIDATION_SEED, conditions, found_spheres, make_condition, truth_spheres
 
-from cryoves.engine.network.inference import predict_probability, probability_on_input_grid
+from cryoves.engine.network.inference import predict_probability
 from cryoves.engine.network.model import PRECISIONS, cpu_has_bfloat16, load_logit_fn, model_inference_params
 from cryoves.engine.pipeline import SegmentParams, oriented, postprocess
 from cryoves.engine.scoring.matching import dice, match_vesicles
@@ -54,8 +54,7 @@ def main() -> None:
                     tomogram = oriented(phantom.tomogram, params)
                     maps[precision] = predict_probability(tomogram, phantom.voxel_size_a, fns[name, precision],
                                                           params.inference)
-                    probability = probability_on_input_grid(maps[precision], tomogram.shape)
-                    result = postprocess(tomogram, probability, phantom.voxel_size_a, params, keep_stages=False)
+                    result = postprocess(tomogram, maps[precision], phantom.voxel_size_a, params, keep_stages=False)
                     m = match_vesicles(*found_spheres(result.vesicles), *truth_spheres(phantom),
                                        phantom.voxel_size_a)
                     cells[precision] = (f"{m.f1:.3f} / {dice(result.labels['final'], phantom.labels):.2f} / "
