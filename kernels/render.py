@@ -40,10 +40,13 @@ def render_spheres(shape, centers_vox, radii_vox, ids):
     """Label volume (`label_dtype` of the largest id) with ball i painted as ``ids[i]``; overlaps go to
     the smallest power."""
     shape, centers, radii, ids = _check(shape, centers_vox, radii_vox, ids)
-    index = np.zeros(shape, dtype=np.uint32)  # 1 + ball index; mapped to ids below
-    if centers.shape[0]:
+    n = centers.shape[0]
+    index = np.zeros(shape, dtype=label_dtype(n))  # 1 + ball index; mapped to ids below unless they are 1..n
+    if n:
         with threads_for(index.size):
             _render(index, readonly(centers), readonly(radii))
+    if np.array_equal(ids, np.arange(1, n + 1)):  # as `render_labels` numbers them: no second pass
+        return index
     return relabel(index, np.concatenate([[0], ids]).astype(label_dtype(ids.max() if ids.size else 0)))
 
 

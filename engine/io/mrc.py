@@ -13,7 +13,7 @@ import numpy as np
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
-from cryoves.engine.network.rescale import z_slabs
+from cryoves.engine.network.rescale import mean_std, z_slabs
 
 MIN_VOXEL_SIZE_A = 1.0
 MAX_VOXEL_SIZE_A = 100.0
@@ -127,11 +127,24 @@ def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a) -> Path:
     if data.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {data.shape}")
     with atomic_output(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
+        mrc.update_header_stats = lambda: _header_stats(mrc)  # set_data calls it
         mrc.set_data(data)
         mrc.voxel_size = float(voxel_size_a)
         z, y, x = (float(v) for v in origin_a)
         mrc.header.origin = (x, y, z)
     return path
+
+
+def _header_stats(mrc) -> None:
+    """mrcfile's `update_header_stats` (dmin, dmax, dmean, rms) by z-slabs: its own makes a temporary the size of
+    the volume (1.1 GB for a 1024x1024x261 label volume, a second or more to fill)."""
+    if mrc.data.size == 0:
+        mrc.reset_header_stats()
+        return
+    mean, std = mean_std(mrc.data)
+    header = mrc.header
+    header.dmin, header.dmax = np.float32(mrc.data.min()), np.float32(mrc.data.max())
+    header.dmean, header.rms = np.float32(mean), np.float32(std)
 
 
 def _open(path: Path, mmap: bool):

@@ -152,3 +152,23 @@ def test_outputs_get_ordinary_permissions(tmp_path):
     current = os.umask(0)
     os.umask(current)
     assert path.stat().st_mode & 0o777 == 0o666 & ~current
+
+
+@pytest.mark.parametrize("kind", ["labels", "float"])
+def test_header_statistics_are_mrcfiles_own(tmp_path, rng, kind):
+    """dmin, dmax, dmean and rms as mrcfile computes them, without its volume-sized temporary."""
+    if kind == "labels":
+        data = rng.integers(0, 300, size=(9, 40, 50)).astype(np.uint16)
+        path = write_labels(tmp_path / "s.mrc", data, 22.0)
+    else:
+        data = (rng.normal(size=(9, 40, 50)) * 3 + 1).astype(np.float32)
+        path = write_volume(tmp_path / "s.mrc", data, 22.0)
+    with mrcfile.open(path) as mrc:
+        ours = [float(mrc.header[field]) for field in ("dmin", "dmax", "dmean", "rms")]
+    with mrcfile.new(tmp_path / "reference.mrc") as reference:
+        reference.set_data(data)
+        expected = [float(reference.header[field]) for field in ("dmin", "dmax", "dmean", "rms")]
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)
+    empty = write_volume(tmp_path / "empty.mrc", np.zeros((0, 4, 4), np.float32), 22.0)
+    with mrcfile.open(empty) as mrc:
+        assert float(mrc.header.rms) < 0  # mrcfile's reset: statistics unset
