@@ -447,8 +447,10 @@ def main() -> None:
     out("Anchors are from the CryoVesNet and SynapseNet papers, on other hardware; tomograms/hour for the "
         "anchors is 3600 s over their seconds per tomogram. The projection for a 1024x1024x261 tomogram at "
         "14.69 Å uses the per-voxel rates of the medium run: the network on its 22 Å grid (684x684x174 "
-        "voxels), post-processing on the input grid; post-processing also grows with the number of "
-        "vesicles (exponent below), so it is an estimate.\n")
+        "voxels), post-processing per input voxel (at 22 Å both grids are one; at 14.69 Å the segments' search "
+        "runs on the network grid, a third of the voxels, so this overestimates it); post-processing also grows "
+        "with the number of vesicles (exponent below), so it is an estimate. The one-core row measures that "
+        "tomogram itself.\n")
 
     out("## Kernels against their NumPy references\n")
     out("Fastest of up to 15 alternating calls after a warm-up (compilation excluded), same inputs, same run. "
