@@ -1,6 +1,6 @@
 """Compile the Numba kernels of the post-processing in child processes while this one loads TensorFlow and
 runs the network, so that the first tomogram after an install does not wait for them (about 12 s of one
-core, once per machine: Numba caches them on disk, and later processes load them in about a second). Two
+core, once per machine: Numba caches them on disk, and later processes load them in 1-2 s). Two
 children share the kernels (`PARTS`), so that the compilation left when the network ends runs on two cores."""
 
 import functools
@@ -50,7 +50,8 @@ def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _warm_detection() -> None:
-    """The kernels up to localisation: resampling, threshold shell sums, labelling, splitting (both ways)."""
+    """The kernels up to localisation: resampling, threshold shell sums, labelling, splitting (both ways). On the
+    tomogram's grid; the search on the network grid runs the same kernels on the same types."""
     from cryoves.engine.network.inference import probability_on_input_grid
     from cryoves.engine.pipeline import SegmentParams
     from cryoves.engine.stages.localize import label_segments, localize

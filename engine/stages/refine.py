@@ -294,7 +294,7 @@ def measure_spheres(profiles, estimate: RadiusEstimate, params: RefineParams):
 
 def profile_correlation(resampled, mean_profile):
     """Spearman rank correlation of each resampled profile with the mean profile (NaN rows stay NaN)."""
-    from scipy.stats import rankdata  # here: scipy.stats takes 0.4 s to import (`job.FINISH_IMPORTS`)
+    from scipy.stats import rankdata  # here: scipy.stats takes 0.4 s to import (`warmup.FINISH_IMPORTS`)
 
     resampled = np.asarray(resampled, dtype=np.float64)
     ranks = rankdata(resampled, axis=1)
