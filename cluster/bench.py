@@ -30,7 +30,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import write_volume
 from cryoves.engine.io.outputs import package_versions, peak_memory_mb
 from cryoves.engine.job import STEPS, Job, Settings, prepare, segment_job
-from cryoves.engine.network.model import load_logit_fn, model_inference_params
+from cryoves.engine.network.model import check_device_precision, load_logit_fn, model_inference_params
 from cryoves.engine.network.rescale import network_shape
 from cryoves.engine.pipeline import STAGES, SegmentParams
 from cryoves.engine.synthetic.phantom import Phantom, make_phantom
@@ -70,8 +70,7 @@ def run_bench(size: str, device: str, *, weights=None, precision: str = "auto",
         raise CryovesError(f"--size {size!r} is unknown; choose one of {', '.join(SIZES)}")
     if device not in DEVICES:
         raise CryovesError(f"--device {device!r} is unknown; choose one of {', '.join(DEVICES)}")
-    if device == "gpu" and precision != "auto":
-        raise CryovesError("--precision applies to --device cpu; the GPU runs the network in float16")
+    check_device_precision(device, precision)
     repeats = (3 if size == "small" else 1) if repeats is None else int(repeats)
     if repeats < 1:
         raise CryovesError(f"repeats must be >= 1, got {repeats}")

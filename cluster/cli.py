@@ -176,9 +176,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _segment_params(args: argparse.Namespace):
     from cryoves.engine.job import segment_params
+    from cryoves.engine.network.model import check_device_precision
 
-    if args.device == "gpu" and args.precision != "auto":
-        raise CryovesError("--precision applies to --device cpu; the GPU runs the network in float16")
+    check_device_precision(args.device, args.precision)
     return segment_params(args.weights, tta=args.tta, prefilter_sigma_vox=args.prefilter_sigma,
                           memory_gb=args.memory_gb, precision=None if args.precision == "auto" else args.precision,
                           invert_contrast=args.invert_contrast)

@@ -51,6 +51,12 @@ def cpu_has_bfloat16() -> bool:
     return bool(features.get("avx512bf16") or features.get("amx-bf16"))
 
 
+def check_device_precision(device: str, precision: str) -> None:
+    """Refuse a precision asked of the GPU port ("auto" aside), which runs float16 only."""
+    if device == "gpu" and precision != "auto":
+        raise CryovesError("--precision applies to --device cpu; the GPU runs the network in float16")
+
+
 def default_precision() -> str:
     """bfloat16 where the CPU has it (the network nearly twice as fast, at the same vesicles and radii:
     benchmarks/PRECISION.md), else float32."""
