@@ -244,6 +244,30 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_warmup(args: argparse.Namespace) -> int:
+    import time
+
+    from cryoves import kernels
+    from cryoves.engine.warmup import PARTS, start_kernel_warmup, warm_kernels, warm_marker
+
+    start = time.perf_counter()
+    if any(warm_marker(part) is None for part in PARTS):  # Numba's cache folder is not ours to know
+        warm_kernels()
+        print(f"kernels compiled in this process in {time.perf_counter() - start:.1f} s (Numba's cache folder "
+              "is set by your Numba configuration)")
+        return 0
+    warmup = start_kernel_warmup()
+    if not warmup.processes:
+        print(f"kernels already compiled for this machine in {kernels.cache_dir()}")
+        return 0
+    failed = warmup.join()
+    if failed:
+        raise CryovesError(f"compiling the kernels failed ({', '.join(failed)}); run "
+                           f"'python -m cryoves.engine.warmup {failed[0]}' to see why")
+    print(f"kernels compiled in {time.perf_counter() - start:.1f} s into {kernels.cache_dir()}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     import time
 
@@ -624,6 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=1, help="phantom seed (default: 1)")
     _add_network_options(demo)
     demo.set_defaults(run=cmd_demo)
+
+    warmup = commands.add_parser(
+        "warmup", help="compile the kernels into Numba's cache once per machine (part of the install)",
+        description="Compile the Numba kernels of the post-processing into Numba's cache, two shares on two "
+                    "processes. Part of the install: without it, the first segment, run or demo on a machine "
+                    "compiles them in the background while the network runs, and waits for what is left.",
+        epilog="example: pip install . && cryoves warmup",
+    )
+    warmup.set_defaults(run=cmd_warmup)
 
     bench = commands.add_parser(
         "bench", help="time every stage on standard phantoms and project tomograms per hour on this machine",

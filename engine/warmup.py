@@ -1,7 +1,8 @@
-"""Compile the Numba kernels of the post-processing in child processes while this one loads TensorFlow and
-runs the network, so that the first tomogram after an install does not wait for them (about 12 s of one
-core, once per machine: Numba caches them on disk, and later processes load them in 1-2 s). Two
-children share the kernels (`PARTS`), so that the compilation left when the network ends runs on two cores."""
+"""Compile the Numba kernels of the post-processing into Numba's cache in child processes: at install
+(`cryoves warmup`, the README's install line), or, where that was skipped, while the first `segment` loads
+TensorFlow and runs the network, so that the first tomogram waits for as little of them as the cores allow
+(about 12-17 s of one core, once per machine: later processes load them in 1-2 s). Two children share the
+kernels (`PARTS`), so that they compile on two cores."""
 
 import functools
 import hashlib
@@ -111,19 +112,22 @@ def warm_marker(part: str) -> Path | None:
 
 @dataclass(eq=False)
 class KernelWarmup:
-    """The child processes compiling the kernels, none when Numba's cache already holds them."""
+    """The child processes compiling the kernels, by share (`PARTS`), none when Numba's cache already holds them."""
 
-    processes: list[subprocess.Popen]
+    processes: dict[str, subprocess.Popen]
 
-    def join(self) -> None:
+    def join(self) -> list[str]:
         """Wait for the kernels to be in Numba's cache (at most _WAIT_S; past that this process compiles
-        what it needs itself)."""
+        what it needs itself). Returns the shares whose child failed or did not finish."""
         deadline = time.monotonic() + _WAIT_S
-        for process in self.processes:
+        failed = []
+        for part, process in self.processes.items():
             try:
-                process.wait(max(0.0, deadline - time.monotonic()))
+                if process.wait(max(0.0, deadline - time.monotonic())) != 0:
+                    failed.append(part)
             except subprocess.TimeoutExpired:
-                return
+                failed.append(part)
+        return failed
 
 
 @functools.cache
@@ -131,9 +135,9 @@ def start_kernel_warmup() -> KernelWarmup:
     """Start one child per share of the kernels (`PARTS`) not yet in the cache, once per process; `join` them
     before the first stage after the network."""
     cold = [part for part in PARTS if warm_marker(part) is not None and not warm_marker(part).exists()]
-    return KernelWarmup([subprocess.Popen([sys.executable, "-m", "cryoves.engine.warmup", part],
-                                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL) for part in cold])
+    return KernelWarmup({part: subprocess.Popen([sys.executable, "-m", "cryoves.engine.warmup", part],
+                                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                stderr=subprocess.DEVNULL) for part in cold})
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """The kernel warm-up compiles what a real tomogram needs, and kernels import where no cache folder is writable."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -7,6 +8,7 @@ import textwrap
 import numpy as np
 
 from cryoves.engine.synthetic.phantom import PRESETS, make_phantom
+from cryoves.engine.warmup import KernelWarmup
 
 SIGNATURES = """
 import numba
@@ -20,8 +22,6 @@ def signatures():
 
 
 def _python(code: str, **env) -> subprocess.CompletedProcess:
-    import os
-
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
                           env=os.environ | env)
 
@@ -52,22 +52,35 @@ assert not new, new
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def test_warmup_runs_once_per_cache_in_a_child_process(tmp_path):
-    """A cold cache: the warm-up compiles in one child process per share of the kernels, each leaving its marker
-    beside Numba's files; the next process finds the cache warm and starts nothing."""
-    code = """
-from cryoves.engine.warmup import PARTS, start_kernel_warmup, warm_marker
-warmup = start_kernel_warmup()
-print(len(warmup.processes))
-warmup.join()
-print(all(warm_marker(part).exists() for part in PARTS), start_kernel_warmup() is warmup)
-"""
-    first = _python(code, NUMBA_CACHE_DIR=str(tmp_path))
+CLI = "from cryoves.cluster.cli import command_line; command_line()"
+
+
+def test_warmup_command_compiles_once_per_cache_in_child_processes(tmp_path):
+    """`cryoves warmup` (the install step) on a cold cache compiles in one child process per share of the kernels,
+    each leaving its marker beside Numba's files; a later process finds the cache warm and starts nothing, and the
+    command says so."""
+    env = os.environ | {"NUMBA_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run([sys.executable, "-c", CLI, "warmup"], capture_output=True, text=True, env=env,
+                           timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert first.stdout.split() == ["2", "True", "True"]
+    assert first.stdout.startswith("kernels compiled in ")
     assert len(list(tmp_path.rglob("*.nbi"))) >= 10  # the kernels' cache index files
-    again = _python(code, NUMBA_CACHE_DIR=str(tmp_path))
-    assert again.stdout.split() == ["0", "True", "True"]
+    later = _python("""
+from cryoves.engine.warmup import PARTS, start_kernel_warmup, warm_marker
+print(all(warm_marker(part).exists() for part in PARTS), len(start_kernel_warmup().processes))
+""", NUMBA_CACHE_DIR=str(tmp_path))
+    assert later.stdout.split() == ["True", "0"], later.stderr[-3000:]
+    again = subprocess.run([sys.executable, "-c", CLI, "warmup"], capture_output=True, text=True, env=env,
+                           timeout=300)
+    assert (again.returncode, again.stdout.split()[:3]) == (0, ["kernels", "already", "compiled"])
+
+
+def test_warmup_join_names_the_shares_whose_child_failed():
+    """A child that fails (or any exit status but 0) is reported by its share, so `cryoves warmup` can say so."""
+    def child(status: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", f"raise SystemExit({status})"])
+
+    assert KernelWarmup({"detection": child(0), "measurement": child(1)}).join() == ["measurement"]
 
 
 def test_kernels_cache_in_a_temporary_folder_when_nothing_else_is_writable(tmp_path):
