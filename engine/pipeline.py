@@ -164,15 +164,18 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
 
 
 _POLARITY_DIRECTIONS = 64
+_POLARITY_VESICLES = 128  # a median's sign needs no more; 1927 vesicles of a 1024x1024x261 tomogram took 1 s
 
 
 def membrane_polarity(tomogram: np.ndarray, vesicles: pa.Table) -> float:
-    """Median over the vesicles found of log(dip / peak) of each one's radial profile (0 to 1.5 radii): the
-    largest excursion below the profile's median against the largest above it. Dark membranes dip (> 0),
-    white ones peak (< 0): a sign test that needs no calibration; NaN with fewer than 3 vesicles."""
-    active = active_mask(vesicles)
-    if active.sum() < 3:
+    """Median over the vesicles found (at most `_POLARITY_VESICLES`, evenly spread over the table) of
+    log(dip / peak) of each one's radial profile (0 to 1.5 radii): the largest excursion below the profile's
+    median against the largest above it. Dark membranes dip (> 0), white ones peak (< 0): a sign test that
+    needs no calibration; NaN with fewer than 3 vesicles."""
+    active = np.flatnonzero(active_mask(vesicles))
+    if active.size < 3:
         return float("nan")
+    active = active[np.linspace(0, active.size - 1, min(active.size, _POLARITY_VESICLES)).round().astype(int)]
     centers, radii = centers_vox(vesicles)[active], radii_vox(vesicles)[active]
     golden = np.pi * (3 - np.sqrt(5))  # a Fibonacci sphere: evenly spread directions
     z = np.linspace(1 - 1 / _POLARITY_DIRECTIONS, 1 / _POLARITY_DIRECTIONS - 1, _POLARITY_DIRECTIONS)
