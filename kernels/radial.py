@@ -161,7 +161,8 @@ def radial_profiles_reference(volume, centers_vox, box_radius_vox, n_bins, *, bi
 
 
 def extract_boxes(volume, centers_vox, box_radius_vox):
-    """Boxes ``[a - R, a + R]`` of raw data as float64 (n, 2R+1, 2R+1, 2R+1); NaN outside the volume.
+    """Boxes ``[a - R, a + R]`` of raw data as float32 (n, 2R+1, 2R+1, 2R+1), the correlation's type (exact for
+    float32 and 16-bit integer tomograms); NaN outside the volume.
 
     One R for the whole batch (boxes are stacked for a batched FFT): group vesicles by box size.
     """
@@ -183,7 +184,7 @@ def _extract(volume, centers, r):
     n = centers.shape[0]
     nz, ny, nx = volume.shape
     e = 2 * r + 1
-    out = np.full((n, e, e, e), np.nan)
+    out = np.full((n, e, e, e), np.nan, dtype=np.float32)
     for i in numba.prange(n):
         az = int(np.floor(centers[i, 0] + 0.5)) - r
         ay = int(np.floor(centers[i, 1] + 0.5)) - r
@@ -201,7 +202,7 @@ def extract_boxes_reference(volume, centers_vox, box_radius_vox):
     centers = _check_centers(centers_vox)
     r = _check_scalar_radius(box_radius_vox)
     e = 2 * r + 1
-    out = np.full((centers.shape[0], e, e, e), np.nan)
+    out = np.full((centers.shape[0], e, e, e), np.nan, dtype=np.float32)
     for i, center in enumerate(centers):
         a = np.floor(center + 0.5).astype(np.int64) - r
         lo = np.maximum(a, 0)
@@ -289,7 +290,7 @@ def _centred(boxes):
     Mean subtraction keeps the DC term of raw intensities from dominating the correlation; a
     plain unnormalised correlation (the reference) is otherwise identical.
     """
-    boxes = np.array(boxes, dtype=np.float32)  # single precision: half the FFT time, the same peaks
+    boxes = np.array(boxes, dtype=np.float32)  # a copy, in single precision: half the FFT time, the same peaks
     missing = ~np.isfinite(boxes)
     axes = tuple(range(1, boxes.ndim))
     n_finite = int(np.prod(boxes.shape[1:])) - missing.sum(axis=axes)
@@ -329,20 +330,30 @@ def _peak_shifts(cc, subvoxel):
 
 
 def xcorr_shift(boxes, models, *, subvoxel=True):
-    """Displacement d (n, 3) of each box's content relative to its model, by circular correlation.
+    """Displacement d (n, 3) of each box's content relative to its model, by cross-correlation.
 
     If the vesicle in ``boxes[i]`` sits at the model centre + d, the result is d, so the improved
     centre is ``c + d``. (The reference returns ``s = -d`` and updates ``C <- C - s``.) The integer
     argmax of the FFT cross-correlation (NaN and means handled by `_centred`) is refined to sub-voxel
     by a parabola through the peak and its two neighbours on each axis when ``subvoxel``.
-    All vesicles of the batch share one box size, so the FFT runs once over the stack.
+    All vesicles of the batch share one box size, so the FFT runs once over the stack, on the boxes
+    zero-padded (after centring) to a fast FFT length (`_padded_shape`).
     """
     a, b = _check_pair(boxes, models)
     axes = (1, 2, 3)
+    shape = _padded_shape(a.shape[1:])
     workers = -1 if a.size >= PARALLEL_MIN_VOXELS else 1  # all cores, as the numba kernels use
-    spec = scipy.fft.rfftn(a, axes=axes, workers=workers) * np.conj(scipy.fft.rfftn(b, axes=axes, workers=workers))
-    cc = scipy.fft.irfftn(spec, s=a.shape[1:], axes=axes, workers=workers)
+    spec = (scipy.fft.rfftn(a, s=shape, axes=axes, workers=workers)
+            * np.conj(scipy.fft.rfftn(b, s=shape, axes=axes, workers=workers)))
+    cc = scipy.fft.irfftn(spec, s=shape, axes=axes, workers=workers)
     return _peak_shifts(cc, subvoxel)
+
+
+def _padded_shape(edges):
+    """Each box edge raised to the next length whose FFT is fast (products of 2, 3, 5, 7, 11): box edges are
+    2R + 1, often prime, where an FFT ran 3x longer per voxel. The zeros make the correlation linear for
+    shifts up to the padding and circular beyond it (a vesicle moves a few voxels per step: the same peak)."""
+    return tuple(scipy.fft.next_fast_len(int(n), real=True) for n in edges)
 
 
 def _check_pair(boxes, models):
@@ -355,8 +366,11 @@ def _check_pair(boxes, models):
 
 
 def xcorr_shift_reference(boxes, models, *, subvoxel=True):
-    """Direct (no FFT) circular cross-correlation over every shift, for tests on small boxes."""
+    """Direct (no FFT) circular cross-correlation of the zero-padded boxes over every shift, for tests on small
+    boxes."""
     a, b = _check_pair(boxes, models)
+    padding = [(0, 0)] + [(0, m - n) for n, m in zip(a.shape[1:], _padded_shape(a.shape[1:]))]
+    a, b = np.pad(a, padding), np.pad(b, padding)
     cc = np.empty(a.shape)
     e = a.shape[1:]
     for t in np.ndindex(*e):

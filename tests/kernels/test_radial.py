@@ -73,7 +73,7 @@ def test_extract_boxes_match_reference(rng, shape):
     centers = _centers(rng, shape, 8)
     got = extract_boxes(volume, centers, 3)
     npt.assert_array_equal(got, extract_boxes_reference(volume, centers, 3))
-    assert got.shape == (8, 7, 7, 7)
+    assert got.shape == (8, 7, 7, 7) and got.dtype == np.float32
 
 
 def test_back_project_matches_reference_and_eq5(rng):
@@ -111,10 +111,12 @@ def test_xcorr_integer_shift(shift):
     npt.assert_array_equal(xcorr_shift(boxes, model, subvoxel=False), [shift])
 
 
-def test_xcorr_matches_direct_reference(rng):
-    boxes = rng.normal(size=(4, 5, 5, 5))
+@pytest.mark.parametrize("box_r", [2, 3])  # edges 5 (a fast FFT length) and 7 (padded to 8)
+def test_xcorr_matches_direct_reference(rng, box_r):
+    e = 2 * box_r + 1
+    boxes = rng.normal(size=(4, e, e, e))
     boxes[1, 0] = np.nan  # outside the volume
-    models = np.stack([_shell(1.5, 2)] * 4) + rng.normal(scale=0.1, size=(4, 5, 5, 5))
+    models = np.stack([_shell(1.5, box_r)] * 4) + rng.normal(scale=0.1, size=(4, e, e, e))
     npt.assert_array_equal(xcorr_shift(boxes, models, subvoxel=False),
                            xcorr_shift_reference(boxes, models, subvoxel=False))
     npt.assert_allclose(xcorr_shift(boxes, models), xcorr_shift_reference(boxes, models), atol=1e-6)
