@@ -330,30 +330,22 @@ def _peak_shifts(cc, subvoxel):
 
 
 def xcorr_shift(boxes, models, *, subvoxel=True):
-    """Displacement d (n, 3) of each box's content relative to its model, by cross-correlation.
+    """Displacement d (n, 3) of each box's content relative to its model, by circular correlation.
 
     If the vesicle in ``boxes[i]`` sits at the model centre + d, the result is d, so the improved
     centre is ``c + d``. (The reference returns ``s = -d`` and updates ``C <- C - s``.) The integer
     argmax of the FFT cross-correlation (NaN and means handled by `_centred`) is refined to sub-voxel
     by a parabola through the peak and its two neighbours on each axis when ``subvoxel``.
-    All vesicles of the batch share one box size, so the FFT runs once over the stack, on the boxes
-    zero-padded (after centring) to a fast FFT length (`_padded_shape`).
+    All vesicles of the batch share one box size, so the FFT runs once over the stack. The boxes are not
+    padded to a fast FFT length (edges 2R + 1 are often prime, 3x the time per voxel): the zeros made the
+    correlation partly linear, and one vesicle of the crowded development phantoms was lost.
     """
     a, b = _check_pair(boxes, models)
     axes = (1, 2, 3)
-    shape = _padded_shape(a.shape[1:])
     workers = -1 if a.size >= PARALLEL_MIN_VOXELS else 1  # all cores, as the numba kernels use
-    spec = (scipy.fft.rfftn(a, s=shape, axes=axes, workers=workers)
-            * np.conj(scipy.fft.rfftn(b, s=shape, axes=axes, workers=workers)))
-    cc = scipy.fft.irfftn(spec, s=shape, axes=axes, workers=workers)
+    spec = scipy.fft.rfftn(a, axes=axes, workers=workers) * np.conj(scipy.fft.rfftn(b, axes=axes, workers=workers))
+    cc = scipy.fft.irfftn(spec, s=a.shape[1:], axes=axes, workers=workers)
     return _peak_shifts(cc, subvoxel)
-
-
-def _padded_shape(edges):
-    """Each box edge raised to the next length whose FFT is fast (products of 2, 3, 5, 7, 11): box edges are
-    2R + 1, often prime, where an FFT ran 3x longer per voxel. The zeros make the correlation linear for
-    shifts up to the padding and circular beyond it (a vesicle moves a few voxels per step: the same peak)."""
-    return tuple(scipy.fft.next_fast_len(int(n), real=True) for n in edges)
 
 
 def _check_pair(boxes, models):
@@ -366,11 +358,8 @@ def _check_pair(boxes, models):
 
 
 def xcorr_shift_reference(boxes, models, *, subvoxel=True):
-    """Direct (no FFT) circular cross-correlation of the zero-padded boxes over every shift, for tests on small
-    boxes."""
+    """Direct (no FFT) circular cross-correlation over every shift, for tests on small boxes."""
     a, b = _check_pair(boxes, models)
-    padding = [(0, 0)] + [(0, m - n) for n, m in zip(a.shape[1:], _padded_shape(a.shape[1:]))]
-    a, b = np.pad(a, padding), np.pad(b, padding)
     cc = np.empty(a.shape)
     e = a.shape[1:]
     for t in np.ndindex(*e):

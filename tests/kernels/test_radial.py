@@ -111,7 +111,7 @@ def test_xcorr_integer_shift(shift):
     npt.assert_array_equal(xcorr_shift(boxes, model, subvoxel=False), [shift])
 
 
-@pytest.mark.parametrize("box_r", [2, 3])  # edges 5 (a fast FFT length) and 7 (padded to 8)
+@pytest.mark.parametrize("box_r", [2, 3])  # box edges 5 and 7
 def test_xcorr_matches_direct_reference(rng, box_r):
     e = 2 * box_r + 1
     boxes = rng.normal(size=(4, e, e, e))
