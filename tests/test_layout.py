@@ -15,7 +15,7 @@ FOLDERS = ("engine", "kernels", "cluster")
 # module prefix -> the only files that may import it
 CONFINED_IMPORTS = {
     "ray": ("cluster/",),
-    "tensorflow": ("engine/network/model.py",),
+    "tensorflow": ("engine/network/tensorflow_ops.py",),
     "keras": ("engine/network/model.py", "engine/network/train.py"),
     "csbdeep": ("engine/network/model.py",),
     "torch": ("engine/network/torch_unet.py",),

@@ -1,15 +1,13 @@
 """The CARE/CSBDeep 3-D U-Net of CryoVesNet (method.md §2.5) and loading of its Keras 2 weights.
 
-The one module that imports TensorFlow/Keras, and only inside the functions that build or run the
-network: reading the weight file needs h5py alone, so the PyTorch port (`torch_unet`) shares it.
+The one module that imports Keras, and only inside the functions that build the network; running it takes
+TensorFlow's operations from `tensorflow_ops`. Reading the weight file needs h5py alone, so the PyTorch port
+(`torch_unet`) shares it.
 The rest of the engine sees the network only as a `LogitFn`.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.network.tensorflow_ops import import_tensorflow_quietly, tensorflow_ops
 
 if TYPE_CHECKING:
     import keras
@@ -73,38 +72,6 @@ def conv_layers(n_filter_base: int = 16) -> list[tuple[str, int, int]]:
         ("up_level_1_no_0", 4 * f, 2 * f), ("up_level_1_no_2", 2 * f, f),
         ("up_level_0_no_0", 2 * f, f), ("up_level_0_no_2", f, f),
     ]
-
-
-def import_tensorflow_quietly() -> None:
-    """Import TensorFlow with its C++ start-up messages (CUDA probing, oneDNN notes) kept off the
-    terminal, where they look like errors to users; they are shown if the import itself fails.
-
-    TensorFlow's import also imports all of Keras when it can (about 1 s and 120 MB, matplotlib included),
-    which running the network (`make_logit_fn`) does not use: Keras is kept out of that import and
-    imports as usual when something asks for it (`build_unet`, training).
-    """
-    if "tensorflow" in sys.modules:
-        return
-    keep_out_keras = "keras" not in sys.modules
-    if keep_out_keras:
-        sys.modules["keras"] = None  # TensorFlow catches the ImportError this gives
-    with tempfile.TemporaryFile() as sink:
-        saved = os.dup(2)
-        os.dup2(sink.fileno(), 2)
-        try:
-            import tensorflow as tf
-
-            tf.config.list_physical_devices()  # device probing prints too
-        except BaseException:
-            os.dup2(saved, 2)
-            sink.seek(0)
-            sys.stderr.write(sink.read().decode(errors="replace"))
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if keep_out_keras and sys.modules.get("keras", False) is None:
-                del sys.modules["keras"]
 
 
 def _conv_bn_relu(x, name: str, n_filter: int, kernel_size: int):
@@ -288,8 +255,6 @@ class _Rows:
         self.marks = dict.fromkeys(consumers, 0)
 
     def get(self, lo: int, hi: int, consumer: str):
-        import tensorflow as tf
-
         while self.stop < hi:  # exactly the missing rows, at most `step` at a time
             stop = min(self.stop + self.step, hi)
             self.chunks.append((self.stop, self.compute(self.stop, stop)))
@@ -298,13 +263,12 @@ class _Rows:
         floor = min(self.marks.values())
         self.chunks = [(s, t) for s, t in self.chunks if s + t.shape[0] > floor]
         parts = [t[max(lo - s, 0):hi - s] for s, t in self.chunks if s < hi and s + t.shape[0] > lo]
-        return parts[0] if len(parts) == 1 else tf.concat(parts, axis=0)
+        return parts[0] if len(parts) == 1 else tensorflow_ops().concat(parts, axis=0)
 
 
 def _upsample(x):
     """Nearest 2x along z, y and x of a (rows, y, x, channels) tensor."""
-    import tensorflow as tf
-
+    tf = tensorflow_ops()
     r, h, w, c = x.shape
     x = tf.broadcast_to(tf.reshape(x, (r, h, 1, w, 1, c)), (r, h, 2, w, 2, c))
     return tf.reshape(tf.broadcast_to(tf.reshape(x, (r, 1, 4 * h * w * c)), (r, 2, 4 * h * w * c)),
@@ -321,23 +285,21 @@ def _convolve(part, kernel, bias, partial=None):
     the window), zeros padding y and x as the network's "same" padding; no bias, no relu when `bias` is None (the
     first input of a merge). Padding, bias, sum and relu are written around the 5-D convolution, with a constant
     padding, so that TensorFlow fuses them into it (oneDNN; a quarter faster than apart)."""
-    import tensorflow as tf
-
-    out = tf.nn.conv3d(tf.pad(part[None], [[0, 0], [0, 0], [1, 1], [1, 1], [0, 0]]), kernel, [1] * 5, "VALID")
+    tf = tensorflow_ops()
+    out = tf.conv3d(tf.pad(part[None], [[0, 0], [0, 0], [1, 1], [1, 1], [0, 0]]), kernel, [1] * 5, "VALID")
     if bias is None:
         return out[0]
-    out = tf.nn.bias_add(out, bias)
+    out = tf.bias_add(out, bias)
     if partial is not None:
         out += partial[None]
-    return tf.nn.relu(out)[0]
+    return tf.relu(out)[0]
 
 
 def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, logits: np.ndarray,
                      precision: str) -> None:
     """Logits of one (z, y, x) window into `logits`, layer outputs computed a few z-rows at a time in `precision`
     (see `make_logit_fn`)."""
-    import tensorflow as tf
-
+    tf = tensorflow_ops()
     n_z = window.shape[0]
     consumers: dict[str, list[str]] = {"input": [], "head": []}
     for name, _, inputs in _GRAPH:
@@ -351,7 +313,7 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
         if how == "same":
             return cache[source].get(lo, hi, me)
         if how == "pool":
-            return tf.nn.max_pool3d(cache[source].get(2 * lo, 2 * hi, me)[None], 2, 2, "VALID")[0]
+            return tf.max_pool3d(cache[source].get(2 * lo, 2 * hi, me)[None], 2, 2, "VALID")[0]
         start = lo % 2
         return _upsample(cache[source].get(lo // 2, (hi + 1) // 2, me))[start:start + hi - lo]
 
@@ -400,9 +362,7 @@ def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None,
     `precision` "bfloat16" convolves and keeps the layer outputs in bfloat16 (float32 sums inside each
     convolution, the head in float32): on a CPU with bfloat16 instructions nearly twice as fast, at half the
     memory of the layer outputs (`default_precision`)."""
-    import_tensorflow_quietly()
-    import tensorflow as tf
-
+    tf = tensorflow_ops()
     if precision not in PRECISIONS:
         raise CryovesError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision not in _COMPILED:  # traced once per process and precision, for every shape

@@ -205,7 +205,8 @@ def train(pairs: list[TrainingPair], params: TrainParams, out_dir, *, init_weigh
 
     Resumes from `out_dir/last.keras` when it exists (an interrupted run). Returns the model config.
     """
-    from cryoves.engine.network.model import MODEL_CONFIG, build_unet, import_tensorflow_quietly, load_model, save_model
+    from cryoves.engine.network.model import MODEL_CONFIG, build_unet, load_model, save_model
+    from cryoves.engine.network.tensorflow_ops import import_tensorflow_quietly
 
     import_tensorflow_quietly()
     import keras
