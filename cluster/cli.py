@@ -654,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compile the Numba kernels of the post-processing into Numba's cache, two shares on two "
                     "processes. Part of the install: without it, the first segment, run or demo on a machine "
                     "compiles them in the background while the network runs, and waits for what is left.",
-        epilog="example: pip install . && cryoves warmup",
+        epilog="example: cryoves warmup (after pip install .)",
     )
     warmup.set_defaults(run=cmd_warmup)
 
