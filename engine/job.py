@@ -25,7 +25,7 @@ import numpy as np
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.imod import rasterise_region
-from cryoves.engine.io.mrc import Volume, read_volume
+from cryoves.engine.io.mrc import Volume, read_volume, release_pages
 from cryoves.engine.io.outputs import (
     begin_outputs,
     check_out_dir,
@@ -304,10 +304,12 @@ class ProbabilityMap:
 
 
 def network_input(prepared: Prepared, params: SegmentParams) -> NetworkInput:
-    """Resample, pre-filter and z-score the (oriented) tomogram for the network."""
+    """Resample, pre-filter and z-score the (oriented) tomogram for the network; the file's pages then leave this
+    process's resident memory while the network runs (`release_pages`)."""
     start = time.perf_counter()
     volume = prepare_network_input(oriented(prepared.volume.data, params), prepared.identity.voxel_size_a,
                                    params.inference)
+    release_pages(prepared.volume.data)
     return NetworkInput(volume, time.perf_counter() - start)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import ndimage
 
+from cryoves.engine.io.mrc import release_pages
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.network.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
 from cryoves.engine.network.rescale import nearest_to_shape, resample_to_shape
@@ -106,6 +107,7 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     with _timed("threshold", seconds, progress):
         search = global_threshold(resample_to_shape(tomogram, grid), probability, params.threshold)
         threshold = search.threshold
+    release_pages(tomogram)  # a mapped file's: every later stage reads parts of it
     with _timed("label", seconds, progress):
         global_labels = label_segments(probability, threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
