@@ -64,6 +64,16 @@ def _probability(phantom, logit_fn, inference: InferenceParams) -> tuple[np.ndar
     return prob, time.perf_counter() - start
 
 
+def _development_maps(conditions, models: dict):
+    """(condition, phantom, its true spheres, model name, inference parameters, network-grid map) for each
+    development phantom (seed DEV_SEED) and each of cryoves' two models (not the reference column)."""
+    for condition in conditions:
+        phantom = make_condition(condition, DEV_SEED)
+        truth = truth_spheres(phantom)
+        for model_name, (logit_fn, inference) in list(models.items())[:2]:
+            yield condition, phantom, truth, model_name, inference, _probability(phantom, logit_fn, inference)[0]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--weights", help="CryoVesNet weights.h5, measured beside the bundled model")
@@ -105,17 +115,13 @@ def main() -> None:
     print(f"\n## Method variants, development set (seeds from {DEV_SEED}; final stage)\n")
     print("| family | phantom | model | variant | F1 | precision | recall | δ_d | Δ_c nm |")
     print("|---" * 9 + "|", flush=True)
-    for condition in DEVELOPMENT:
-        phantom = make_condition(condition, DEV_SEED)
-        truth = truth_spheres(phantom)
-        for model_name, (logit_fn, inference) in list(models.items())[:2]:
-            prob, _ = _probability(phantom, logit_fn, inference)
-            for variant, params in VARIANTS.items():
-                result = postprocess(phantom.tomogram, prob, phantom.voxel_size_a, params)
-                m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
-                print(f"| {condition.imaging} | {condition.name} | {model_name} | {variant} | {m.f1:.3f} | "
-                      f"{m.precision:.3f} | {m.recall:.3f} | {m.diameter_error:.3f} | {m.center_residual_nm:.2f} |",
-                      flush=True)
+    for condition, phantom, truth, model_name, _, prob in _development_maps(DEVELOPMENT, models):
+        for variant, params in VARIANTS.items():
+            result = postprocess(phantom.tomogram, prob, phantom.voxel_size_a, params)
+            m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
+            print(f"| {condition.imaging} | {condition.name} | {model_name} | {variant} | {m.f1:.3f} | "
+                  f"{m.precision:.3f} | {m.recall:.3f} | {m.diameter_error:.3f} | {m.center_residual_nm:.2f} |",
+                  flush=True)
 
     print(f"\n## Where the segments are searched, development set (seeds from {DEV_SEED}; final stage)\n")
     print("The threshold, labelling and splitting on the tomogram's grid (the map resampled to it, as the reference "
@@ -123,22 +129,17 @@ def main() -> None:
           "either way. Cells: F1 / Dice / δ_d / Δ_c nm; seconds of threshold, labelling and splitting.\n")
     print("| family | phantom | model | tomogram's grid | network grid | search s, tomogram's / network grid |")
     print("|---" * 6 + "|", flush=True)
-    for condition in SEARCH_GRID:
-        phantom = make_condition(condition, DEV_SEED)
-        truth = truth_spheres(phantom)
-        for model_name, (logit_fn, inference) in list(models.items())[:2]:
-            prob, _ = _probability(phantom, logit_fn, inference)
-            cells, seconds = [], []
-            for searched in (probability_on_input_grid(prob, phantom.tomogram.shape), prob):
-                result = postprocess(phantom.tomogram, searched, phantom.voxel_size_a,
-                                     SegmentParams(inference=inference), keep_stages=False)
-                m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
-                cells.append(f"{m.f1:.3f} / {dice(result.labels['final'], phantom.labels):.2f} / "
-                             f"{m.diameter_error:.3f} / {m.center_residual_nm:.2f}")
-                seconds.append(sum(result.seconds[stage] for stage in ("threshold", "label", "localize")))
-            print(f"| {condition.imaging} | {condition.name} | {model_name} | {cells[0]} | {cells[1]} | "
-                  f"{seconds[0]:.2f} / {seconds[1]:.2f} |", flush=True)
-
+    for condition, phantom, truth, model_name, inference, prob in _development_maps(SEARCH_GRID, models):
+        cells, seconds = [], []
+        for searched in (probability_on_input_grid(prob, phantom.tomogram.shape), prob):
+            result = postprocess(phantom.tomogram, searched, phantom.voxel_size_a,
+                                 SegmentParams(inference=inference), keep_stages=False)
+            m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
+            cells.append(f"{m.f1:.3f} / {dice(result.labels['final'], phantom.labels):.2f} / "
+                         f"{m.diameter_error:.3f} / {m.center_residual_nm:.2f}")
+            seconds.append(sum(result.seconds[stage] for stage in ("threshold", "label", "localize")))
+        print(f"| {condition.imaging} | {condition.name} | {model_name} | {cells[0]} | {cells[1]} | "
+              f"{seconds[0]:.2f} / {seconds[1]:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()
