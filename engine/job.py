@@ -25,7 +25,7 @@ import numpy as np
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.imod import rasterise_region
-from cryoves.engine.io.mrc import Volume, read_volume, release_pages
+from cryoves.engine.io.mrc import Volume, read_volume
 from cryoves.engine.io.outputs import (
     begin_outputs,
     check_out_dir,
@@ -40,6 +40,7 @@ from cryoves.engine.io.outputs import (
     write_outputs,
     write_run_record,
 )
+from cryoves.engine.io.pages import release_pages
 from cryoves.engine.io.pyto import write_pyto
 from cryoves.engine.io.tables import active_mask
 from cryoves.engine.network.inference import (

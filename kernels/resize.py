@@ -24,9 +24,11 @@ __all__ = ["resize_linear", "resize_linear_reference"]
 _TRUNCATE = 4.0  # scipy's default for gaussian_filter, in σ
 
 
-def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.0, 0.0, 0.0)) -> np.ndarray:
+def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.0, 0.0, 0.0), *,
+                  sections: tuple[int, int] | None = None) -> np.ndarray:
     """`volume` (3-D) smoothed by a Gaussian of `sigma_vox` input voxels per axis (0: none), then resized
-    trilinearly to `shape`; float32, a new array."""
+    trilinearly to `shape`; float32, a new array. `sections` (k0, k1): only output z-sections k0 to k1 - 1, from
+    only the input sections they need (a mapped volume can then be read by parts)."""
     volume = np.asarray(volume)
     shape = tuple(int(n) for n in shape)
     sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
@@ -35,17 +37,25 @@ def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.
                          f"{shape}")
     if np.any(sigma < 0):
         raise ValueError(f"sigma_vox must be >= 0, got {sigma_vox}")
+    k0, k1 = (0, shape[0]) if sections is None else (int(sections[0]), int(sections[1]))
+    if not 0 <= k0 < k1 <= shape[0]:
+        raise ValueError(f"sections must be (k0, k1) with 0 <= k0 < k1 <= {shape[0]}, got {sections}")
     taps = [_taps(n_in, n_out, s) if n_in != n_out or _radius(s) else None
             for n_in, n_out, s in zip(volume.shape, shape, sigma)]
-    out = np.empty(shape, np.float32)
+    out = np.empty((k1 - k0, *shape[1:]), np.float32)
     if not any(taps):
-        out[...] = volume
+        out[...] = volume[k0:k1]
         return out
-    source = readonly(np.ascontiguousarray(volume, dtype=np.float32))
+    lo, hi = k0, k1  # the input sections read
+    if taps[0] is not None:
+        index, weights = taps[0][0][k0:k1], taps[0][1][k0:k1]
+        lo, hi = int(index.min()), int(index.max()) + 1
+        taps[0] = (readonly(index - lo), weights)
+    source = readonly(np.ascontiguousarray(volume[lo:hi], dtype=np.float32))
     n_taps = max(t[0].shape[1] for t in taps if t is not None)
-    planes = max(1, min(shape[0], _SLAB_BYTES // (4 * source.shape[1] * source.shape[2])))
+    planes = max(1, min(out.shape[0], _SLAB_BYTES // (4 * source.shape[1] * source.shape[2])))
     with threads_for(out.size * n_taps // 2):
-        parallel_over(_resize_slabs, -(-shape[0] // planes), source, taps, out, planes)
+        parallel_over(_resize_slabs, -(-out.shape[0] // planes), source, taps, out, planes)
     return out
 
 
@@ -57,7 +67,7 @@ def _resize_slabs(source: np.ndarray, taps, out: np.ndarray, planes: int, first:
     """Slabs `first` to `stop` - 1 of `planes` output z-sections each, through the z, y and x passes."""
     for slab in range(first, stop):
         k0, k1 = slab * planes, min((slab + 1) * planes, out.shape[0])
-        part = source[k0:k1]
+        part = source[k0:k1]  # the sections themselves where z is not resized
         if taps[0] is not None:
             index, weights = taps[0]
             part = _pass(_along_z, source, index[k0:k1], weights[k0:k1], (k1 - k0, *source.shape[1:]))

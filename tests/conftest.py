@@ -14,6 +14,17 @@ def rng():
 
 
 @pytest.fixture
+def resident_mb():
+    """This process's resident memory now, in MB (Linux)."""
+
+    def measure() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * 4096 / 1e6
+
+    return measure
+
+
+@pytest.fixture
 def write_mrc(tmp_path):
     """Write `data` to an MRC file with exactly the given header voxel size (x, y, z Å) and origin."""
 

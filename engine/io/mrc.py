@@ -4,7 +4,6 @@ Wrong pixel-size headers are the most common failure in cryo-ET, so a voxel size
 implausible is refused unless the user states it; nothing is ever computed on a guessed voxel size.
 """
 
-import mmap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +44,6 @@ def read_volume(path, voxel_size_a: float | None = None, *, mmap: bool = True) -
     else:
         voxel = check_voxel_size_option(voxel_size_a)
     return Volume(data=data, voxel_size_a=voxel, origin_a=origin_a)
-
-
-def release_pages(data: np.ndarray) -> None:
-    """Take the pages of a read-only memory-mapped volume (`read_volume`) out of this process's resident memory
-    after steps that read all of it, for the steps after them that read parts. The file stays mapped and the
-    operating system's cache keeps the pages, so a later read maps them back without the disk; arrays in
-    memory (and copy-on-write maps) are left alone."""
-    base = data
-    while base is not None and not isinstance(base, np.memmap):
-        base = getattr(base, "base", None)
-    mapped = getattr(base, "_mmap", None)
-    if mapped is not None and base.mode == "r" and hasattr(mmap, "MADV_DONTNEED"):
-        mapped.madvise(mmap.MADV_DONTNEED)
 
 
 def inspect_volume(path, voxel_size_a: float | None = None) -> dict:

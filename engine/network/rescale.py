@@ -9,11 +9,13 @@ import scipy.fft
 from scipy import ndimage
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.pages import is_mapped, release_pages
 from cryoves.kernels.resize import resize_linear
 
 NETWORK_VOXEL_SIZE_A = 22.0
 _SLAB_VOXELS = 1 << 22
 _DCT_SLAB_VOXELS = 1 << 20
+_MAPPED_PART_BYTES = 1 << 25  # input bytes read per part by `resample_to_shape`
 
 
 def network_shape(shape: tuple[int, ...], voxel_size_a: float,
@@ -29,7 +31,8 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Trilinear resize to `shape`, pixel-centre aligned, reflect boundary, float32 out.
 
     Coordinates map as x_in = (x_out + 0.5)·N_in/N_out − 0.5 on each axis. Axes that shrink are
-    first smoothed with an anti-alias Gaussian of σ = (N_in/N_out − 1)/2 input voxels.
+    first smoothed with an anti-alias Gaussian of σ = (N_in/N_out − 1)/2 input voxels. A memory-mapped
+    tomogram leaves the process's resident memory as it is read.
     """
     if volume.ndim != len(shape):
         raise ValueError(f"volume has {volume.ndim} axes, shape {shape} has {len(shape)}")
@@ -37,7 +40,17 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     if tuple(volume.shape) == shape:
         return volume.astype(np.float32, copy=False)
     sigma = [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(volume.shape, shape)]
-    return resize_linear(volume, shape, sigma)  # the anti-alias folded into the interpolation taps
+    if not is_mapped(volume) or volume.nbytes <= _MAPPED_PART_BYTES:
+        return resize_linear(volume, shape, sigma)  # the anti-alias folded into the interpolation taps
+    # a mapped tomogram by parts of output z-sections, its pages released after each (`release_pages`): all
+    # its pages would otherwise become resident (200 MB at 200x512x512)
+    out = np.empty(shape, np.float32)
+    step = max(1, _MAPPED_PART_BYTES * shape[0] // volume.nbytes)
+    for k0 in range(0, shape[0], step):
+        k1 = min(k0 + step, shape[0])
+        out[k0:k1] = resize_linear(volume, shape, sigma, sections=(k0, k1))
+        release_pages(volume)
+    return out
 
 
 def nearest_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

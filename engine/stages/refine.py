@@ -172,6 +172,32 @@ def _profiles(tomogram, centers, box_radius, params):
     return radial_profiles(tomogram, centers, box_radius, n_bins, bin_width_vox=params.bin_width_vox)
 
 
+class _ProfileCache:
+    """`_profiles` of chosen vesicles, recomputed only for those whose centre or box changed since it was last
+    computed: a loop cycle's first profile is the previous cycle's last unless the box grew, and the final one
+    is each vesicle's last (row i depends on vesicle i alone, so a cached row is the row a new call would give).
+    """
+
+    def __init__(self, tomogram, n: int, params: RefineParams) -> None:
+        self._tomogram, self._params = tomogram, params
+        self._centers = np.full((n, 3), np.nan)
+        self._box = np.full(n, -1, dtype=np.int64)
+        self._rows = np.full((n, 1), np.nan)
+
+    def __call__(self, centers, box, idx):
+        stale = idx[(self._box[idx] != box[idx]) | np.any(self._centers[idx] != centers[idx], axis=1)]
+        if stale.size:
+            fresh = _profiles(self._tomogram, centers[stale], box[stale], self._params)
+            width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
+            if width > self._rows.shape[1]:
+                self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])), constant_values=np.nan)
+            self._rows[stale] = np.nan
+            self._rows[stale, :fresh.shape[1]] = fresh
+            self._centers[stale], self._box[stale] = centers[stale], box[stale]
+        n_bins = int(n_window_bins(np.max(box[idx]) + 1, self._params.bin_width_vox)) if idx.size else 1
+        return self._rows[idx, :n_bins]
+
+
 def _shifts(tomogram, centers, profiles, box_radius, params):
     """Cross-correlation displacement of each vesicle, FFTs batched by box size."""
     shifts = np.zeros((len(centers), 3))
@@ -241,11 +267,12 @@ def refine_batch(tomogram, centers_vox, radii_vox, params: RefineParams, *, extr
     n_iter = np.zeros(n, dtype=np.int64)
     failed = np.zeros(n, dtype=bool)
     active = np.ones(n, dtype=bool)
+    profiles_of = _ProfileCache(tomogram, n, params)
     for it in range(params.max_iterations):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
-        profiles = _profiles(tomogram, centers[idx], box[idx], params)
+        profiles = profiles_of(centers, box, idx)
         step = _shifts(tomogram, centers[idx], profiles, box[idx], params)
         n_iter[idx] += 1
         new_total = total[idx] + step
@@ -258,8 +285,7 @@ def refine_batch(tomogram, centers_vox, radii_vox, params: RefineParams, *, extr
         active[idx] &= zeros[idx] < 2
         idx = np.flatnonzero(active)
         if idx.size:
-            est = estimate_radius(_profiles(tomogram, centers[idx], box[idx], params),
-                                  n_window_bins(box[idx], params.bin_width_vox), params)
+            est = estimate_radius(profiles_of(centers, box, idx), n_window_bins(box[idx], params.bin_width_vox), params)
             failed[idx[~est.ok]] = True
             active[idx[~est.ok]] = False
             good = idx[est.ok]
@@ -267,7 +293,7 @@ def refine_batch(tomogram, centers_vox, radii_vox, params: RefineParams, *, extr
             box[good] = _box_radius(radius[good], extra[good], params)
         if progress is not None:
             progress(it + 1, params.max_iterations)
-    profiles = _profiles(tomogram, centers, box, params)
+    profiles = profiles_of(centers, box, np.arange(n))
     est = estimate_radius(profiles, n_window_bins(box, params.bin_width_vox), params)
     est = est._replace(ok=est.ok & ~failed)
     return RefineResult(centers, box, est, profiles, n_iter)

@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.mrc import inspect_volume, read_volume, release_pages, write_labels, write_volume
+from cryoves.engine.io.mrc import inspect_volume, read_volume, write_labels, write_volume
+from cryoves.engine.io.pages import release_pages
 
 
 def test_float_round_trip_keeps_data_voxel_size_and_origin(tmp_path, rng):
@@ -174,12 +175,7 @@ def test_header_statistics_are_mrcfiles_own(tmp_path, rng, kind):
         assert float(mrc.header.rms) < 0  # mrcfile's reset: statistics unset
 
 
-def _resident_mb() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096 / 1e6
-
-
-def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path, rng):
+def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path, rng, resident_mb):
     """A mapped tomogram's pages leave the process's resident memory (a view of it, as `oriented` passes, is
     enough) and read back unchanged; an array in memory is left alone."""
     data = rng.normal(size=(64, 256, 256)).astype(np.float32)  # 16.8 MB
@@ -187,9 +183,9 @@ def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path, r
     mapped = read_volume(path).data
     view = np.asarray(mapped, dtype=np.float32)
     total = float(view.sum(dtype=np.float64))  # every page mapped in
-    before = _resident_mb()
+    before = resident_mb()
     release_pages(view)
-    assert before - _resident_mb() > 12
+    assert before - resident_mb() > 12
     assert float(view.sum(dtype=np.float64)) == total
     release_pages(data)
     assert float(data.sum(dtype=np.float64)) == total

@@ -3,6 +3,8 @@
 import numpy as np
 import pytest
 
+from cryoves.engine import pipeline
+from cryoves.engine.io.mrc import read_volume, write_volume
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.pipeline import STAGES, SegmentParams, oriented, postprocess
 from cryoves.engine.scoring.matching import match_vesicles
@@ -50,6 +52,21 @@ def test_without_kept_stages_only_the_final_labels_come_back_and_nothing_else_ch
     phantom, probability = scene
     lean = postprocess(phantom.tomogram, probability, 22.0, SegmentParams(), keep_stages=False)
     assert set(lean.labels) == {"final"}
+    np.testing.assert_array_equal(lean.labels["final"], result.labels["final"])
+    np.testing.assert_equal(lean.vesicles.to_pydict(), result.vesicles.to_pydict())  # NaN == NaN
+
+
+def test_a_mapped_tomogram_refined_in_bands_gives_the_same_result(scene, result, tmp_path, monkeypatch):
+    """A tomogram mapped from its file is refined in bands of vesicles and sampled for the polarity check in
+    groups, its pages released after each (`pipeline._in_bands`): the same vesicles and labels as in memory."""
+    phantom, probability = scene
+    mapped = read_volume(write_volume(tmp_path / "scene.mrc", phantom.tomogram, 22.0)).data
+    bands = []
+    real = pipeline.refine_batch
+    monkeypatch.setattr(pipeline, "refine_batch", lambda *args: bands.append(len(args[1])) or real(*args))
+    monkeypatch.setattr(pipeline, "_BAND_BYTES", mapped.nbytes // 5)
+    lean = postprocess(mapped, probability, 22.0, SegmentParams(), keep_stages=False)
+    assert len(bands) == 5 and sum(bands) == result.labels["local"].max()
     np.testing.assert_array_equal(lean.labels["final"], result.labels["final"])
     np.testing.assert_equal(lean.vesicles.to_pydict(), result.vesicles.to_pydict())  # NaN == NaN
 

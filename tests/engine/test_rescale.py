@@ -6,6 +6,7 @@ import pytest
 from skimage.transform import resize
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.mrc import read_volume, write_volume
 from cryoves.engine.network import rescale
 from cryoves.engine.network.rescale import gaussian_prefilter, mean_std, network_shape, resample_to_shape, zscore
 
@@ -132,3 +133,15 @@ def test_nearest_to_shape_is_pixel_centre_aligned():
     # 3 -> 5 voxels: output centres at input coordinates -0.2, 0.4, 1.0, 1.6, 2.2: nearest voxels 0, 0, 1, 2, 2
     np.testing.assert_array_equal(nearest_to_shape(labels, (2, 5, 4))[0, :, 0], labels[0, [0, 0, 1, 2, 2], 0])
     assert nearest_to_shape(labels, (2, 5, 4)).dtype == np.uint16
+
+
+def test_a_mapped_tomogram_is_resampled_by_parts_that_leave_resident_memory(tmp_path, rng, monkeypatch, resident_mb):
+    """A tomogram mapped from its file is read by parts of output sections, its pages released after each: the
+    same result as in memory, and the process keeps the output, not the tomogram's 16.8 MB of pages."""
+    data = rng.normal(size=(64, 256, 256)).astype(np.float32)
+    mapped = read_volume(write_volume(tmp_path / "tomo.mrc", data, 10.0)).data
+    monkeypatch.setattr(rescale, "_MAPPED_PART_BYTES", 1 << 21)
+    before = resident_mb()
+    out = resample_to_shape(mapped, (29, 116, 116))  # 1.6 MB
+    assert resident_mb() - before < 8
+    npt.assert_array_equal(out, resample_to_shape(data, (29, 116, 116)))

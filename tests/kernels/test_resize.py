@@ -38,3 +38,19 @@ def test_bad_input():
         resize_linear(np.zeros((2, 2, 2)), (2, 0, 2))
     with pytest.raises(ValueError, match="sigma_vox must be >= 0"):
         resize_linear(np.zeros((2, 2, 2)), (2, 2, 2), -1.0)
+
+
+@pytest.mark.parametrize("shape", [(13, 18, 23), (20, 14, 50), (41, 27, 35)])  # z shrinks, stays, grows
+@pytest.mark.parametrize("sections", [(0, 1), (3, 9), (5, 13)])
+def test_sections_are_those_of_the_whole_resize(rng, shape, sections):
+    """A part of the output z-sections, from only the input sections they need, is bit for bit the whole's."""
+    volume = rng.normal(size=(20, 27, 35)).astype(np.float32)
+    whole = resize_linear(volume, shape, (0.7, 0.0, 0.4))
+    npt.assert_array_equal(resize_linear(volume, shape, (0.7, 0.0, 0.4), sections=sections),
+                           whole[sections[0]:sections[1]])
+
+
+@pytest.mark.parametrize("sections", [(0, 0), (-1, 3), (2, 14)])
+def test_sections_outside_the_output_are_refused(sections):
+    with pytest.raises(ValueError, match="sections"):
+        resize_linear(np.zeros((4, 5, 6), np.float32), (13, 5, 6), sections=sections)
