@@ -42,7 +42,14 @@ overwrite the logits), and a copy of the window for test-time augmentation or th
 network adds `model.streamed_bytes`."""
 MAX_WINDOWS_PER_AXIS = 64
 
-RESAMPLERS = {"fourier": resample_band_limited, "linear": resample_to_shape}
+
+def _linear_then_prefilter(tomogram: np.ndarray, shape: tuple[int, int, int], sigma_vox: float) -> np.ndarray:
+    """CryoVesNet's code's pre-processing: trilinear resampling, then the Gaussian (nearest boundary)."""
+    return gaussian_prefilter(resample_to_shape(tomogram, shape), sigma_vox)
+
+
+RESAMPLERS = {"fourier": resample_band_limited, "linear": _linear_then_prefilter}
+"""Resampling to the network grid with the Gaussian pre-filter of σ network voxels, by `InferenceParams.resampling`."""
 
 # method.md §2.7, in its order; axes of a (B, Z, Y, X) batch: 1 = z, 2 = y, 3 = x.
 _TTA = (
@@ -297,8 +304,7 @@ def prepare_network_input(tomogram: np.ndarray, voxel_size_a: float, params: Inf
     if tomogram.ndim != 3:
         raise CryovesError(f"tomogram must be 3-D (z, y, x), got shape {tomogram.shape}")
     shape = network_shape(tomogram.shape, voxel_size_a, params.network_voxel_size_a)
-    net = RESAMPLERS[params.resampling](tomogram, shape)
-    net = gaussian_prefilter(net, params.gaussian_sigma_vox)
+    net = RESAMPLERS[params.resampling](tomogram, shape, params.gaussian_sigma_vox)
     if np.shares_memory(net, tomogram):
         net = net.copy()
     return zscore(net, inplace=True)

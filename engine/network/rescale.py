@@ -63,33 +63,43 @@ def nearest_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return volume[np.ix_(*index)]
 
 
-def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Resize to `shape`, float32: axes that shrink by cropping their DCT-II spectrum, axes that grow trilinearly.
+def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...], sigma_vox: float = 0.0) -> np.ndarray:
+    """Resize to `shape`, float32: axes that shrink by cropping their DCT-II spectrum, axes that grow trilinearly;
+    then a Gaussian pre-filter of `sigma_vox` output voxels (0: none) with a reflecting boundary.
 
     The DCT's even extension makes the boundary reflect and its basis puts samples at pixel centres, so
     coordinates map as in `resample_to_shape`. Unlike trilinear resizing after a small anti-alias Gaussian,
     the crop keeps exactly the band of the coarser grid: white noise keeps N_out/N_in of its variance per
     axis, as an acquisition at the coarser voxel size would have it. Growing axes stay trilinear, where a
-    zero-padded spectrum would ring at edges and measured worse (benchmarks/ROBUSTNESS.md).
+    zero-padded spectrum would ring at edges and measured worse (benchmarks/ROBUSTNESS.md). On an axis that
+    shrinks, the pre-filter weights the kept coefficients by the Gaussian's transfer function, where the crop
+    transforms anyway (a 3-D filter of the 1024x1024x261 tomogram's 174x684x684 grid took 1.5 s); on the others
+    it filters directly.
     """
     if volume.ndim != len(shape):
         raise ValueError(f"volume has {volume.ndim} axes, shape {shape} has {len(shape)}")
+    if sigma_vox < 0:
+        raise ValueError(f"sigma_vox must be >= 0, got {sigma_vox}")
     shape = tuple(int(n) for n in shape)
     out = volume.astype(np.float32, copy=False)
+    shrinking = [axis for axis in range(out.ndim) if shape[axis] < out.shape[axis]]
     # shrink the axis that shrinks most first, so later transforms run on less data
-    for axis in sorted(range(out.ndim), key=lambda a: shape[a] / out.shape[a]):
-        if shape[axis] < out.shape[axis]:
-            out = _dct_shrink_axis(out, shape[axis], axis)
-    return resample_to_shape(out, shape)
+    for axis in sorted(shrinking, key=lambda a: shape[a] / out.shape[a]):
+        out = _dct_shrink_axis(out, shape[axis], axis, sigma_vox)
+    out = resample_to_shape(out, shape)
+    for axis in (a for a in range(out.ndim) if sigma_vox > 0 and a not in shrinking):
+        out = ndimage.gaussian_filter1d(out, sigma_vox, axis=axis, mode="reflect", truncate=4.0, output=np.float32)
+    return out
 
 
-def _dct_shrink_axis(volume: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+def _dct_shrink_axis(volume: np.ndarray, n_out: int, axis: int, sigma_vox: float) -> np.ndarray:
     out_shape = list(volume.shape)
     out_shape[axis] = n_out
     out = np.empty(out_shape, dtype=np.float32)
     keep = [slice(None)] * volume.ndim
     keep[axis] = slice(0, n_out)
-    scale = np.float32(np.sqrt(n_out / volume.shape[axis]))
+    weights = (np.sqrt(n_out / volume.shape[axis]) * _gaussian_response(sigma_vox, n_out)).astype(np.float32)
+    weights = weights.reshape([-1 if a == axis else 1 for a in range(volume.ndim)])
     # slabs across another axis, about _DCT_SLAB_VOXELS each: every transform along `axis` is independent, so
     # the result is the same, and small slabs stay in cache (a z pass over 1024x1024x261 at once ran 3.6x longer)
     across = next((a for a in range(volume.ndim) if a != axis), None)
@@ -100,9 +110,21 @@ def _dct_shrink_axis(volume: np.ndarray, n_out: int, axis: int) -> np.ndarray:
                  for start in range(0, volume.shape[across], step)]
     for slab in slabs:
         spectrum = scipy.fft.dct(volume[slab], type=2, norm="ortho", axis=axis, workers=-1)
-        coefficients = spectrum[tuple(keep)] * scale
+        coefficients = spectrum[tuple(keep)] * weights
         out[slab] = scipy.fft.idct(coefficients, type=2, norm="ortho", axis=axis, workers=-1)
     return out
+
+
+def _gaussian_response(sigma_vox: float, n: int) -> np.ndarray:
+    """The response of scipy's sampled Gaussian (σ voxels, truncated at 4σ and normalised) to DCT-II coefficient
+    k of n samples, frequency π k / n: filtering the even extension, i.e. with a reflecting boundary, exactly."""
+    radius = int(4.0 * sigma_vox + 0.5)
+    if radius == 0:
+        return np.ones(n)
+    taps = np.exp(-0.5 * (np.arange(radius + 1) / sigma_vox) ** 2)
+    taps /= taps[0] + 2.0 * taps[1:].sum()
+    frequency = np.pi * np.arange(n) / n
+    return taps[0] + 2.0 * np.cos(np.outer(frequency, np.arange(1, radius + 1))) @ taps[1:]
 
 
 def gaussian_prefilter(volume: np.ndarray, sigma_vox: float) -> np.ndarray:

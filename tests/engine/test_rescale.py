@@ -3,6 +3,7 @@
 import numpy as np
 import numpy.testing as npt
 import pytest
+from scipy import ndimage
 from skimage.transform import resize
 
 from cryoves.engine.errors import CryovesError
@@ -113,6 +114,18 @@ def test_band_limited_shrink_keeps_the_noise_of_the_coarser_grid():
     noise = np.random.default_rng(3).standard_normal((60, 90, 120)).astype(np.float32)
     out = rescale.resample_band_limited(noise, (40, 45, 80))
     assert out.var() == pytest.approx((40 / 60) * (45 / 90) * (80 / 120), rel=0.03)
+
+
+@pytest.mark.parametrize("shape", [(12, 20, 31), (24, 40, 50), (30, 20, 64)])  # all shrink; some; none
+def test_the_band_limited_prefilter_is_the_gaussian_with_a_reflecting_boundary(shape):
+    """σ on the shrinking axes weights the kept spectrum, on the others filters directly: either way scipy's
+    Gaussian of σ output voxels with a reflecting boundary, faces included."""
+    volume = np.random.default_rng(5).standard_normal((24, 40, 64)).astype(np.float32)
+    unfiltered = rescale.resample_band_limited(volume, shape)
+    filtered = rescale.resample_band_limited(volume, shape, 1.0)
+    npt.assert_allclose(filtered, ndimage.gaussian_filter(unfiltered, 1.0, mode="reflect", truncate=4.0),
+                        atol=1e-6 * unfiltered.std())
+    assert np.abs(filtered - unfiltered).max() > 0.5 * unfiltered.std()
 
 
 def test_band_limited_grows_trilinearly_and_keeps_constants():
