@@ -65,16 +65,16 @@ def nearest_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...], sigma_vox: float = 0.0) -> np.ndarray:
     """Resize to `shape`, float32: axes that shrink by cropping their DCT-II spectrum, axes that grow trilinearly;
-    then a Gaussian pre-filter of `sigma_vox` output voxels (0: none) with a reflecting boundary.
+    then a Gaussian pre-filter of `sigma_vox` output voxels (0: none).
 
     The DCT's even extension makes the boundary reflect and its basis puts samples at pixel centres, so
     coordinates map as in `resample_to_shape`. Unlike trilinear resizing after a small anti-alias Gaussian,
     the crop keeps exactly the band of the coarser grid: white noise keeps N_out/N_in of its variance per
     axis, as an acquisition at the coarser voxel size would have it. Growing axes stay trilinear, where a
     zero-padded spectrum would ring at edges and measured worse (benchmarks/ROBUSTNESS.md). On an axis that
-    shrinks, the pre-filter weights the kept coefficients by the Gaussian's transfer function, where the crop
-    transforms anyway (a 3-D filter of the 1024x1024x261 tomogram's 174x684x684 grid took 1.5 s); on the others
-    it filters directly.
+    shrinks, the pre-filter weights the kept coefficients by the Gaussian's response, where the crop transforms
+    anyway (a 3-D filter of the 1024x1024x261 tomogram's 174x684x684 grid took 1.5 s): its boundary reflects,
+    as the DCT's does. On the others it filters directly, with `gaussian_prefilter`'s nearest boundary.
     """
     if volume.ndim != len(shape):
         raise ValueError(f"volume has {volume.ndim} axes, shape {shape} has {len(shape)}")
@@ -88,7 +88,7 @@ def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...], sigma_vox:
         out = _dct_shrink_axis(out, shape[axis], axis, sigma_vox)
     out = resample_to_shape(out, shape)
     for axis in (a for a in range(out.ndim) if sigma_vox > 0 and a not in shrinking):
-        out = ndimage.gaussian_filter1d(out, sigma_vox, axis=axis, mode="reflect", truncate=4.0, output=np.float32)
+        out = ndimage.gaussian_filter1d(out, sigma_vox, axis=axis, mode="nearest", truncate=4.0, output=np.float32)
     return out
 
 
