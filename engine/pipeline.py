@@ -97,7 +97,8 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     search runs on the coarser of the two: a map finer than the tomogram is resampled to it, and on a coarser
     map the threshold's shell criterion reads the tomogram resampled to the map (benchmarks/ACCURACY.md: the
     same vesicles, the search 2-21 times faster at 7-15 Å). `tomogram` is already `oriented` (dark membranes).
-    A tomogram mapped from its file (`read_volume`) leaves resident memory after the threshold (`release_pages`).
+    A tomogram mapped from its file (`read_volume`) is read by parts, its pages released after each (`release_pages`:
+    the threshold's resample to a coarser map, refinement in bands of vesicles, the polarity check).
     `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8). `refiner`:
     see `refine.Refiner`. Without `keep_stages` only the final labels are returned, and each earlier label
     volume is released as soon as the next stage has used it (a third less memory at the peak).
