@@ -167,9 +167,14 @@ def estimate_radius(profiles, n_bins_valid, params: RefineParams) -> RadiusEstim
     return RadiusEstimate(radius * nan, d_m * nan, 2.0 * (radius - d_m) * nan, ok)
 
 
+def _profile_bins(box_radius, params) -> int:
+    """Profile length for a batch of boxes: every shell the largest can reach from a sub-voxel centre."""
+    return int(n_window_bins(np.max(box_radius) + 1, params.bin_width_vox)) if len(box_radius) else 1
+
+
 def _profiles(tomogram, centers, box_radius, params):
-    n_bins = int(n_window_bins(np.max(box_radius) + 1, params.bin_width_vox)) if len(centers) else 1
-    return radial_profiles(tomogram, centers, box_radius, n_bins, bin_width_vox=params.bin_width_vox)
+    return radial_profiles(tomogram, centers, box_radius, _profile_bins(box_radius, params),
+                           bin_width_vox=params.bin_width_vox)
 
 
 class _ProfileCache:
@@ -194,8 +199,7 @@ class _ProfileCache:
             self._rows[stale] = np.nan
             self._rows[stale, :fresh.shape[1]] = fresh
             self._centers[stale], self._box[stale] = centers[stale], box[stale]
-        n_bins = int(n_window_bins(np.max(box[idx]) + 1, self._params.bin_width_vox)) if idx.size else 1
-        return self._rows[idx, :n_bins]
+        return self._rows[idx, :_profile_bins(box[idx], self._params)]
 
 
 def _shifts(tomogram, centers, profiles, box_radius, params):
