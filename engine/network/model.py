@@ -344,10 +344,15 @@ def _streamed_logits(window: np.ndarray, layers: dict, head: tuple, rows: int, l
         cache[name] = _Rows(max(1, rows >> level),
                             lambda p, q, name=name, inputs=inputs, n=n: step(p, q, name, inputs, n), consumers[name])
     kernel, bias = head
-    for start in range(0, n_z, rows):
-        last = cache[_GRAPH[-1][0]].get(start, min(start + rows, n_z), "head")
-        last = tf.cast(last, tf.float32)
-        logits[start:start + last.shape[0]] = (tf.tensordot(last, kernel, 1) + bias).numpy()[..., 0]
+    try:
+        for start in range(0, n_z, rows):
+            last = cache[_GRAPH[-1][0]].get(start, min(start + rows, n_z), "head")
+            last = tf.cast(last, tf.float32)
+            logits[start:start + last.shape[0]] = (tf.tensordot(last, kernel, 1) + bias).numpy()[..., 0]
+    finally:
+        # the rows' compute functions refer back to `cache`: without this the cycle would hold the window
+        # (and its batch) and the kept layer outputs until Python's next garbage collection
+        cache.clear()
 
 
 def make_logit_fn(weights: dict[str, list[np.ndarray]], rows: int | None = None,

@@ -1,5 +1,8 @@
 """The U-Net of method.md §2.5: architecture, parameter count, CryoVesNet weight loading."""
 
+import gc
+import weakref
+
 import h5py
 import numpy as np
 import numpy.testing as npt
@@ -57,6 +60,20 @@ def test_logit_model_drops_only_the_sigmoid(random_model):
     x = np.random.default_rng(2).standard_normal((2, 16, 24, 8, 1)).astype(np.float32)
     logits = np.asarray(logit_model(random_model)(x, training=False))
     npt.assert_allclose(1 / (1 + np.exp(-logits)), np.asarray(random_model(x, training=False)), atol=1e-6)
+
+
+def test_logit_fn_holds_nothing_of_a_window_once_it_returns(random_model):
+    """The streamed forward's row caches refer to each other: they are cleared on return, not left to Python's
+    garbage collector, which held the window (and its batch) and layer outputs after the network ran."""
+    window = np.random.default_rng(3).standard_normal((1, 16, 24, 8)).astype(np.float32)
+    gone = weakref.ref(window)
+    gc.disable()
+    try:
+        make_logit_fn(layer_weights(random_model))(window)
+        del window
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_logit_fn_rejects_sizes_off_the_pooling_grid(random_model):
