@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 from scipy import ndimage
 
-from cryoves.engine.io.pages import is_mapped, release_pages
+from cryoves.engine.io.pages import is_mapped, read_box, release_pages
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.network.inference import InferenceParams, LogitFn, predict_probability, probability_on_input_grid
 from cryoves.engine.network.rescale import nearest_to_shape, resample_to_shape
@@ -223,11 +223,13 @@ def membrane_polarity(tomogram: np.ndarray, vesicles: pa.Table) -> float:
     points = (centers[:, None, None, :]
               + (fractions[None, :, None, None] * radii[:, None, None, None]) * directions[None, None, :, :])
     samples = np.empty(points.shape[:3])
-    for i, vesicle in enumerate(points):  # one at a time, a mapped tomogram's pages released after each: reading
-        # around one vesicle maps 10-20 MB of them (whole rows of sections, 64 KB per fault), 128 vesicles all of it
-        samples[i] = ndimage.map_coordinates(tomogram, vesicle.reshape(-1, 3).T, order=1,
+    for i, vesicle in enumerate(points.reshape(len(points), -1, 3)):  # from each one's box, which a mapped tomogram
+        # reads from its file (`read_box`): through the map, 128 vesicles would make much of the tomogram resident
+        lo = np.clip(np.floor(vesicle.min(axis=0)).astype(int), 0, None)
+        hi = np.minimum(np.floor(vesicle.max(axis=0)).astype(int) + 2, tomogram.shape)  # the linear interpolation's
+        box = read_box(tomogram, tuple(slice(a, b) for a, b in zip(lo, hi)))  # neighbours; the tomogram's faces
+        samples[i] = ndimage.map_coordinates(box, (vesicle - lo).T, order=1,  # where it ends there ("nearest")
                                              mode="nearest").reshape(samples[i].shape)
-        release_pages(tomogram)
     profiles = samples.mean(axis=2)
     median = np.median(profiles, axis=1)
     dip, peak = median - profiles.min(axis=1), profiles.max(axis=1) - median

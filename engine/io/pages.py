@@ -1,11 +1,13 @@
 """The resident pages of a memory-mapped tomogram: mapped files count in a process's resident memory for as long as
-their pages stay mapped, so the steps that read a whole tomogram give them back."""
+their pages stay mapped, so the steps that read a whole tomogram give them back, and the steps that read small boxes
+of it read them from the file (`read_box`)."""
 
 import mmap
+import os
 
 import numpy as np
 
-__all__ = ["is_mapped", "release_pages"]
+__all__ = ["is_mapped", "read_box", "release_pages"]
 
 
 def is_mapped(data: np.ndarray) -> bool:
@@ -23,9 +25,45 @@ def release_pages(data: np.ndarray) -> None:
         mapped.madvise(mmap.MADV_DONTNEED)
 
 
-def _mapping(data: np.ndarray) -> mmap.mmap | None:
+def read_box(data: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
+    """`data[box]` (3-D, unit steps) as a new array. A C-ordered read-only memory-mapped volume is read with the
+    file's reads, whole rows of each section of the box, not through the map: a page fault maps a whole block of
+    the operating system's cache (measured: about 1 MB, a section of a 512x512 float32 tomogram, per fault), so
+    reading around one vesicle through the map made 40-65 MB of it resident."""
+    region = _file_region(data)
+    if region is None:
+        return np.array(data[box])
+    path, offset = region
+    (z0, z1, _), (y0, y1, _), (x0, x1, _) = (s.indices(n) for s, n in zip(box, data.shape))
+    _, ny, nx = data.shape
+    rows = np.empty((max(z1 - z0, 0), max(y1 - y0, 0), nx), data.dtype)
+    with open(path, "rb", buffering=0) as handle:
+        for section, z in zip(rows, range(z0, z1)):
+            buffer = memoryview(section).cast("B")
+            start = offset + (z * ny + y0) * nx * data.itemsize
+            if os.preadv(handle.fileno(), [buffer], start) != buffer.nbytes:
+                raise OSError(f"{path}: ended before section {z} of its mapped volume (was it truncated?)")
+    return np.array(rows[:, :, x0:x1])
+
+
+def _memmap(data: np.ndarray) -> np.memmap | None:
+    """The read-only `np.memmap` made on the file's map that `data` views, if any (its slices are memmaps too, with
+    the same `offset` but not at it)."""
     base = data
-    while base is not None and not isinstance(base, np.memmap):
+    while base is not None and not (isinstance(base, np.memmap) and isinstance(base.base, mmap.mmap)):
         base = getattr(base, "base", None)
-    mapped = getattr(base, "_mmap", None)
-    return mapped if mapped is not None and base.mode == "r" and hasattr(mmap, "MADV_DONTNEED") else None
+    return base if base is not None and base.mode == "r" else None
+
+
+def _mapping(data: np.ndarray) -> mmap.mmap | None:
+    base = _memmap(data)
+    return base._mmap if base is not None and hasattr(mmap, "MADV_DONTNEED") else None
+
+
+def _file_region(data: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset of data[0, 0, 0]) of a 3-D C-ordered view of a read-only memory-mapped file; None for
+    anything else, read through the array."""
+    base = _memmap(data)
+    if base is None or data.ndim != 3 or not data.flags.c_contiguous or not getattr(base, "filename", None):
+        return None
+    return base.filename, base.offset + data.ctypes.data - base.ctypes.data

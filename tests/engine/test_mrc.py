@@ -4,7 +4,7 @@ import pytest
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import inspect_volume, read_volume, write_labels, write_volume
-from cryoves.engine.io.pages import release_pages
+from cryoves.engine.io.pages import read_box, release_pages
 
 
 def test_float_round_trip_keeps_data_voxel_size_and_origin(tmp_path, rng):
@@ -189,3 +189,20 @@ def test_released_pages_leave_resident_memory_and_read_back_the_same(tmp_path, r
     assert float(view.sum(dtype=np.float64)) == total
     release_pages(data)
     assert float(data.sum(dtype=np.float64)) == total
+
+
+def test_a_box_of_a_mapped_tomogram_is_read_from_its_file(tmp_path, rng, resident_mb):
+    """`read_box` equals slicing for a mapped tomogram, its C-ordered views and arrays in memory; from a mapped
+    file it reads with the file's reads, so the map's pages stay out of resident memory (through the map, 8 rows
+    of each of 64 sections would fault in at least 64 x 64 KB)."""
+    data = rng.normal(size=(64, 256, 256)).astype(np.float32)
+    mapped = read_volume(write_volume(tmp_path / "tomo.mrc", data, 10.0)).data
+    box = (slice(0, 64), slice(100, 108), slice(7, 250))
+    release_pages(mapped)
+    before = resident_mb()
+    np.testing.assert_array_equal(read_box(mapped, box), data[box])
+    assert resident_mb() - before < 2
+    for view, expected in ((np.asarray(mapped, np.float32), data), (mapped[5:40], data[5:40]),
+                           (mapped[:, 3:], data[:, 3:]), (data, data)):
+        np.testing.assert_array_equal(read_box(view, (slice(2, 30), slice(250, 300), slice(-9, None))),
+                                      expected[2:30, 250:300, -9:])

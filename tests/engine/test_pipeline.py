@@ -57,8 +57,9 @@ def test_without_kept_stages_only_the_final_labels_come_back_and_nothing_else_ch
 
 
 def test_a_mapped_tomogram_refined_in_bands_gives_the_same_result(scene, result, tmp_path, monkeypatch):
-    """A tomogram mapped from its file is refined in bands of vesicles and sampled for the polarity check in
-    groups, its pages released after each (`pipeline._in_bands`): the same vesicles and labels as in memory."""
+    """A tomogram mapped from its file is refined in bands of vesicles, its pages released after each
+    (`pipeline._in_bands`), and sampled for the polarity check from its file (`read_box`): the same vesicles,
+    labels and warnings as in memory."""
     phantom, probability = scene
     mapped = read_volume(write_volume(tmp_path / "scene.mrc", phantom.tomogram, 22.0)).data
     bands = []
@@ -69,6 +70,9 @@ def test_a_mapped_tomogram_refined_in_bands_gives_the_same_result(scene, result,
     assert len(bands) == 5 and sum(bands) == result.labels["local"].max()
     np.testing.assert_array_equal(lean.labels["final"], result.labels["final"])
     np.testing.assert_equal(lean.vesicles.to_pydict(), result.vesicles.to_pydict())  # NaN == NaN
+    assert lean.warnings == result.warnings
+    polarity = pipeline.membrane_polarity(phantom.tomogram, result.vesicles)
+    assert polarity > 0 and pipeline.membrane_polarity(mapped, result.vesicles) == pytest.approx(polarity, rel=1e-9)
 
 
 def test_final_labels_are_the_kept_spheres_in_table_order(result):
