@@ -67,17 +67,20 @@ def _warm_detection() -> None:
 
 
 def _warm_measurement() -> None:
-    """The kernels from sphere refinement on: radial profiles, boxes, back-projection, outliers, rendering."""
+    """The kernels from sphere refinement on: radial profiles, boxes, back-projection, outliers, rendering, and the
+    statistics of the volumes written (labels and float32 maps)."""
     from cryoves.engine.pipeline import SegmentParams
     from cryoves.engine.stages.outliers import detect_outliers
     from cryoves.engine.stages.overlaps import render_labels, resolve_overlaps
     from cryoves.engine.stages.refine import refine_spheres
+    from cryoves.kernels.stats import volume_stats
 
     tomogram, _, labels = _scene()
     params = SegmentParams()
     spheres = refine_spheres(tomogram, labels, 22.0, params.refine)
     checked = detect_outliers(tomogram, spheres, 22.0, params.outliers, params.refine)
-    render_labels(_SHAPE, resolve_overlaps(checked, 22.0, params.overlap))
+    volume_stats(render_labels(_SHAPE, resolve_overlaps(checked, 22.0, params.overlap)))
+    volume_stats(tomogram)
 
 
 PARTS = {"detection": _warm_detection, "measurement": _warm_measurement}

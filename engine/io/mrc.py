@@ -13,7 +13,8 @@ import numpy as np
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
-from cryoves.engine.network.rescale import mean_std, z_slabs
+from cryoves.engine.network.rescale import z_slabs
+from cryoves.kernels.stats import VolumeStats, volume_stats
 
 MIN_VOXEL_SIZE_A = 1.0
 MAX_VOXEL_SIZE_A = 100.0
@@ -114,20 +115,22 @@ def write_labels(path, labels: np.ndarray, voxel_size_a: float, origin_a=(0.0, 0
     labels are stored as float32, which represents every integer label exactly up to 2**24.
     """
     labels = np.asarray(labels)
-    if labels.size and labels.min() < 0:
+    stats = volume_stats(labels)
+    if labels.size and stats.min < 0:
         raise ValueError("labels must be non-negative")
-    top = int(labels.max()) if labels.size else 0
+    top = int(stats.max) if labels.size else 0
     if top > 2**24:
         raise CryovesError(f"{path}: {top} labels cannot be stored exactly in an MRC file")
     dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.float32
-    return _write(Path(path), labels.astype(dtype, copy=False), voxel_size_a, origin_a)
+    return _write(Path(path), labels.astype(dtype, copy=False), voxel_size_a, origin_a, stats)
 
 
-def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a) -> Path:
+def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a, stats: VolumeStats | None = None) -> Path:
+    """`stats`: the data's, where the caller has them (the same values in any type it is stored as)."""
     if data.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {data.shape}")
     with atomic_output(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
-        mrc.update_header_stats = lambda: _header_stats(mrc)  # set_data calls it
+        mrc.update_header_stats = lambda: _header_stats(mrc, stats)  # set_data calls it
         mrc.set_data(data)
         mrc.voxel_size = float(voxel_size_a)
         z, y, x = (float(v) for v in origin_a)
@@ -135,16 +138,14 @@ def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a) -> Path:
     return path
 
 
-def _header_stats(mrc) -> None:
-    """mrcfile's `update_header_stats` (dmin, dmax, dmean, rms) by z-slabs: its own makes a temporary the size of
-    the volume (1.1 GB for a 1024x1024x261 label volume, a second or more to fill)."""
+def _header_stats(mrc, stats: VolumeStats | None) -> None:
+    """mrcfile's `update_header_stats` (dmin, dmax, dmean, rms) in one read of the data (`volume_stats`): its own
+    makes a temporary the size of the volume (1.1 GB for a 1024x1024x261 label volume, a second or more to fill)."""
     if mrc.data.size == 0:
         mrc.reset_header_stats()
         return
-    mean, std = mean_std(mrc.data)
     header = mrc.header
-    header.dmin, header.dmax = np.float32(mrc.data.min()), np.float32(mrc.data.max())
-    header.dmean, header.rms = np.float32(mean), np.float32(std)
+    header.dmin, header.dmax, header.dmean, header.rms = (np.float32(v) for v in stats or volume_stats(mrc.data))
 
 
 def _open(path: Path, mmap: bool):

@@ -12,11 +12,11 @@ from cryoves.engine.warmup import KernelWarmup
 
 SIGNATURES = """
 import numba
-from cryoves.kernels import components, labels, radial, render, resize, shell
+from cryoves.kernels import components, labels, radial, render, resize, shell, stats
 
 def signatures():
     return {f"{m.__name__}.{name}": set(map(str, f.signatures))
-            for m in (components, labels, radial, render, resize, shell)
+            for m in (components, labels, radial, render, resize, shell, stats)
             for name, f in vars(m).items() if isinstance(f, numba.core.registry.CPUDispatcher)}
 """
 
@@ -35,6 +35,7 @@ def test_segment_after_warmup_compiles_nothing_new(tmp_path):
     np.save(tmp_path / "network.npy", (phantom.labels[::2, ::2, ::2] > 0).astype(np.float32) * 0.98 + 0.01)
     result = _python(SIGNATURES + f"""
 import numpy as np
+from cryoves.engine.io.mrc import write_labels, write_volume
 from cryoves.engine.network.inference import probability_on_input_grid
 from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.warmup import warm_kernels
@@ -46,6 +47,8 @@ tomogram = np.load("{tmp_path / 'tomogram.npy'}", mmap_mode="r")  # read-only, a
 probability = probability_on_input_grid(np.load("{tmp_path / 'network.npy'}"), tomogram.shape)
 result = postprocess(tomogram, probability, 22.0, SegmentParams())
 assert (result.vesicles.column("outcome").to_numpy(zero_copy_only=False) == "kept").sum() >= 4
+write_labels("{tmp_path / 'labels.mrc'}", result.labels["final"], 22.0)
+write_volume("{tmp_path / 'probability.mrc'}", probability, 22.0)
 new = {{name: sigs - warm[name] for name, sigs in signatures().items() if sigs - warm[name]}}
 assert not new, new
 """)
