@@ -29,12 +29,13 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.tables import CENTER_COLUMNS
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.labels import present_labels
-from cryoves.kernels.radial import back_project, extract_boxes, radial_profiles, xcorr_shift
+from cryoves.kernels.radial import back_project, box_profiles, extract_boxes, xcorr_shift
 
 __all__ = ["RefineParams", "RadiusEstimate", "RefineResult", "estimate_radius", "measure_spheres", "refine_batch",
            "refine_spheres", "segment_spheres", "profile_correlation", "build_table", "TABLE_SCHEMA"]
 
 _BATCH_VOXELS = 1 << 22  # voxels per FFT batch (about 32 MiB per float64 stack)
+_KEPT_BOX_BYTES = 1 << 26  # boxes of raw data kept between a profile and the correlation that reads them again
 
 TABLE_SCHEMA = pa.schema([
     ("id", pa.int32()),
@@ -172,48 +173,73 @@ def _profile_bins(box_radius, params) -> int:
     return int(n_window_bins(np.max(box_radius) + 1, params.bin_width_vox)) if len(box_radius) else 1
 
 
-def _profiles(tomogram, centers, box_radius, params):
-    return radial_profiles(tomogram, centers, box_radius, _profile_bins(box_radius, params),
-                           bin_width_vox=params.bin_width_vox)
-
-
-class _ProfileCache:
-    """`_profiles` of chosen vesicles, recomputed only for those whose centre or box changed since it was last
-    computed: a loop cycle's first profile is the previous cycle's last unless the box grew, and the final one
-    is each vesicle's last (row i depends on vesicle i alone, so a cached row is the row a new call would give).
-    """
+class _Boxes:
+    """Each vesicle's box of raw data (`extract_boxes`) at its centre and box radius, kept while it is active (at
+    most `_KEPT_BOX_BYTES` of them), and the radial profile taken from it (`box_profiles`, the tomogram's own
+    profile bit for bit). A cycle's profile and correlation read the same box, and the profile after a move reads
+    the next cycle's box unless the box grew or shrank: the tomogram is read about once per centre and box, not
+    twice. Row i depends on vesicle i alone, so a kept row is the row a new read would give."""
 
     def __init__(self, tomogram, n: int, params: RefineParams) -> None:
         self._tomogram, self._params = tomogram, params
         self._centers = np.full((n, 3), np.nan)
         self._box = np.full(n, -1, dtype=np.int64)
         self._rows = np.full((n, 1), np.nan)
+        self._boxes: list[np.ndarray | None] = [None] * n
+        self._kept_bytes = 0
 
-    def __call__(self, centers, box, idx):
+    def profiles(self, centers, box, idx, *, keep: bool = True) -> np.ndarray:
+        """Profiles of vesicles `idx` at `centers` and `box`, reading the boxes that changed (kept when `keep`)."""
         stale = idx[(self._box[idx] != box[idx]) | np.any(self._centers[idx] != centers[idx], axis=1)]
-        if stale.size:
-            fresh = _profiles(self._tomogram, centers[stale], box[stale], self._params)
-            width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
-            if width > self._rows.shape[1]:
-                self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])), constant_values=np.nan)
-            self._rows[stale] = np.nan
-            self._rows[stale, :fresh.shape[1]] = fresh
-            self._centers[stale], self._box[stale] = centers[stale], box[stale]
+        for r in np.unique(box[stale]):
+            same = stale[box[stale] == r]
+            for part in np.array_split(same, -(-same.size * (2 * int(r) + 1) ** 3 // _BATCH_VOXELS)):
+                boxes = extract_boxes(self._tomogram, centers[part], int(r))
+                fresh = box_profiles(boxes, _offsets(centers[part]), _profile_bins(box[part], self._params),
+                                     bin_width_vox=self._params.bin_width_vox)
+                width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
+                if width > self._rows.shape[1]:
+                    self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])),
+                                        constant_values=np.nan)
+                self._rows[part] = np.nan
+                self._rows[part, :fresh.shape[1]] = fresh
+                self.drop(part)
+                for i, one in zip(part, boxes):
+                    if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
+                        self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
+        self._centers[stale], self._box[stale] = centers[stale], box[stale]
         return self._rows[idx, :_profile_bins(box[idx], self._params)]
 
+    def boxes(self, centers, r: int, idx) -> np.ndarray:
+        """The boxes of radius `r` of vesicles `idx` at `centers`, stacked: kept ones, the others read again."""
+        missing = [i for i in idx if self._boxes[i] is None]
+        read = dict(zip(missing, extract_boxes(self._tomogram, centers[missing], r))) if missing else {}
+        return np.stack([read[i] if self._boxes[i] is None else self._boxes[i] for i in idx])
 
-def _shifts(tomogram, centers, profiles, box_radius, params):
-    """Cross-correlation displacement of each vesicle, FFTs batched by box size."""
-    shifts = np.zeros((len(centers), 3))
-    offsets = centers - np.floor(centers + 0.5)
+    def drop(self, idx) -> None:
+        """Forget the kept boxes of vesicles `idx` (their profiles stay)."""
+        for i in idx:
+            if self._boxes[i] is not None:
+                self._kept_bytes -= self._boxes[i].nbytes
+                self._boxes[i] = None
+
+
+def _offsets(centers):
+    """A centre's offset from its box's middle voxel, as the kernels take it."""
+    return centers - np.floor(centers + 0.5)
+
+
+def _shifts(boxes: _Boxes, centers, profiles, box_radius, idx, params):
+    """Cross-correlation displacement of vesicles `idx` (their kept boxes), FFTs batched by box size."""
+    shifts = np.zeros((len(idx), 3))
+    offsets = _offsets(centers[idx])
     for r in np.unique(box_radius):
-        idx = np.flatnonzero(box_radius == r)
+        rows = np.flatnonzero(box_radius == r)
         step = max(1, _BATCH_VOXELS // (2 * int(r) + 1) ** 3)
-        for start in range(0, idx.size, step):
-            part = idx[start:start + step]
+        for start in range(0, rows.size, step):
+            part = rows[start:start + step]
             models = back_project(profiles[part], int(r), offsets[part], bin_width_vox=params.bin_width_vox)
-            boxes = extract_boxes(tomogram, centers[part], int(r))
-            shifts[part] = xcorr_shift(boxes, models, subvoxel=params.subvoxel)
+            shifts[part] = xcorr_shift(boxes.boxes(centers, int(r), idx[part]), models, subvoxel=params.subvoxel)
     return shifts
 
 
@@ -271,13 +297,13 @@ def refine_batch(tomogram, centers_vox, radii_vox, params: RefineParams, *, extr
     n_iter = np.zeros(n, dtype=np.int64)
     failed = np.zeros(n, dtype=bool)
     active = np.ones(n, dtype=bool)
-    profiles_of = _ProfileCache(tomogram, n, params)
+    boxes = _Boxes(tomogram, n, params)
     for it in range(params.max_iterations):
         idx = np.flatnonzero(active)
         if idx.size == 0:
             break
-        profiles = profiles_of(centers, box, idx)
-        step = _shifts(tomogram, centers[idx], profiles, box[idx], params)
+        profiles = boxes.profiles(centers, box, idx)
+        step = _shifts(boxes, centers, profiles, box[idx], idx, params)
         n_iter[idx] += 1
         new_total = total[idx] + step
         too_far = np.linalg.norm(new_total, axis=1) > half_diagonal[idx]
@@ -287,17 +313,20 @@ def refine_batch(tomogram, centers_vox, radii_vox, params: RefineParams, *, extr
         zeros[idx] += np.all(np.round(step) == 0, axis=1)
         active[idx[too_far]] = False
         active[idx] &= zeros[idx] < 2
+        boxes.drop(idx[~active[idx]])
         idx = np.flatnonzero(active)
         if idx.size:
-            est = estimate_radius(profiles_of(centers, box, idx), n_window_bins(box[idx], params.bin_width_vox), params)
+            est = estimate_radius(boxes.profiles(centers, box, idx), n_window_bins(box[idx], params.bin_width_vox),
+                                  params)
             failed[idx[~est.ok]] = True
             active[idx[~est.ok]] = False
+            boxes.drop(idx[~est.ok])
             good = idx[est.ok]
             radius[good] = est.radius_vox[est.ok]
             box[good] = _box_radius(radius[good], extra[good], params)
         if progress is not None:
             progress(it + 1, params.max_iterations)
-    profiles = profiles_of(centers, box, np.arange(n))
+    profiles = boxes.profiles(centers, box, np.arange(n), keep=False)
     est = estimate_radius(profiles, n_window_bins(box, params.bin_width_vox), params)
     est = est._replace(ok=est.ok & ~failed)
     return RefineResult(centers, box, est, profiles, n_iter)

@@ -172,3 +172,15 @@ def test_refining_chunks_of_vesicles_and_joining_them_is_the_same_table(scene, c
     whole = refine_spheres(scene, labels, VOXEL_A).to_pydict()
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=chunked).to_pydict(), whole)  # NaN == NaN
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=refine_batch).to_pydict(), whole)
+
+
+@pytest.mark.parametrize("kept_bytes", [0, 300_000])
+def test_boxes_read_again_past_the_kept_bytes_give_the_same_table(scene, kept_bytes, monkeypatch):
+    """Refinement keeps each vesicle's box between its profile and its correlation up to `_KEPT_BOX_BYTES`, and
+    reads the others again: none kept, some (about two boxes of 31-35 voxels) or all give the same table."""
+    from cryoves.engine.stages import refine
+
+    labels = ball_labels(SHAPE, CENTERS, RADII)
+    whole = refine_spheres(scene, labels, VOXEL_A).to_pydict()
+    monkeypatch.setattr(refine, "_KEPT_BOX_BYTES", kept_bytes)
+    npt.assert_equal(refine_spheres(scene, labels, VOXEL_A).to_pydict(), whole)  # NaN == NaN

@@ -1,4 +1,4 @@
-"""radial_profiles / extract_boxes / back_project / xcorr_shift against their references."""
+"""radial_profiles / box_profiles / extract_boxes / back_project / xcorr_shift against their references."""
 
 import numpy as np
 import numpy.testing as npt
@@ -7,6 +7,7 @@ import pytest
 from cryoves.kernels.radial import (
     back_project,
     back_project_reference,
+    box_profiles,
     extract_boxes,
     extract_boxes_reference,
     radial_profiles,
@@ -38,6 +39,21 @@ def test_profiles_match_reference(rng, shape, dtype, bin_width):
     want = radial_profiles_reference(volume, centers, box, 15, bin_width_vox=bin_width)
     npt.assert_array_equal(np.isnan(got), np.isnan(want))
     npt.assert_allclose(got, want, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("r", [0, 1, 5])
+@pytest.mark.parametrize("bin_width", [1.0, 0.7])
+def test_box_profiles_of_read_boxes_match_the_volume_reference(rng, r, bin_width):
+    """Profiles from boxes already read (NaN outside the volume: clipped boxes) are the volume's profiles."""
+    volume = (rng.normal(size=(9, 14, 12)) * 100).astype(np.float32)
+    centers = _centers(rng, volume.shape, 20)
+    boxes = extract_boxes(volume, centers, r)
+    got = box_profiles(boxes, centers - np.floor(centers + 0.5), 12, bin_width_vox=bin_width)
+    npt.assert_allclose(got, radial_profiles_reference(volume, centers, r, 12, bin_width_vox=bin_width),
+                        rtol=1e-12, atol=1e-9)
+    npt.assert_array_equal(got, radial_profiles(volume, centers, r, 12, bin_width_vox=bin_width))
+    with pytest.raises(ValueError, match="odd edge"):
+        box_profiles(boxes[:, :-1], centers - np.floor(centers + 0.5), 12)
 
 
 def test_profile_of_distance_volume_is_arange():
