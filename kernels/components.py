@@ -171,7 +171,9 @@ def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:
     candidates = np.flatnonzero(flat > np.float64(thresholds.min()))  # compared in float64, no copy
     order = candidates[np.argsort(-flat[candidates], kind="stable")]
     descending = np.argsort(-thresholds, kind="stable")
-    counts = _counts(readonly(values), readonly(order), readonly(thresholds[descending]), float(min_size))
+    padded, neighbours, size = _padded(values.shape, order)
+    counts = _counts(readonly(padded), readonly(flat[order].astype(np.float64)), size, readonly(neighbours),
+                     readonly(thresholds[descending]), float(min_size))
     out = np.empty(thresholds.size, np.int64)
     out[descending] = counts
     return out
@@ -196,7 +198,10 @@ def deep_maxima(values, depth: float) -> np.ndarray:
     flat = values.reshape(-1)
     candidates = np.flatnonzero(flat > 0)
     order = candidates[np.argsort(-flat[candidates], kind="stable")]
-    return np.flatnonzero(_deep_peaks(readonly(values), readonly(order), float(depth)))
+    padded, neighbours, size = _padded(values.shape, order)
+    deep = _deep_peaks(readonly(padded), readonly(flat[order].astype(np.float64)), size, readonly(neighbours),
+                       float(depth))
+    return np.sort(order[deep])
 
 
 def deep_maxima_reference(values, depth: float) -> np.ndarray:
@@ -213,44 +218,40 @@ def _find(parent, v):
     return v
 
 
-@numba.njit(cache=True)
-def _active_neighbours(v, shape, parent, near):
-    """Writes the flat indices of voxel v's 26 neighbours already in the forest (parent >= 0) to `near`;
-    returns how many."""
+def _padded(shape, order):
+    """The voxels `order` (flat indices) in the volume padded by one voxel on every face, where a voxel's 26
+    neighbours lie at fixed offsets (returned, z, y, x ascending) and the padding never enters the forest (no
+    bounds to check), and the padded size. Indices keep their order."""
     nz, ny, nx = shape
-    z, rem = divmod(v, ny * nx)
-    y, x = divmod(rem, nx)
-    n = 0
-    for zz in range(max(z - 1, 0), min(z + 2, nz)):
-        for yy in range(max(y - 1, 0), min(y + 2, ny)):
-            for xx in range(max(x - 1, 0), min(x + 2, nx)):
-                u = (zz * ny + yy) * nx + xx
-                if u != v and parent[u] >= 0:
-                    near[n] = u
-                    n += 1
-    return n
+    z, rest = np.divmod(order, ny * nx)
+    y, x = np.divmod(rest, nx)
+    plane, row = (ny + 2) * (nx + 2), nx + 2
+    step = np.array([-1, 0, 1])
+    neighbours = (step[:, None, None] * plane + step[None, :, None] * row + step[None, None, :]).ravel()
+    return ((z + 1) * plane + (y + 1) * row + (x + 1)), neighbours[neighbours != 0], (nz + 2) * plane
 
 
 @numba.njit(cache=True)
-def _counts(values, order, thresholds_descending, min_size):
-    flat = values.reshape(-1)
-    parent = np.full(flat.size, -1, np.int64)  # -1: not yet above the level
-    size = np.zeros(flat.size, np.int64)
+def _counts(order, levels, size_padded, neighbours, thresholds_descending, min_size):
+    """`component_counts` of the voxels `order` (padded indices, `_padded`) at `levels`, highest first."""
+    parent = np.full(size_padded, -1, np.int64)  # -1: not yet above the level
+    size = np.zeros(size_padded, np.int64)
     counts = np.zeros(thresholds_descending.size, np.int64)
-    near = np.empty(26, np.int64)
     large = 0
     k = 0
     for j in range(thresholds_descending.size):
         t = thresholds_descending[j]
-        while k < order.size and np.float64(flat[order[k]]) > t:
+        while k < order.size and levels[k] > t:
             v = order[k]
             k += 1
             parent[v] = v
             size[v] = 1
             if 1 >= min_size:
                 large += 1
-            for m in range(_active_neighbours(v, values.shape, parent, near)):
-                u = near[m]
+            for m in range(neighbours.size):
+                u = v + neighbours[m]
+                if parent[u] < 0:
+                    continue
                 a, b = _find(parent, u), _find(parent, v)
                 if a == b:
                     continue
@@ -265,27 +266,27 @@ def _counts(values, order, thresholds_descending, min_size):
 
 
 @numba.njit(cache=True)
-def _deep_peaks(values, order, depth):
-    flat = values.reshape(-1)
-    parent = np.full(flat.size, -1, np.int64)
-    size = np.zeros(flat.size, np.int64)
-    peak = np.zeros(flat.size, np.int64)  # of a root: its component's highest voxel (the first to enter)
-    deep = np.zeros(flat.size, np.bool_)
-    near = np.empty(26, np.int64)
+def _deep_peaks(order, levels, size_padded, neighbours, depth):
+    """Positions in `order` (padded indices, `_padded`, at `levels`, highest first) of the deep maxima's peaks."""
+    parent = np.full(size_padded, -1, np.int64)
+    size = np.zeros(size_padded, np.int64)
+    peak = np.zeros(size_padded, np.int64)  # of a root: its component's highest voxel, as a position in `order`
+    deep = np.zeros(order.size, np.bool_)
     for k in range(order.size):
         v = order[k]
         parent[v] = v
         size[v] = 1
-        peak[v] = v
-        level = np.float64(flat[v])
-        for m in range(_active_neighbours(v, values.shape, parent, near)):
-            u = near[m]
+        peak[v] = k
+        for m in range(neighbours.size):
+            u = v + neighbours[m]
+            if parent[u] < 0:
+                continue
             a, b = _find(parent, u), _find(parent, v)
             if a == b:
                 continue
-            # the component whose peak entered later (the lower) ends here, at the saddle `level`
-            high, low = (peak[a], peak[b]) if _entered_before(flat, peak[a], peak[b]) else (peak[b], peak[a])
-            if np.float64(flat[low]) - level > depth:
+            # the component whose peak entered later (the lower) ends here, at the saddle levels[k]
+            high, low = (peak[a], peak[b]) if peak[a] < peak[b] else (peak[b], peak[a])
+            if levels[low] - levels[k] > depth:
                 deep[low] = True
             if size[a] < size[b]:
                 a, b = b, a
@@ -296,10 +297,4 @@ def _deep_peaks(values, order, depth):
         v = order[k]
         if parent[v] == v:
             deep[peak[v]] = True
-    return deep
-
-
-@numba.njit(cache=True)
-def _entered_before(flat, i, j):
-    """Whether voxel i is higher than voxel j (ties: the lower index, as the stable descending sort has it)."""
-    return flat[i] > flat[j] or (flat[i] == flat[j] and i < j)
+    return np.flatnonzero(deep)
