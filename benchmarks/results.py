@@ -106,7 +106,7 @@ def per_vesicle_stages(tomogram, labels, *, reference: bool = False):
     from cryoves.kernels import radial
 
     swaps = [(refine, name, getattr(radial, f"{name}_reference"))
-             for name in ("radial_profiles", "back_project", "extract_boxes", "xcorr_shift")]
+             for name in ("box_profiles", "back_project", "extract_boxes", "xcorr_shift")]
     swaps.append((spheres, "render_spheres", render_spheres_reference))
     with ExitStack() as stack:
         for module, name, function in swaps if reference else ():

@@ -114,7 +114,7 @@ def test_per_vesicle_stages(benchmark, kernels, phantom_segments, monkeypatch):
 
     tomogram, labels = phantom_segments
     if kernels == "reference":
-        for name in ("radial_profiles", "back_project", "extract_boxes", "xcorr_shift"):
+        for name in ("box_profiles", "back_project", "extract_boxes", "xcorr_shift"):
             monkeypatch.setattr(refine, name, getattr(radial, f"{name}_reference"))
         monkeypatch.setattr(spheres, "render_spheres", render_spheres_reference)
 

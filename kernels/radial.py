@@ -28,6 +28,7 @@ _BATCH_VOXELS = 1 << 22
 __all__ = [
     "radial_profiles",
     "box_profiles",
+    "box_profiles_reference",
     "radial_profiles_reference",
     "extract_boxes",
     "extract_boxes_reference",
@@ -153,6 +154,25 @@ def _box_profile_sums(boxes, offsets, n_bins, inv_width):
             sums[i, k] = s[k]
             counts[i, k] = c[k]
     return sums, counts
+
+
+def box_profiles_reference(boxes, offsets_vox, n_bins, *, bin_width_vox=1.0):
+    """Plain NumPy version of :func:`box_profiles` (one box at a time), for tests."""
+    boxes = np.asarray(boxes, dtype=np.float64)
+    offsets = _check_offsets(offsets_vox, boxes.shape[0])
+    n_bins, inv_width = _check_bins(n_bins, bin_width_vox)
+    grid = np.arange(boxes.shape[1]) - (boxes.shape[1] - 1) // 2
+    profiles = np.full((boxes.shape[0], n_bins), np.nan)
+    for i, (box, (oz, oy, ox)) in enumerate(zip(boxes, offsets)):
+        dz, dy, dx = grid - oz, grid - oy, grid - ox
+        dist = np.sqrt((dz[:, None, None] * dz[:, None, None] + dy[None, :, None] * dy[None, :, None])
+                       + dx[None, None, :] * dx[None, None, :])
+        k = (dist * inv_width).astype(np.int64).ravel()
+        keep = (k < n_bins) & np.isfinite(box.ravel())
+        sums = np.bincount(k[keep], weights=box.ravel()[keep], minlength=n_bins)
+        counts = np.bincount(k[keep], minlength=n_bins)
+        np.divide(sums, counts, out=profiles[i], where=counts > 0)
+    return profiles
 
 
 def _box_axes(center, r, shape):

@@ -8,6 +8,7 @@ from cryoves.kernels.radial import (
     back_project,
     back_project_reference,
     box_profiles,
+    box_profiles_reference,
     extract_boxes,
     extract_boxes_reference,
     radial_profiles,
@@ -52,6 +53,8 @@ def test_box_profiles_of_read_boxes_match_the_volume_reference(rng, r, bin_width
     npt.assert_allclose(got, radial_profiles_reference(volume, centers, r, 12, bin_width_vox=bin_width),
                         rtol=1e-12, atol=1e-9)
     npt.assert_array_equal(got, radial_profiles(volume, centers, r, 12, bin_width_vox=bin_width))
+    npt.assert_allclose(got, box_profiles_reference(boxes, centers - np.floor(centers + 0.5), 12,
+                                                    bin_width_vox=bin_width), rtol=1e-12, atol=1e-9)
     with pytest.raises(ValueError, match="odd edge"):
         box_profiles(boxes[:, :-1], centers - np.floor(centers + 0.5), 12)
 
