@@ -264,7 +264,10 @@ def _legend_handle(outcome: str):
 
 def _draw_plane(ax, scene: _Scene, planes: dict[int, np.ndarray], axis: int, cmap: str,
                 limits: tuple[float, float] | None, *, title: bool = True) -> None:
-    """One slice with the circles where the spheres cut it; vertical axis up, as in IMOD."""
+    """One slice with the circles where the spheres cut it; vertical axis up, as in IMOD. The circles are one
+    collection: a patch each took 1 s for the 1069 circles of a 1024x1024x261 tomogram's report (each patch
+    updates the axes' data limits), and as long again to draw."""
+    from matplotlib.collections import PatchCollection
     from matplotlib.patches import Circle
 
     name, _, letter, (horizontal, vertical) = _PLANES[axis]
@@ -272,10 +275,12 @@ def _draw_plane(ax, scene: _Scene, planes: dict[int, np.ndarray], axis: int, cma
     lo, hi = limits if limits is not None else np.percentile(image, [1, 99])
     ax.imshow(image, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower", interpolation="nearest")
     rows, centers, radii = circles_in_plane(scene.centers_vox, scene.radii_vox, axis, scene.point[axis])
-    for row, (r, c), radius in zip(rows, centers, radii):
-        outcome = scene.outcome[row]
-        ax.add_patch(Circle((c, r), radius, fill=False, linewidth=1.1, color=OUTCOME_COLORS[outcome],
-                            linestyle="--" if outcome == "removed" else "-"))
+    outcomes = [scene.outcome[row] for row in rows]
+    ax.add_collection(PatchCollection([Circle((c, r), radius) for (r, c), radius in zip(centers, radii)],
+                                      facecolors="none", linewidths=1.1,
+                                      edgecolors=[OUTCOME_COLORS[outcome] for outcome in outcomes],
+                                      linestyles=["--" if outcome == "removed" else "-" for outcome in outcomes]),
+                      autolim=False)
     ax.set_xlim(-0.5, image.shape[1] - 0.5)
     ax.set_ylim(-0.5, image.shape[0] - 0.5)
     ax.set_xticks([])

@@ -30,6 +30,29 @@ def test_densest_point_is_the_vesicle_with_most_neighbours():
     assert densest_point(np.empty((0, 3)), np.empty(0), (50, 70, 71)) == (25, 35, 35)
 
 
+def test_a_plane_draws_its_circles_coloured_by_outcome():
+    """One collection of circles per plane: where the spheres cut it, kept solid, removed dashed, each in its
+    outcome's colour."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.figure import Figure
+
+    from cryoves.engine.report.tomogram import OUTCOME_COLORS, _draw_plane, _Scene
+
+    planes = {axis: np.zeros((20, 30)) for axis in range(3)}
+    scene = _Scene(shape=(20, 20, 30), point=(10, 10, 15), background=planes, background_label="tomogram",
+                   probability=None, centers_vox=np.array([[10.0, 5.0, 6.0], [11.0, 12.0, 20.0], [1.0, 5.0, 5.0]]),
+                   radii_vox=np.array([3.0, 4.0, 2.0]), outcome=np.array(["kept", "removed", "kept"]),
+                   voxel_size_a=10.0)
+    ax = Figure().subplots()
+    _draw_plane(ax, scene, planes, 0, "gray", None)
+    (circles,) = ax.collections
+    diameters = [path.vertices.max(axis=0) - path.vertices.min(axis=0) for path in circles.get_paths()]
+    npt.assert_allclose(diameters, [[6, 6], [2 * np.sqrt(15)] * 2], atol=1e-6)  # where z = 10 cuts them
+    npt.assert_allclose(circles.get_edgecolor(), [to_rgba(OUTCOME_COLORS[o]) for o in ("kept", "removed")])
+    solid, dashed = circles.get_linestyle()
+    assert solid[1] is None and dashed[1] is not None
+
+
 def test_circles_where_spheres_cut_a_plane():
     centers = np.array([[10.0, 20.0, 30.0], [30.0, 5.0, 6.0]])
     rows, in_plane, radii = circles_in_plane(centers, np.array([5.0, 2.0]), axis=0, index=13.0)
