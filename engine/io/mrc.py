@@ -32,14 +32,16 @@ class Volume:
     origin_a: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
-def read_volume(path, voxel_size_a: float | None = None, *, mmap: bool = True) -> Volume:
+def read_volume(path, voxel_size_a: float | None = None, *, mmap: bool = True, scan: bool = True) -> Volume:
     """Read and validate an MRC volume; `voxel_size_a` (Å) overrides the header when given.
 
-    The data stay memory-mapped (read-only) when `mmap` is true, so large tomograms are not loaded.
+    The data stay memory-mapped (read-only) when `mmap` is true, so large tomograms are not loaded. `scan=False`
+    leaves out the one check that reads every voxel (NaN or Inf), for volumes checked before that a caller reads
+    only parts of (the QC report's slices).
     """
     path = Path(path)
     data, header_voxel_a, origin_a = _open(path, mmap)
-    _check_data(path, data)
+    _check_data(path, data, scan)
     if voxel_size_a is None:
         voxel = check_header_voxel_size(path, header_voxel_a)
     else:
@@ -175,14 +177,14 @@ def _open(path: Path, mmap: bool):
     return data, voxel_xyz, origin_zyx
 
 
-def _check_data(path: Path, data: np.ndarray) -> None:
+def _check_data(path: Path, data: np.ndarray, scan: bool = True) -> None:
     if data.ndim != 3:
         raise CryovesError(f"{path}: expected a 3-D tomogram, got {data.ndim}-D data of shape {data.shape}")
     if np.iscomplexobj(data) or data.dtype.type not in SUPPORTED_DTYPES:
         raise CryovesError(
             f"{path}: unsupported data type {data.dtype}; convert to float32 or int16 (e.g. IMOD `newstack -mode 2`)"
         )
-    if data.dtype.kind == "f":
+    if scan and data.dtype.kind == "f":
         n_bad = _count_nonfinite(data)
         if n_bad:
             raise CryovesError(f"{path}: {n_bad} voxels are NaN or Inf; fix or mask them before segmenting")

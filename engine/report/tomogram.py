@@ -186,15 +186,17 @@ class _Scene:
     def load(cls, outputs: TomogramOutputs) -> "_Scene":
         table = outputs.vesicles
         centers, radii = centers_vox(table), radii_vox(table, outputs.voxel_size_a)
-        labels = read_volume(outputs.labels_path, outputs.voxel_size_a).data
+        def mapped(path):  # checked when segmented: only the slices are read here
+            return read_volume(path, outputs.voxel_size_a, scan=False).data
+
+        labels = mapped(outputs.labels_path)
         shape = tuple(int(n) for n in labels.shape)
         final = active_mask(table)
         point = densest_point(centers[final], radii[final], shape)
         if outputs.tomogram_path is not None:
-            volume, label, half = read_volume(outputs.tomogram_path, outputs.voxel_size_a).data, "tomogram", 1
+            volume, label, half = mapped(outputs.tomogram_path), "tomogram", 1
         elif outputs.probability_path is not None:
-            volume, label, half = (read_volume(outputs.probability_path, outputs.voxel_size_a).data,
-                                  "probability (input not found)", 0)
+            volume, label, half = mapped(outputs.probability_path), "probability (input not found)", 0
         else:
             volume, label, half = labels > 0, "labels (input not found)", 0
         if tuple(volume.shape) != shape:
@@ -202,7 +204,7 @@ class _Scene:
                                f"{outputs.labels_path} {shape}; the input changed after segmentation")
         probability = None
         if outputs.probability_path is not None:
-            prob = read_volume(outputs.probability_path, outputs.voxel_size_a).data
+            prob = mapped(outputs.probability_path)
             probability = {axis: slab(prob, axis, point[axis], 0) for axis in range(3)}
         background = {axis: slab(volume, axis, point[axis], half * SLAB_HALF_WIDTH_VOX) for axis in range(3)}
         return cls(shape, point, background, label, probability, centers, radii, outcomes(table),

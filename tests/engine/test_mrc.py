@@ -107,6 +107,7 @@ def test_nonfinite_voxels_are_counted(write_mrc):
     data[2, 2, 2] = -np.inf
     with pytest.raises(CryovesError, match="3 voxels are NaN or Inf"):
         read_volume(write_mrc(data))
+    assert np.isnan(read_volume(write_mrc(data), scan=False).data[0, 0, 0])  # the report's reads of slices
 
 
 def test_two_dimensional_data_is_refused(write_mrc):
