@@ -25,10 +25,11 @@ _TRUNCATE = 4.0  # scipy's default for gaussian_filter, in σ
 
 
 def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.0, 0.0, 0.0), *,
-                  sections: tuple[int, int] | None = None) -> np.ndarray:
+                  sections: tuple[int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """`volume` (3-D) smoothed by a Gaussian of `sigma_vox` input voxels per axis (0: none), then resized
-    trilinearly to `shape`; float32, a new array. `sections` (k0, k1): only output z-sections k0 to k1 - 1, from
-    only the input sections they need (a mapped volume can then be read by parts)."""
+    trilinearly to `shape`; float32, a new array or `out` (C-contiguous float32 of the sections' shape). `sections`
+    (k0, k1): only output z-sections k0 to k1 - 1, from only the input sections they need (a mapped volume can then
+    be read by parts, straight into the parts of one output)."""
     volume = np.asarray(volume)
     shape = tuple(int(n) for n in shape)
     sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
@@ -42,7 +43,11 @@ def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.
         raise ValueError(f"sections must be (k0, k1) with 0 <= k0 < k1 <= {shape[0]}, got {sections}")
     taps = [_taps(n_in, n_out, s) if n_in != n_out or _radius(s) else None
             for n_in, n_out, s in zip(volume.shape, shape, sigma)]
-    out = np.empty((k1 - k0, *shape[1:]), np.float32)
+    if out is None:
+        out = np.empty((k1 - k0, *shape[1:]), np.float32)
+    elif out.shape != (k1 - k0, *shape[1:]) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be C-contiguous float32 of shape {(k1 - k0, *shape[1:])}, got {out.shape} "
+                         f"{out.dtype}")
     if not any(taps):
         out[...] = volume[k0:k1]
         return out

@@ -48,7 +48,7 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     step = max(1, _MAPPED_PART_BYTES * shape[0] // volume.nbytes)
     for k0 in range(0, shape[0], step):
         k1 = min(k0 + step, shape[0])
-        out[k0:k1] = resize_linear(volume, shape, sigma, sections=(k0, k1))
+        resize_linear(volume, shape, sigma, sections=(k0, k1), out=out[k0:k1])
         release_pages(volume)
     return out
 

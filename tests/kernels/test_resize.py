@@ -48,6 +48,12 @@ def test_sections_are_those_of_the_whole_resize(rng, shape, sections):
     whole = resize_linear(volume, shape, (0.7, 0.0, 0.4))
     npt.assert_array_equal(resize_linear(volume, shape, (0.7, 0.0, 0.4), sections=sections),
                            whole[sections[0]:sections[1]])
+    into = np.full(whole.shape, np.nan, np.float32)  # the same, written straight into parts of one output
+    assert resize_linear(volume, shape, (0.7, 0.0, 0.4), sections=sections,
+                         out=into[sections[0]:sections[1]]).base is into
+    npt.assert_array_equal(into[sections[0]:sections[1]], whole[sections[0]:sections[1]])
+    with pytest.raises(ValueError, match="out must be"):
+        resize_linear(volume, shape, sections=sections, out=into)
 
 
 @pytest.mark.parametrize("sections", [(0, 0), (-1, 3), (2, 14)])
