@@ -3,7 +3,6 @@ their pages stay mapped, so the steps that read a whole tomogram give them back,
 of it read them from the file (`read_box`)."""
 
 import mmap
-import os
 
 import numpy as np
 
@@ -37,11 +36,10 @@ def read_box(data: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
     (z0, z1, _), (y0, y1, _), (x0, x1, _) = (s.indices(n) for s, n in zip(box, data.shape))
     _, ny, nx = data.shape
     rows = np.empty((max(z1 - z0, 0), max(y1 - y0, 0), nx), data.dtype)
-    with open(path, "rb", buffering=0) as handle:
+    with open(path, "rb") as handle:
         for section, z in zip(rows, range(z0, z1)):
-            buffer = memoryview(section).cast("B")
-            start = offset + (z * ny + y0) * nx * data.itemsize
-            if os.preadv(handle.fileno(), [buffer], start) != buffer.nbytes:
+            handle.seek(offset + (z * ny + y0) * nx * data.itemsize)
+            if handle.readinto(memoryview(section).cast("B")) != section.nbytes:
                 raise OSError(f"{path}: ended before section {z} of its mapped volume (was it truncated?)")
     return np.array(rows[:, :, x0:x1])
 
