@@ -167,13 +167,9 @@ def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:
     thresholds = np.asarray(thresholds, dtype=np.float64).reshape(-1)
     if thresholds.size == 0:
         return np.zeros(0, np.int64)
-    flat = values.reshape(-1)
-    candidates = np.flatnonzero(flat > np.float64(thresholds.min()))  # compared in float64, no copy
-    order = candidates[np.argsort(-flat[candidates], kind="stable")]
     descending = np.argsort(-thresholds, kind="stable")
-    padded, neighbours, size = _padded(values.shape, order)
-    counts = _counts(readonly(padded), readonly(flat[order].astype(np.float64)), size, readonly(neighbours),
-                     readonly(thresholds[descending]), float(min_size))
+    _, *forest = _from_the_top(values, thresholds.min())
+    counts = _counts(*forest, readonly(thresholds[descending]), float(min_size))
     out = np.empty(thresholds.size, np.int64)
     out[descending] = counts
     return out
@@ -194,14 +190,8 @@ def deep_maxima(values, depth: float) -> np.ndarray:
     """Flat indices (ascending) of one peak voxel per maximum of ``values`` (> 0 only) whose dynamic
     exceeds ``depth``: from it one must descend more than ``depth`` to reach a higher maximum. The highest
     maximum of each connected part of ``{values > 0}`` always counts."""
-    values = _float_volume(values)
-    flat = values.reshape(-1)
-    candidates = np.flatnonzero(flat > 0)
-    order = candidates[np.argsort(-flat[candidates], kind="stable")]
-    padded, neighbours, size = _padded(values.shape, order)
-    deep = _deep_peaks(readonly(padded), readonly(flat[order].astype(np.float64)), size, readonly(neighbours),
-                       float(depth))
-    return np.sort(order[deep])
+    order, *forest = _from_the_top(_float_volume(values), 0.0)
+    return np.sort(order[_deep_peaks(*forest, float(depth))])
 
 
 def deep_maxima_reference(values, depth: float) -> np.ndarray:
@@ -218,22 +208,28 @@ def _find(parent, v):
     return v
 
 
-def _padded(shape, order):
-    """The voxels `order` (flat indices) in the volume padded by one voxel on every face, where a voxel's 26
-    neighbours lie at fixed offsets (returned, z, y, x ascending) and the padding never enters the forest (no
-    bounds to check), and the padded size. Indices keep their order."""
-    nz, ny, nx = shape
+def _from_the_top(values, floor: float):
+    """The voxels of `values` above `floor` (compared in float64) in the order the union-find kernels add them,
+    highest first (ties: the lower index first): their flat indices; the same in the volume padded by one voxel on
+    every face, where a voxel's 26 neighbours lie at fixed offsets and the padding never enters the forest (no
+    bounds to check); their values (float64); the padded size; the neighbours' offsets (z, y, x ascending)."""
+    nz, ny, nx = values.shape
+    flat = values.reshape(-1)
+    candidates = np.flatnonzero(flat > np.float64(floor))  # no copy
+    order = candidates[np.argsort(-flat[candidates], kind="stable")]
     z, rest = np.divmod(order, ny * nx)
     y, x = np.divmod(rest, nx)
     plane, row = (ny + 2) * (nx + 2), nx + 2
     step = np.array([-1, 0, 1])
     neighbours = (step[:, None, None] * plane + step[None, :, None] * row + step[None, None, :]).ravel()
-    return ((z + 1) * plane + (y + 1) * row + (x + 1)), neighbours[neighbours != 0], (nz + 2) * plane
+    padded = (z + 1) * plane + (y + 1) * row + (x + 1)
+    return (order, readonly(padded), readonly(flat[order].astype(np.float64)), (nz + 2) * plane,
+            readonly(neighbours[neighbours != 0]))
 
 
 @numba.njit(cache=True)
 def _counts(order, levels, size_padded, neighbours, thresholds_descending, min_size):
-    """`component_counts` of the voxels `order` (padded indices, `_padded`) at `levels`, highest first."""
+    """`component_counts` of the voxels `order` (padded indices, `_from_the_top`) at `levels`, highest first."""
     parent = np.full(size_padded, -1, np.int64)  # -1: not yet above the level
     size = np.zeros(size_padded, np.int64)
     counts = np.zeros(thresholds_descending.size, np.int64)
@@ -267,7 +263,8 @@ def _counts(order, levels, size_padded, neighbours, thresholds_descending, min_s
 
 @numba.njit(cache=True)
 def _deep_peaks(order, levels, size_padded, neighbours, depth):
-    """Positions in `order` (padded indices, `_padded`, at `levels`, highest first) of the deep maxima's peaks."""
+    """Positions in `order` (padded indices, `_from_the_top`, at `levels`, highest first) of the deep maxima's
+    peaks."""
     parent = np.full(size_padded, -1, np.int64)
     size = np.zeros(size_padded, np.int64)
     peak = np.zeros(size_padded, np.int64)  # of a root: its component's highest voxel, as a position in `order`
