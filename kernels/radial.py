@@ -27,6 +27,7 @@ _BATCH_VOXELS = 1 << 22
 
 __all__ = [
     "radial_profiles",
+    "box_offsets",
     "box_profiles",
     "box_profiles_reference",
     "radial_profiles_reference",
@@ -102,9 +103,15 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
         for rows in np.array_split(same, -(-same.size * (2 * int(r) + 1) ** 3 // _BATCH_VOXELS)):
             boxes = extract_boxes(volume, centers[rows], int(r), dtype=np.float64 if volume.dtype == np.float64
                                   else np.float32)
-            profiles[rows] = box_profiles(boxes, centers[rows] - np.floor(centers[rows] + 0.5), n_bins,
-                                          bin_width_vox=bin_width_vox)
+            profiles[rows] = box_profiles(boxes, box_offsets(centers[rows]), n_bins, bin_width_vox=bin_width_vox)
     return profiles
+
+
+def box_offsets(centers_vox):
+    """Each centre's offset from its box's middle voxel, ``c - floor(c + 0.5)``, as `box_profiles` and
+    `back_project` take it."""
+    centers = np.asarray(centers_vox, dtype=np.float64)
+    return centers - np.floor(centers + 0.5)
 
 
 def box_profiles(boxes, offsets_vox, n_bins, *, bin_width_vox=1.0):

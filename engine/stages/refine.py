@@ -29,7 +29,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.tables import CENTER_COLUMNS
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.labels import present_labels
-from cryoves.kernels.radial import back_project, box_profiles, extract_boxes, xcorr_shift
+from cryoves.kernels.radial import back_project, box_offsets, box_profiles, extract_boxes, xcorr_shift
 
 __all__ = ["RefineParams", "RadiusEstimate", "RefineResult", "estimate_radius", "measure_spheres", "refine_batch",
            "refine_spheres", "segment_spheres", "profile_correlation", "build_table", "TABLE_SCHEMA"]
@@ -195,7 +195,7 @@ class _Boxes:
             same = stale[box[stale] == r]
             for part in np.array_split(same, -(-same.size * (2 * int(r) + 1) ** 3 // _BATCH_VOXELS)):
                 boxes = extract_boxes(self._tomogram, centers[part], int(r))
-                fresh = box_profiles(boxes, _offsets(centers[part]), _profile_bins(box[part], self._params),
+                fresh = box_profiles(boxes, box_offsets(centers[part]), _profile_bins(box[part], self._params),
                                      bin_width_vox=self._params.bin_width_vox)
                 width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
                 if width > self._rows.shape[1]:
@@ -224,15 +224,10 @@ class _Boxes:
                 self._boxes[i] = None
 
 
-def _offsets(centers):
-    """A centre's offset from its box's middle voxel, as the kernels take it."""
-    return centers - np.floor(centers + 0.5)
-
-
 def _shifts(boxes: _Boxes, centers, profiles, box_radius, idx, params):
     """Cross-correlation displacement of vesicles `idx` (their kept boxes), FFTs batched by box size."""
     shifts = np.zeros((len(idx), 3))
-    offsets = _offsets(centers[idx])
+    offsets = box_offsets(centers[idx])
     for r in np.unique(box_radius):
         rows = np.flatnonzero(box_radius == r)
         step = max(1, _BATCH_VOXELS // (2 * int(r) + 1) ** 3)
