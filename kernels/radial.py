@@ -23,12 +23,13 @@ from cryoves.kernels.arrays import readonly
 from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, threads_for
 
 _BATCH_VOXELS = 1 << 22
-"""Box voxels read at a time by `radial_profiles` (16 MiB of float32)."""
+"""Box voxels read at a time by `boxes_by_radius` (16 MiB of float32)."""
 
 __all__ = [
     "radial_profiles",
     "box_offsets",
     "box_profiles",
+    "boxes_by_radius",
     "box_profiles_reference",
     "radial_profiles_reference",
     "extract_boxes",
@@ -98,13 +99,21 @@ def radial_profiles(volume, centers_vox, box_radius_vox, n_bins, *, bin_width_vo
     radii = _check_box_radii(box_radius_vox, centers.shape[0])
     n_bins, _ = _check_bins(n_bins, bin_width_vox)
     profiles = np.empty((centers.shape[0], n_bins))
+    dtype = np.float64 if volume.dtype == np.float64 else np.float32
+    for rows, boxes in boxes_by_radius(volume, centers, radii, dtype=dtype):
+        profiles[rows] = box_profiles(boxes, box_offsets(centers[rows]), n_bins, bin_width_vox=bin_width_vox)
+    return profiles
+
+
+def boxes_by_radius(volume, centers_vox, box_radius_vox, *, dtype=np.float32):
+    """`extract_boxes` of vesicles with boxes of several radii: (rows, boxes) per batch of one radius, about
+    `_BATCH_VOXELS` each."""
+    centers = _check_centers(centers_vox)
+    radii = _check_box_radii(box_radius_vox, centers.shape[0])
     for r in np.unique(radii):
         same = np.flatnonzero(radii == r)
         for rows in np.array_split(same, -(-same.size * (2 * int(r) + 1) ** 3 // _BATCH_VOXELS)):
-            boxes = extract_boxes(volume, centers[rows], int(r), dtype=np.float64 if volume.dtype == np.float64
-                                  else np.float32)
-            profiles[rows] = box_profiles(boxes, box_offsets(centers[rows]), n_bins, bin_width_vox=bin_width_vox)
-    return profiles
+            yield rows, extract_boxes(volume, centers[rows], int(r), dtype=dtype)
 
 
 def box_offsets(centers_vox):

@@ -29,7 +29,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.tables import CENTER_COLUMNS
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.labels import present_labels
-from cryoves.kernels.radial import back_project, box_offsets, box_profiles, extract_boxes, xcorr_shift
+from cryoves.kernels.radial import back_project, box_offsets, box_profiles, boxes_by_radius, extract_boxes, xcorr_shift
 
 __all__ = ["RefineParams", "RadiusEstimate", "RefineResult", "estimate_radius", "measure_spheres", "refine_batch",
            "refine_spheres", "segment_spheres", "profile_correlation", "build_table", "TABLE_SCHEMA"]
@@ -191,22 +191,19 @@ class _Boxes:
     def profiles(self, centers, box, idx, *, keep: bool = True) -> np.ndarray:
         """Profiles of vesicles `idx` at `centers` and `box`, reading the boxes that changed (kept when `keep`)."""
         stale = idx[(self._box[idx] != box[idx]) | np.any(self._centers[idx] != centers[idx], axis=1)]
-        for r in np.unique(box[stale]):
-            same = stale[box[stale] == r]
-            for part in np.array_split(same, -(-same.size * (2 * int(r) + 1) ** 3 // _BATCH_VOXELS)):
-                boxes = extract_boxes(self._tomogram, centers[part], int(r))
-                fresh = box_profiles(boxes, box_offsets(centers[part]), _profile_bins(box[part], self._params),
-                                     bin_width_vox=self._params.bin_width_vox)
-                width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
-                if width > self._rows.shape[1]:
-                    self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])),
-                                        constant_values=np.nan)
-                self._rows[part] = np.nan
-                self._rows[part, :fresh.shape[1]] = fresh
-                self.drop(part)
-                for i, one in zip(part, boxes):
-                    if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
-                        self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
+        for rows, boxes in boxes_by_radius(self._tomogram, centers[stale], box[stale]):
+            part = stale[rows]
+            fresh = box_profiles(boxes, box_offsets(centers[part]), _profile_bins(box[part], self._params),
+                                 bin_width_vox=self._params.bin_width_vox)
+            width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
+            if width > self._rows.shape[1]:
+                self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])), constant_values=np.nan)
+            self._rows[part] = np.nan
+            self._rows[part, :fresh.shape[1]] = fresh
+            self.drop(part)
+            for i, one in zip(part, boxes):
+                if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
+                    self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
         self._centers[stale], self._box[stale] = centers[stale], box[stale]
         return self._rows[idx, :_profile_bins(box[idx], self._params)]
 
