@@ -133,6 +133,26 @@ def test_the_band_limited_prefilter_is_the_gaussian_reflecting_on_shrinking_axes
         npt.assert_array_equal(filtered, gaussian_prefilter(volume, 1.0))
 
 
+@pytest.mark.parametrize("shape", [(7, 30, 41), (10, 9, 50), (10, 35, 13)])  # z, y or x shrinks most
+def test_band_limited_crops_each_axis_in_place_in_one_buffer(monkeypatch, shape):
+    """Each later crop overwrites the first crop's output from its start, slab by slab (a few voxels each here):
+    the same numbers as a new array per axis, the input untouched, and only the result's bytes kept."""
+    monkeypatch.setattr(rescale, "_DCT_SLAB_VOXELS", 300)
+    volume = np.random.default_rng(6).standard_normal((12, 40, 64)).astype(np.float32)
+    before = volume.copy()
+    out = rescale.resample_band_limited(volume, shape, 0.8)
+    expected = volume
+    for axis in sorted(range(3), key=lambda a: shape[a] / volume.shape[a]):
+        size = list(expected.shape)
+        size[axis] = shape[axis]
+        fresh = np.empty(size, np.float32)
+        rescale._dct_shrink_axis(expected, fresh, axis, 0.8)
+        expected = fresh
+    npt.assert_array_equal(out, expected)
+    npt.assert_array_equal(volume, before)
+    assert out.flags.c_contiguous and (out.base is None or out.base.nbytes == out.nbytes)
+
+
 def test_band_limited_grows_trilinearly_and_keeps_constants():
     volume = np.random.default_rng(4).standard_normal((6, 8, 10)).astype(np.float32)
     npt.assert_allclose(rescale.resample_band_limited(volume, (6, 13, 17)), resample_to_shape(volume, (6, 13, 17)),
