@@ -41,7 +41,7 @@ from cryoves.cluster.bench import (
     phantom_probability,
     run_bench,
 )
-from cryoves.cluster.run import FINISH_BYTES_PER_VOXEL, run_batch
+from cryoves.cluster.run import finish_memory_bytes, run_batch
 from cryoves.engine.io.mrc import write_volume
 from cryoves.engine.job import (
     Job,
@@ -76,7 +76,7 @@ from cryoves.kernels.radial import (
 from cryoves.kernels.render import render_spheres, render_spheres_reference
 from cryoves.kernels.shell import shell_sums, shell_sums_reference
 
-FINISH_GB = FINISH_BYTES_PER_VOXEL * prod(TARGET_SHAPE) / 1e9
+FINISH_GB = finish_memory_bytes(prod(TARGET_SHAPE), float("inf")) / 1e9
 NOT_MEASURED = "not measured (no GPU in this session)"
 QUOTED_GPU_MVOXEL_S = 600.0
 """This network in float16 (PyTorch, channels-last) on one H200, as reported when the GPU path was

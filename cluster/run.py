@@ -9,8 +9,8 @@ across tomograms:
    once and run `predict_tiles` on batches of tiles (`batch_starts`), so one large tomogram is
    spread over several actors.
 3. `_finish` (CPU task): `probability_map` from the batches, then `finish`, whose sphere refinement
-   goes to `_refine_chunk` tasks over chunks of vesicles that share the tomogram through the object
-   store (`refine.Refiner`), so one large tomogram also uses the cluster's cores.
+   goes to `_refine_chunk` tasks over chunks of vesicles, each of which maps the tomogram's file (or
+   reads it from the object store: `chunked_refiner`), so one large tomogram also uses the cluster's cores.
 
 The driver keeps at most `max_in_flight` tomograms between 1 and 3 (backpressure through
 `ray.wait`; by default as many as the cluster has CPUs, at least 4), so memory stays flat however
@@ -42,6 +42,7 @@ import ray
 from cryoves.cluster.local_ray import local_ray
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.outputs import check_out_dir
+from cryoves.engine.io.pages import MappedFile, mapped_file
 from cryoves.engine.job import (
     Finished,
     Job,
@@ -58,6 +59,7 @@ from cryoves.engine.job import (
     write_error_record,
 )
 from cryoves.engine.network.inference import InferenceParams, TilePlan
+from cryoves.engine.pipeline import refine_in_bands
 from cryoves.engine.stages.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
 from cryoves.engine.warmup import start_kernel_warmup
 
@@ -72,12 +74,16 @@ TASK_RETRIES = 3
 ACTOR_RESTARTS = 3
 CLUSTER_CHECK_S = 5.0
 """How often the driver checks that the cluster can still hold every inference actor."""
-FINISH_BYTES_PER_VOXEL = 18
-"""Memory a `_finish` task asks Ray for, per input voxel: its resident memory grows by 16-17.5 bytes
-per voxel on 128x256x256 and 200x512x512 phantoms at 22 Å and by 16 (4.4 GB) on 1024x1024x261 at
-14.69 Å. Ray then runs no more post-processing tasks on a node than its memory holds."""
-FINISH_BYTES_PER_VOXEL_WITH_STAGES = 22
-"""The same when the earlier stages' labels are kept for `--stages` (20-21 bytes measured)."""
+FINISH_BASE_BYTES = 200_000_000
+FINISH_BYTES_PER_VOXEL = 11
+"""Memory a `_finish` task asks Ray for: the base and this per input voxel. Its resident memory grew by 9.7 bytes
+per voxel on 200x512x512 (float32 or int16 files) and 256x768x768 phantoms at 22 Å, 4.1 on 200x512x512 at 14.7 Å
+and 7 on 1024x1024x261 at 14.69 Å (benchmarks/RESULTS.md; the search runs on the coarser network grid there), and
+by 0.13 GB on 128x256x256 at 22 Å (the kernels and libraries it loads). Ray then runs no more post-processing
+tasks on a node than its memory holds."""
+FINISH_BYTES_PER_VOXEL_WITH_STAGES = 14
+"""The same when the earlier stages' labels are kept for `--stages` (12.5-12.8 bytes measured, 0.15 GB for
+128x256x256)."""
 MIN_IN_FLIGHT = 4
 VESICLES_PER_TASK = 256
 """Sphere refinement of a tomogram with more vesicles than this is spread over tasks of this many."""
@@ -183,20 +189,29 @@ def _prepare(job: Job, settings: Settings, out_dir: str):
     return prepared, network.volume, network.seconds
 
 
-_refine_chunk = ray.remote(max_retries=TASK_RETRIES)(refine_batch)
-"""`refine_batch` as a task, for some of a tomogram's vesicles."""
+@ray.remote(max_retries=TASK_RETRIES)
+def _refine_chunk(tomogram: np.ndarray | MappedFile, centers: np.ndarray, radii: np.ndarray,
+                  params: RefineParams) -> RefineResult:
+    """`refine_batch` as a task, for some of a tomogram's vesicles: the tomogram from the object store, or mapped
+    from its file here."""
+    return refine_batch(tomogram.open() if isinstance(tomogram, MappedFile) else tomogram, centers, radii, params)
 
 
 def chunked_refiner(vesicles_per_task: int) -> Refiner:
-    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles in `_refine_chunk` tasks, the
-    tomogram put once into the object store; a tomogram with no more vesicles is refined here."""
+    """A `Refiner` that refines chunks of `vesicles_per_task` vesicles, in z order, in `_refine_chunk` tasks; a
+    tomogram with no more vesicles is refined here (`refine_in_bands`, as `segment` does). A tomogram mapped from
+    its file is mapped again by each task (the inputs are on a shared filesystem), whose chunk reads a band of it;
+    any other is put once into the object store (a mapped one put there made all its pages resident here and took
+    its size in the store)."""
     def refine(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
         if len(centers) <= vesicles_per_task:
-            return refine_batch(tomogram, centers, radii, params)
-        shared = ray.put(tomogram)
-        chunks = [_refine_chunk.remote(shared, centers[i:i + vesicles_per_task], radii[i:i + vesicles_per_task],
-                                       params) for i in range(0, len(centers), vesicles_per_task)]
-        return concat_refine_results(ray.get(chunks))
+            return refine_in_bands(tomogram, centers, radii, params)
+        shared = mapped_file(tomogram) or ray.put(tomogram)
+        order = np.argsort(centers[:, 0], kind="stable")
+        radii = np.asarray(radii)
+        chunks = [_refine_chunk.remote(shared, centers[rows], radii[rows], params)
+                  for rows in (order[i:i + vesicles_per_task] for i in range(0, len(order), vesicles_per_task))]
+        return concat_refine_results(ray.get(chunks), order)
 
     return refine
 
@@ -285,7 +300,7 @@ def finish_memory_bytes(n_voxels: int, largest_node_bytes: float, stages: bool =
     labels with `stages`), at most what the largest node offers (a larger request could never be
     scheduled and would wait for ever)."""
     per_voxel = FINISH_BYTES_PER_VOXEL_WITH_STAGES if stages else FINISH_BYTES_PER_VOXEL
-    return int(min(per_voxel * n_voxels, largest_node_bytes))
+    return int(min(FINISH_BASE_BYTES + per_voxel * n_voxels, largest_node_bytes))
 
 
 def _largest_node_memory() -> float:

@@ -23,7 +23,6 @@ from cryoves.engine.stages.localize import LocalizeParams, label_segments, local
 from cryoves.engine.stages.outliers import OutlierParams, detect_outliers
 from cryoves.engine.stages.overlaps import OverlapParams, render_labels, resolve_overlaps
 from cryoves.engine.stages.refine import (
-    RadiusEstimate,
     RefineParams,
     Refiner,
     RefineResult,
@@ -126,7 +125,7 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     del global_labels
     with _timed("refine", seconds, progress):
         if refiner is None and is_mapped(tomogram):
-            refiner = _in_bands
+            refiner = refine_in_bands
         spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine, refiner=refiner)
         if keep_stages:
             stages |= {"local": nearest_to_shape(local_labels, tomogram.shape),
@@ -153,7 +152,7 @@ _BAND_BYTES = 1 << 25
 _MAX_BANDS = 8  # each band costs about 25 ms of smaller batches: 1024x1024x261 at 14.69 Å, 32 bands took 0.8 s more
 
 
-def _in_bands(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
+def refine_in_bands(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
     """`refine_batch` over bands of vesicles ordered by z (`_BAND_BYTES` of the tomogram each, at most `_MAX_BANDS`),
     a mapped tomogram's pages released after each band: the spheres' boxes cover most of the tomogram, whose pages
     would otherwise all become resident (250 MB at 200x512x512). Rows are independent: the same result as one batch.
@@ -166,10 +165,7 @@ def _in_bands(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray, para
     for rows in np.array_split(order, n_bands):
         parts.append(refine_batch(tomogram, centers[rows], np.asarray(radii)[rows], params))
         release_pages(tomogram)
-    merged, back = concat_refine_results(parts), np.argsort(order)
-    return RefineResult(merged.centers[back], merged.box_radius[back],
-                        RadiusEstimate(*(field[back] for field in merged.estimate)), merged.profiles[back],
-                        merged.n_iterations[back])
+    return concat_refine_results(parts, order)
 
 
 def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: ThresholdResult, vesicles: pa.Table,

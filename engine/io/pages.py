@@ -3,10 +3,31 @@ their pages stay mapped, so the steps that read a whole tomogram give them back,
 of it read them from the file (`read_box`)."""
 
 import mmap
+from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["is_mapped", "read_box", "release_pages"]
+__all__ = ["MappedFile", "is_mapped", "mapped_file", "read_box", "release_pages"]
+
+
+@dataclass(frozen=True)
+class MappedFile:
+    """Where a read-only memory-mapped volume lies in its file: what another process needs to map it again (`open`)
+    instead of being sent its data."""
+
+    path: str
+    offset: int
+    shape: tuple[int, ...]
+    dtype: str
+
+    def open(self) -> np.ndarray:
+        return np.memmap(self.path, np.dtype(self.dtype), "r", self.offset, self.shape)
+
+
+def mapped_file(data: np.ndarray) -> MappedFile | None:
+    """`data`'s place in its file when it is a 3-D C-ordered view of a read-only memory-mapped file, else None."""
+    region = _file_region(data)
+    return None if region is None else MappedFile(region[0], region[1], tuple(data.shape), data.dtype.str)
 
 
 def is_mapped(data: np.ndarray) -> bool:

@@ -250,8 +250,9 @@ Refiner = Callable[[np.ndarray, np.ndarray, np.ndarray, RefineParams], RefineRes
 spreads the vesicles of one tomogram over tasks (`concat_refine_results` joins them)."""
 
 
-def concat_refine_results(parts: list[RefineResult]) -> RefineResult:
-    """One RefineResult from results over consecutive chunks of vesicles, in order.
+def concat_refine_results(parts: list[RefineResult], order: np.ndarray | None = None) -> RefineResult:
+    """One RefineResult from results over consecutive chunks of vesicles, in order; with `order`, the parts are
+    over the vesicles `order` lists (split in turn), and the rows are put back in the vesicles' own order.
 
     Profiles are as long as the largest box of their batch needs; shorter ones are padded with NaN,
     as the empty shells beyond a smaller box are in a batch that holds a larger one.
@@ -259,11 +260,13 @@ def concat_refine_results(parts: list[RefineResult]) -> RefineResult:
     n_bins = max(part.profiles.shape[1] for part in parts)
     profiles = [np.pad(part.profiles, ((0, 0), (0, n_bins - part.profiles.shape[1])), constant_values=np.nan)
                 for part in parts]
-    return RefineResult(np.concatenate([part.centers for part in parts]),
-                        np.concatenate([part.box_radius for part in parts]),
-                        RadiusEstimate(*(np.concatenate(fields) for fields in zip(*(part.estimate for part in parts)))),
-                        np.concatenate(profiles),
-                        np.concatenate([part.n_iterations for part in parts]))
+    rows = slice(None) if order is None else np.argsort(order)
+    return RefineResult(np.concatenate([part.centers for part in parts])[rows],
+                        np.concatenate([part.box_radius for part in parts])[rows],
+                        RadiusEstimate(*(np.concatenate(fields)[rows] for fields in
+                                         zip(*(part.estimate for part in parts)))),
+                        np.concatenate(profiles)[rows],
+                        np.concatenate([part.n_iterations for part in parts])[rows])
 
 
 def _box_radius(radius, extra, params):

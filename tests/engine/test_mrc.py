@@ -4,7 +4,7 @@ import pytest
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import inspect_volume, read_volume, write_labels, write_volume
-from cryoves.engine.io.pages import read_box, release_pages
+from cryoves.engine.io.pages import mapped_file, read_box, release_pages
 
 
 def test_float_round_trip_keeps_data_voxel_size_and_origin(tmp_path, rng):
@@ -207,3 +207,17 @@ def test_a_box_of_a_mapped_tomogram_is_read_from_its_file(tmp_path, rng, residen
                            (mapped[:, 3:], data[:, 3:]), (data, data)):
         np.testing.assert_array_equal(read_box(view, (slice(2, 30), slice(250, 300), slice(-9, None))),
                                       expected[2:30, 250:300, -9:])
+
+
+def test_a_mapped_tomogram_is_mapped_again_from_where_it_lies_in_its_file(tmp_path, rng):
+    """`mapped_file` (what `cryoves run` sends its refinement tasks instead of the voxels) maps the same voxels
+    again, for the file's volume and its C-ordered views; arrays in memory and other views have none."""
+    import pickle
+
+    data = rng.normal(size=(6, 7, 8)).astype(np.float32)
+    mapped = read_volume(write_volume(tmp_path / "tomo.mrc", data, 10.0)).data
+    for view, expected in ((np.asarray(mapped, np.float32), data), (mapped[2:5], data[2:5])):
+        again = pickle.loads(pickle.dumps(mapped_file(view))).open()
+        np.testing.assert_array_equal(again, expected)
+        assert not again.flags.writeable
+    assert mapped_file(data) is None and mapped_file(mapped[:, 1:]) is None and mapped_file(-mapped) is None

@@ -58,7 +58,7 @@ def test_without_kept_stages_only_the_final_labels_come_back_and_nothing_else_ch
 
 def test_a_mapped_tomogram_refined_in_bands_gives_the_same_result(scene, result, tmp_path, monkeypatch):
     """A tomogram mapped from its file is refined in bands of vesicles, its pages released after each
-    (`pipeline._in_bands`), and sampled for the polarity check from its file (`read_box`): the same vesicles,
+    (`pipeline.refine_in_bands`), and sampled for the polarity check from its file (`read_box`): the same vesicles,
     labels and warnings as in memory."""
     phantom, probability = scene
     mapped = read_volume(write_volume(tmp_path / "scene.mrc", phantom.tomogram, 22.0)).data

@@ -169,8 +169,15 @@ def test_refining_chunks_of_vesicles_and_joining_them_is_the_same_table(scene, c
         return concat_refine_results([refine_batch(tomogram, centers[i:i + chunk], radii[i:i + chunk], params)
                                       for i in range(0, len(centers), chunk)])
 
+    def in_z_order(tomogram, centers, radii, params):  # chunks of the vesicles in z order, rows put back
+        order = np.argsort(centers[:, 0], kind="stable")
+        assert not np.array_equal(order, np.arange(len(order)))
+        return concat_refine_results([refine_batch(tomogram, centers[rows], radii[rows], params)
+                                      for rows in np.array_split(order, -(-len(order) // chunk))], order)
+
     whole = refine_spheres(scene, labels, VOXEL_A).to_pydict()
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=chunked).to_pydict(), whole)  # NaN == NaN
+    npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=in_z_order).to_pydict(), whole)
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=refine_batch).to_pydict(), whole)
 
 
