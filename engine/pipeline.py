@@ -124,9 +124,8 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     stages = {"global": nearest_to_shape(global_labels, tomogram.shape)} if keep_stages else {}
     del global_labels
     with _timed("refine", seconds, progress):
-        if refiner is None and is_mapped(tomogram):
-            refiner = refine_in_bands
-        spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine, refiner=refiner)
+        spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine,
+                                 refiner=refine_in_bands if refiner is None else refiner)
         if keep_stages:
             stages |= {"local": nearest_to_shape(local_labels, tomogram.shape),
                        "sphere": render_labels(tomogram.shape, spheres)}
@@ -153,12 +152,12 @@ _MAX_BANDS = 8  # each band costs about 25 ms of smaller batches: 1024x1024x261 
 
 
 def refine_in_bands(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray, params: RefineParams) -> RefineResult:
-    """`refine_batch` over bands of vesicles ordered by z (`_BAND_BYTES` of the tomogram each, at most `_MAX_BANDS`),
-    a mapped tomogram's pages released after each band: the spheres' boxes cover most of the tomogram, whose pages
-    would otherwise all become resident (250 MB at 200x512x512). Rows are independent: the same result as one batch.
-    """
+    """`refine_batch` of a mapped tomogram over bands of vesicles ordered by z (`_BAND_BYTES` of the tomogram each, at
+    most `_MAX_BANDS`), its pages released after each band: the spheres' boxes cover most of the tomogram, whose
+    pages would otherwise all become resident (250 MB at 200x512x512). Rows are independent: the same result as one
+    batch, which is what a tomogram in memory gets."""
     n_bands = int(min(len(centers), _MAX_BANDS, max(1, tomogram.nbytes // _BAND_BYTES)))
-    if n_bands <= 1:
+    if n_bands <= 1 or not is_mapped(tomogram):
         return refine_batch(tomogram, centers, radii, params)
     order = np.argsort(centers[:, 0], kind="stable")
     parts = []
