@@ -13,6 +13,7 @@ import numpy as np
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.io.pages import release_pages
 from cryoves.engine.network.rescale import z_slabs
 from cryoves.kernels.stats import VolumeStats, volume_stats
 
@@ -191,7 +192,13 @@ def _check_data(path: Path, data: np.ndarray, scan: bool = True) -> None:
 
 
 def _count_nonfinite(data: np.ndarray) -> int:
-    return int(sum(np.count_nonzero(~np.isfinite(slab)) for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS)))
+    """NaN and Inf voxels, by z-slabs, a mapped file's pages released after each (`release_pages`): they would
+    otherwise all stay resident after the check (1.1 GB at 1024x1024x261)."""
+    count = 0
+    for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS):
+        count += int(np.count_nonzero(~np.isfinite(slab)))
+        release_pages(data)
+    return count
 
 
 def _value_range(data: np.ndarray) -> tuple[float, float]:

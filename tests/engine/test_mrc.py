@@ -221,3 +221,21 @@ def test_a_mapped_tomogram_is_mapped_again_from_where_it_lies_in_its_file(tmp_pa
         np.testing.assert_array_equal(again, expected)
         assert not again.flags.writeable
     assert mapped_file(data) is None and mapped_file(mapped[:, 1:]) is None and mapped_file(-mapped) is None
+
+
+def test_the_nan_check_leaves_a_mapped_tomogram_out_of_resident_memory(tmp_path, rng, resident_mb, monkeypatch):
+    """`read_volume` reads every voxel of the file for NaN and Inf, by z-slabs whose pages it releases after each:
+    17 MB of tomogram would otherwise stay resident (1.1 GB at 1024x1024x261)."""
+    from cryoves.engine.io import mrc
+
+    monkeypatch.setattr(mrc, "_NONFINITE_SLAB_VOXELS", 8 * 256 * 256)
+    data = rng.normal(size=(64, 256, 256)).astype(np.float32)
+    data[40, 3, 5] = np.nan
+    path = write_volume(tmp_path / "tomo.mrc", np.nan_to_num(data), 10.0)
+    before = resident_mb()
+    read_volume(path)
+    assert resident_mb() - before < 4
+    with mrcfile.open(path, "r+") as mrc_file:
+        mrc_file.data[40, 3, 5] = np.nan
+    with pytest.raises(CryovesError, match="1 voxels are NaN or Inf"):
+        read_volume(path)
