@@ -62,7 +62,7 @@ def read_box(data: np.ndarray, box: tuple[slice, slice, slice]) -> np.ndarray:
             handle.seek(offset + (z * ny + y0) * nx * data.itemsize)
             if handle.readinto(memoryview(section).cast("B")) != section.nbytes:
                 raise OSError(f"{path}: ended before section {z} of its mapped volume (was it truncated?)")
-    return np.array(rows[:, :, x0:x1])
+    return rows if (x0, x1) == (0, nx) else np.array(rows[:, :, x0:x1])
 
 
 def _memmap(data: np.ndarray) -> np.memmap | None:

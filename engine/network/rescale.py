@@ -9,7 +9,7 @@ import scipy.fft
 from scipy import ndimage
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.pages import is_mapped, release_pages
+from cryoves.engine.io.pages import is_mapped, read_box, release_pages
 from cryoves.kernels.resize import resize_linear
 
 NETWORK_VOXEL_SIZE_A = 22.0
@@ -128,15 +128,31 @@ def _dct_shrink_axis(volume: np.ndarray, out: np.ndarray, axis: int, sigma_vox: 
         step = max(1, _DCT_SLAB_VOXELS * volume.shape[across] // max(1, volume.size))
         slabs = [(slice(None),) * across + (slice(start, start + step),)
                  for start in range(0, volume.shape[across], step)]
-    # a mapped tomogram's pages released after every _MAPPED_PART_BYTES read (`release_pages`): the whole file
-    # would otherwise be resident by the end (1.1 GB at 1024x1024x261)
-    release_every = max(1, _MAPPED_PART_BYTES * len(slabs) // max(1, volume.nbytes)) if is_mapped(volume) else 0
-    for n, slab in enumerate(slabs, 1):
-        spectrum = scipy.fft.dct(volume[slab], type=2, norm="ortho", axis=axis, workers=-1)
+    for slab, part in _read_slabs(volume, slabs, across):
+        spectrum = scipy.fft.dct(part, type=2, norm="ortho", axis=axis, workers=-1)
         coefficients = spectrum[tuple(keep)] * weights
         out[slab] = scipy.fft.idct(coefficients, type=2, norm="ortho", axis=axis, workers=-1)
-        if release_every and n % release_every == 0:
-            release_pages(volume)
+
+
+def _read_slabs(volume: np.ndarray, slabs: list[tuple], across: int | None):
+    """(slab, its data) for each of `slabs` (consecutive ranges along `across`). A mapped tomogram is read from its
+    file (`read_box`) in groups of slabs of about _MAPPED_PART_BYTES, not through the map: a slab holds a few rows of
+    every section, and a page fault maps a whole folio of the page cache (2 MB for a file just written), so the whole
+    file became resident (1.1 GB at 1024x1024x261), faster than releasing its pages could keep up with."""
+    if across is None or volume.ndim != 3 or not is_mapped(volume):
+        yield from ((slab, volume[slab]) for slab in slabs)
+        return
+    n = volume.shape[across]
+    per_group = max(1, _MAPPED_PART_BYTES * len(slabs) // max(1, volume.nbytes))
+    for first in range(0, len(slabs), per_group):
+        group = slabs[first:first + per_group]
+        start, stop = group[0][across].start, min(group[-1][across].stop, n)
+        box = [slice(None)] * 3
+        box[across] = slice(start, stop)
+        data = read_box(volume, tuple(box))
+        for slab in group:
+            box[across] = slice(slab[across].start - start, min(slab[across].stop, n) - start)
+            yield slab, data[tuple(box)]
 
 
 def _gaussian_response(sigma_vox: float, n: int) -> np.ndarray:

@@ -153,9 +153,9 @@ def test_band_limited_crops_each_axis_in_place_in_one_buffer(monkeypatch, shape)
     assert out.flags.c_contiguous and (out.base is None or out.base.nbytes == out.nbytes)
 
 
-def test_band_limited_releases_a_mapped_tomogram_as_it_reads_it(tmp_path, resident_mb, monkeypatch):
-    """The first crop reads a mapped tomogram in slabs, releasing its pages after every `_MAPPED_PART_BYTES`, and
-    the crops' one buffer (34 MB here: always its own map in glibc) is cut to the 8 MB result: neither the 67 MB
+def test_band_limited_reads_a_mapped_tomogram_from_its_file(tmp_path, resident_mb, monkeypatch):
+    """The first crop reads a mapped tomogram's slabs from its file (`read_box`, in groups of `_MAPPED_PART_BYTES`),
+    and the crops' one buffer (34 MB here: always its own map in glibc) is cut to the 8 MB result: neither the 67 MB
     file nor the whole buffer stays resident (1.1 and 0.7 GB at 1024x1024x261)."""
     monkeypatch.setattr(rescale, "_MAPPED_PART_BYTES", 1 << 20)
     volume = np.random.default_rng(7).standard_normal((64, 512, 512)).astype(np.float32)
