@@ -182,7 +182,8 @@ class Prepared:
 
     @cached_property
     def volume(self) -> Volume:
-        return read_volume(self.job.path, self.identity.voxel_size_a)
+        # `prepare` checked every voxel (NaN or Inf): mapped again in another process, the file is not read whole
+        return read_volume(self.job.path, self.identity.voxel_size_a, scan=False)
 
     def __getstate__(self) -> dict:
         return {key: value for key, value in self.__dict__.items() if key != "volume"}

@@ -66,10 +66,15 @@ def test_make_jobs_takes_a_file_for_all_or_a_folder_per_name(folder):
     assert [job.region for job in both] == [folder / "tomo.region.mrc"] * 2 and both[0].truth is None
 
 
-def test_a_prepared_tomogram_travels_without_its_voxels_and_maps_the_file_again(folder, tmp_path):
+def test_a_prepared_tomogram_travels_without_its_voxels_and_maps_the_file_again(folder, tmp_path, monkeypatch):
+    """A Prepared sent to another process maps its file there, without reading it whole for NaN or Inf again
+    (`prepare` checked every voxel)."""
+    from cryoves.engine.io import mrc
+
     prepared = prepare(Job(path=folder / "tomo.mrc"), SETTINGS, tmp_path)
     sent = pickle.dumps(prepared)
     assert len(sent) < 4096 < prepared.volume.data.nbytes  # as a Ray task's argument or return value
+    monkeypatch.setattr(mrc, "_count_nonfinite", lambda data: pytest.fail("the file was checked again"))
     received = pickle.loads(sent)
     assert received.identity == prepared.identity and received.shape == SHAPE and not received.done
     np.testing.assert_array_equal(received.volume.data, prepared.volume.data)
