@@ -60,7 +60,14 @@ from cryoves.engine.job import (
 )
 from cryoves.engine.network.inference import InferenceParams, TilePlan
 from cryoves.engine.pipeline import refine_in_bands
-from cryoves.engine.stages.refine import RefineParams, Refiner, RefineResult, concat_refine_results, refine_batch
+from cryoves.engine.stages.refine import (
+    RefineParams,
+    Refiner,
+    RefineResult,
+    concat_refine_results,
+    refine_batch,
+    z_ordered_parts,
+)
 from cryoves.engine.warmup import start_kernel_warmup
 
 log = logging.getLogger(__name__)
@@ -207,11 +214,10 @@ def chunked_refiner(vesicles_per_task: int) -> Refiner:
         if len(centers) <= vesicles_per_task:
             return refine_in_bands(tomogram, centers, radii, params)
         shared = mapped_file(tomogram) or ray.put(tomogram)
-        order = np.argsort(centers[:, 0], kind="stable")
+        order, chunks = z_ordered_parts(centers, -(-len(centers) // vesicles_per_task))
         radii = np.asarray(radii)
-        chunks = [_refine_chunk.remote(shared, centers[rows], radii[rows], params)
-                  for rows in (order[i:i + vesicles_per_task] for i in range(0, len(order), vesicles_per_task))]
-        return concat_refine_results(ray.get(chunks), order)
+        return concat_refine_results(ray.get([_refine_chunk.remote(shared, centers[rows], radii[rows], params)
+                                              for rows in chunks]), order)
 
     return refine
 

@@ -29,6 +29,7 @@ from cryoves.engine.stages.refine import (
     concat_refine_results,
     refine_batch,
     refine_spheres,
+    z_ordered_parts,
 )
 from cryoves.engine.stages.threshold import ThresholdParams, ThresholdResult, global_threshold
 from cryoves.engine.units import nm_to_vox
@@ -159,9 +160,9 @@ def refine_in_bands(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray
     n_bands = int(min(len(centers), _MAX_BANDS, max(1, tomogram.nbytes // _BAND_BYTES)))
     if n_bands <= 1 or not is_mapped(tomogram):
         return refine_batch(tomogram, centers, radii, params)
-    order = np.argsort(centers[:, 0], kind="stable")
+    order, bands = z_ordered_parts(centers, n_bands)
     parts = []
-    for rows in np.array_split(order, n_bands):
+    for rows in bands:
         parts.append(refine_batch(tomogram, centers[rows], np.asarray(radii)[rows], params))
         release_pages(tomogram)
     return concat_refine_results(parts, order)

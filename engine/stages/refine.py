@@ -250,6 +250,13 @@ Refiner = Callable[[np.ndarray, np.ndarray, np.ndarray, RefineParams], RefineRes
 spreads the vesicles of one tomogram over tasks (`concat_refine_results` joins them)."""
 
 
+def z_ordered_parts(centers_vox: np.ndarray, n_parts: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The vesicles in z order, and that order split into `n_parts` consecutive parts of sizes differing by at most
+    one: refined part by part, each reads one band of the tomogram; `concat_refine_results(parts, order)` joins them."""
+    order = np.argsort(np.asarray(centers_vox)[:, 0], kind="stable")
+    return order, np.array_split(order, n_parts)
+
+
 def concat_refine_results(parts: list[RefineResult], order: np.ndarray | None = None) -> RefineResult:
     """One RefineResult from results over consecutive chunks of vesicles, in order; with `order`, the parts are
     over the vesicles `order` lists (split in turn), and the rows are put back in the vesicles' own order.

@@ -161,7 +161,7 @@ def test_errors_and_progress(scene):
 @pytest.mark.parametrize("chunk", [1, 3])
 def test_refining_chunks_of_vesicles_and_joining_them_is_the_same_table(scene, chunk):
     """`cryoves run` refines a tomogram's vesicles in chunks (`Refiner`): the table must not change."""
-    from cryoves.engine.stages.refine import concat_refine_results, refine_batch
+    from cryoves.engine.stages.refine import concat_refine_results, refine_batch, z_ordered_parts
 
     labels = ball_labels(SHAPE, CENTERS, RADII)
 
@@ -170,10 +170,11 @@ def test_refining_chunks_of_vesicles_and_joining_them_is_the_same_table(scene, c
                                       for i in range(0, len(centers), chunk)])
 
     def in_z_order(tomogram, centers, radii, params):  # chunks of the vesicles in z order, rows put back
-        order = np.argsort(centers[:, 0], kind="stable")
-        assert not np.array_equal(order, np.arange(len(order)))
+        order, parts = z_ordered_parts(centers, -(-len(centers) // chunk))
+        assert not np.array_equal(order, np.arange(len(order))) and max(map(len, parts)) <= chunk
+        assert np.array_equal(np.concatenate(parts), order) and np.all(np.diff(centers[order, 0]) >= 0)
         return concat_refine_results([refine_batch(tomogram, centers[rows], radii[rows], params)
-                                      for rows in np.array_split(order, -(-len(order) // chunk))], order)
+                                      for rows in parts], order)
 
     whole = refine_spheres(scene, labels, VOXEL_A).to_pydict()
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A, refiner=chunked).to_pydict(), whole)  # NaN == NaN
