@@ -19,6 +19,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.mrc import read_volume
 from cryoves.engine.io.outputs import read_run_record
+from cryoves.engine.io.pages import read_box
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.units import nm_to_vox
 
@@ -124,12 +125,24 @@ def densest_point(centers_vox: np.ndarray, radii_vox: np.ndarray, shape) -> tupl
     return tuple(int(np.clip(np.rint(c), 0, n - 1)) for c, n in zip(centers[best], shape))
 
 
+_PART_BYTES = 1 << 25
+"""Bytes of a mapped volume's sections `slab` reads at a time."""
+
+
 def slab(volume: np.ndarray, axis: int, index: int, half_width: int) -> np.ndarray:
     """Mean of the planes index-h..index+h (clipped to the volume) across `axis`, as float32 2-D
-    (rows, columns) = the remaining axes in (z, y, x) order."""
+    (rows, columns) = the remaining axes in (z, y, x) order.
+
+    A mapped volume is read from its file by groups of sections (`read_box`), not through the map: a plane across
+    x holds a few voxels of every row, so it made the whole file resident (1.1 GB at 1024x1024x261)."""
     lo, hi = max(index - half_width, 0), min(index + half_width + 1, volume.shape[axis])
-    taken = np.take(volume, np.arange(lo, hi), axis=axis)
-    return np.asarray(taken, dtype=np.float32).mean(axis=axis)
+    box = [slice(None)] * 3
+    box[axis] = slice(lo, hi)
+    z0, z1, _ = box[0].indices(volume.shape[0])
+    step = max(1, _PART_BYTES // max(volume[:1].nbytes, 1))
+    parts = [np.asarray(read_box(volume, (slice(z, min(z + step, z1)), *box[1:])), dtype=np.float32)
+             for z in range(z0, z1, step)]
+    return np.concatenate(parts).mean(axis=axis)
 
 
 def circles_in_plane(centers_vox: np.ndarray, radii_vox: np.ndarray, axis: int, index: float):
