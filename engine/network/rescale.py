@@ -135,21 +135,25 @@ def _dct_shrink_axis(volume: np.ndarray, out: np.ndarray, axis: int, sigma_vox: 
 
 
 def _read_slabs(volume: np.ndarray, slabs: list[tuple], across: int | None):
-    """(slab, its data) for each of `slabs` (consecutive ranges along `across`). A mapped tomogram is read from its
-    file (`read_box`) in groups of slabs of about _MAPPED_PART_BYTES, not through the map: a slab holds a few rows of
-    every section, and a page fault maps a whole folio of the page cache (2 MB for a file just written), so the whole
-    file became resident (1.1 GB at 1024x1024x261), faster than releasing its pages could keep up with."""
+    """(slab, its data) for each of `slabs` (consecutive ranges along `across`), each used before the next is asked
+    for. A mapped tomogram is read from its file (`read_box`, into one buffer) in groups of slabs of about
+    _MAPPED_PART_BYTES, not through the map: a slab holds a few rows of every section, and a page fault maps a whole
+    folio of the page cache (2 MB for a file just written), so the whole file became resident (1.1 GB at
+    1024x1024x261), faster than releasing its pages could keep up with."""
     if across is None or volume.ndim != 3 or not is_mapped(volume):
         yield from ((slab, volume[slab]) for slab in slabs)
         return
     n = volume.shape[across]
     per_group = max(1, _MAPPED_PART_BYTES * len(slabs) // max(1, volume.nbytes))
+    scratch = None  # one buffer for every group, the first (the largest)
     for first in range(0, len(slabs), per_group):
         group = slabs[first:first + per_group]
         start, stop = group[0][across].start, min(group[-1][across].stop, n)
         box = [slice(None)] * 3
         box[across] = slice(start, stop)
-        data = read_box(volume, tuple(box))
+        if scratch is None:
+            scratch = np.empty(volume[tuple(box)].nbytes, np.uint8)
+        data = read_box(volume, tuple(box), scratch)
         for slab in group:
             box[across] = slice(slab[across].start - start, min(slab[across].stop, n) - start)
             yield slab, data[tuple(box)]

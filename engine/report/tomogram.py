@@ -19,7 +19,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.mrc import read_volume
 from cryoves.engine.io.outputs import read_run_record
-from cryoves.engine.io.pages import read_box
+from cryoves.engine.io.pages import is_mapped, read_box
 from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.units import nm_to_vox
 
@@ -140,7 +140,8 @@ def slab(volume: np.ndarray, axis: int, index: int, half_width: int) -> np.ndarr
     box[axis] = slice(lo, hi)
     z0, z1, _ = box[0].indices(volume.shape[0])
     step = max(1, _PART_BYTES // max(volume[:1].nbytes, 1))
-    parts = [np.asarray(read_box(volume, (slice(z, min(z + step, z1)), *box[1:])), dtype=np.float32)
+    scratch = np.empty(volume[z0:z0 + step].nbytes, np.uint8) if is_mapped(volume) else None  # parts read in turn
+    parts = [np.array(read_box(volume, (slice(z, min(z + step, z1)), *box[1:]), scratch), dtype=np.float32)
              for z in range(z0, z1, step)]
     return np.concatenate(parts).mean(axis=axis)
 

@@ -209,6 +209,18 @@ def test_a_box_of_a_mapped_tomogram_is_read_from_its_file(tmp_path, rng, residen
                                       expected[2:30, 250:300, -9:])
 
 
+def test_a_box_read_into_scratch_views_it(tmp_path, rng):
+    """With `scratch`, `read_box` reads a mapped tomogram's rows into it (a reader by parts reuses one buffer) and
+    returns a view of it; the same numbers as without, whole rows or part of them."""
+    data = rng.normal(size=(16, 32, 24)).astype(np.float32)
+    mapped = read_volume(write_volume(tmp_path / "tomo.mrc", data, 10.0)).data
+    scratch = np.empty(data[:4].nbytes, np.uint8)
+    for box in ((slice(0, 4), slice(None), slice(None)), (slice(10, 14), slice(5, 9), slice(3, 20))):
+        part = read_box(mapped, box, scratch)
+        np.testing.assert_array_equal(part, data[box])
+        assert np.shares_memory(part, scratch)
+
+
 def test_a_mapped_tomogram_is_mapped_again_from_where_it_lies_in_its_file(tmp_path, rng):
     """`mapped_file` (what `cryoves run` sends its refinement tasks instead of the voxels) maps the same voxels
     again, for the file's volume and its C-ordered views; arrays in memory and other views have none."""

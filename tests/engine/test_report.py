@@ -78,14 +78,14 @@ def test_slab_is_the_mean_of_the_planes_clipped_to_the_volume():
 def test_a_slab_of_a_mapped_tomogram_is_read_from_its_file(tmp_path, resident_mb, monkeypatch):
     """A plane across x of a mapped tomogram holds a few voxels of every row: read by groups of sections from the
     file, in parts of `_PART_BYTES`, the same numbers, and the 67 MB file stays out of resident memory (through
-    the map, all of it became resident: 1.1 GB at 1024x1024x261)."""
+    the map, all of it became resident: +71 MB here, 1.1 GB at 1024x1024x261)."""
     monkeypatch.setattr(tomogram, "_PART_BYTES", 1 << 20)
     volume = np.random.default_rng(3).standard_normal((64, 512, 512)).astype(np.float32)
     mapped = read_volume(write_volume(tmp_path / "tomo.mrc", volume, 10.0)).data
     release_pages(mapped)
     before = resident_mb()
     planes = [slab(mapped, axis, 40, 1) for axis in range(3)]
-    assert resident_mb() - before < 8
+    assert resident_mb() - before < 20  # the parts and planes (a few MB) in new memory
     for axis, plane in enumerate(planes):
         npt.assert_array_equal(plane, np.take(volume, [39, 40, 41], axis=axis).mean(axis=axis))
 
