@@ -176,9 +176,10 @@ def _profile_bins(box_radius, params) -> int:
 class _Boxes:
     """Each vesicle's box of raw data (`extract_boxes`) at its centre and box radius, kept while it is active (at
     most `_KEPT_BOX_BYTES` of them), and the radial profile taken from it (`box_profiles`, the tomogram's own
-    profile bit for bit). A cycle's profile and correlation read the same box, and the profile after a move reads
-    the next cycle's box unless the box grew or shrank: the tomogram is read about once per centre and box, not
-    twice. Row i depends on vesicle i alone, so a kept row is the row a new read would give."""
+    profile bit for bit). A cycle's profile and correlation read the same box, and a box depends only on the voxel
+    nearest the centre (its anchor) and the box radius: the profile after a sub-voxel move (half of them) is taken
+    from the kept box, and the next cycle's from it unless the box grew or shrank. Row i depends on vesicle i alone,
+    so a kept row is the row a new read would give."""
 
     def __init__(self, tomogram, n: int, params: RefineParams) -> None:
         self._tomogram, self._params = tomogram, params
@@ -191,21 +192,31 @@ class _Boxes:
     def profiles(self, centers, box, idx, *, keep: bool = True) -> np.ndarray:
         """Profiles of vesicles `idx` at `centers` and `box`, reading the boxes that changed (kept when `keep`)."""
         stale = idx[(self._box[idx] != box[idx]) | np.any(self._centers[idx] != centers[idx], axis=1)]
-        for rows, boxes in boxes_by_radius(self._tomogram, centers[stale], box[stale]):
-            part = stale[rows]
-            fresh = box_profiles(boxes, box_offsets(centers[part]), _profile_bins(box[part], self._params),
-                                 bin_width_vox=self._params.bin_width_vox)
-            width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
-            if width > self._rows.shape[1]:
-                self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])), constant_values=np.nan)
-            self._rows[part] = np.nan
-            self._rows[part, :fresh.shape[1]] = fresh
+        same = np.array([self._boxes[i] is not None for i in stale], dtype=bool) & (self._box[stale] == box[stale])
+        same &= np.all(np.floor(self._centers[stale] + 0.5) == np.floor(centers[stale] + 0.5), axis=1)
+        for r in np.unique(box[stale[same]]):
+            part = stale[same][box[stale[same]] == r]
+            self._profile(part, centers, box, np.stack([self._boxes[i] for i in part]))
+        moved = stale[~same]
+        for rows, boxes in boxes_by_radius(self._tomogram, centers[moved], box[moved]):
+            part = moved[rows]
+            self._profile(part, centers, box, boxes)
             self.drop(part)
             for i, one in zip(part, boxes):
                 if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
                     self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
         self._centers[stale], self._box[stale] = centers[stale], box[stale]
         return self._rows[idx, :_profile_bins(box[idx], self._params)]
+
+    def _profile(self, part, centers, box, boxes) -> None:
+        """Store the profiles of vesicles `part` (one box radius) from their `boxes`."""
+        fresh = box_profiles(boxes, box_offsets(centers[part]), _profile_bins(box[part], self._params),
+                             bin_width_vox=self._params.bin_width_vox)
+        width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
+        if width > self._rows.shape[1]:
+            self._rows = np.pad(self._rows, ((0, 0), (0, width - self._rows.shape[1])), constant_values=np.nan)
+        self._rows[part] = np.nan
+        self._rows[part, :fresh.shape[1]] = fresh
 
     def boxes(self, centers, r: int, idx) -> np.ndarray:
         """The boxes of radius `r` of vesicles `idx` at `centers`, stacked: kept ones, the others read again."""
