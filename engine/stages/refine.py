@@ -174,12 +174,12 @@ def _profile_bins(box_radius, params) -> int:
 
 
 class _Boxes:
-    """Each vesicle's box of raw data (`extract_boxes`) at its centre and box radius, kept while it is active (at
-    most `_KEPT_BOX_BYTES` of them), and the radial profile taken from it (`box_profiles`, the tomogram's own
+    """Each vesicle's box of raw data (`extract_boxes`) at its centre and box radius, kept until a new one replaces it
+    (at most `_KEPT_BOX_BYTES` of them), and the radial profile taken from it (`box_profiles`, the tomogram's own
     profile bit for bit). A cycle's profile and correlation read the same box, and a box depends only on the voxel
-    nearest the centre (its anchor) and the box radius: the profile after a sub-voxel move (half of them) is taken
-    from the kept box, and the next cycle's from it unless the box grew or shrank. Row i depends on vesicle i alone,
-    so a kept row is the row a new read would give."""
+    nearest the centre (its anchor) and the box radius: the profile after a sub-voxel move, the next cycle's and the
+    final one are taken from the kept box unless it moved to another voxel, grew or shrank (half the reads of the
+    1024x1024x261 tomogram). Row i depends on vesicle i alone, so a kept row is the row a new read would give."""
 
     def __init__(self, tomogram, n: int, params: RefineParams) -> None:
         self._tomogram, self._params = tomogram, params
@@ -201,7 +201,7 @@ class _Boxes:
         for rows, boxes in boxes_by_radius(self._tomogram, centers[moved], box[moved]):
             part = moved[rows]
             self._profile(part, centers, box, boxes)
-            self.drop(part)
+            self._drop(part)
             for i, one in zip(part, boxes):
                 if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
                     self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
@@ -224,7 +224,7 @@ class _Boxes:
         read = dict(zip(missing, extract_boxes(self._tomogram, centers[missing], r))) if missing else {}
         return np.stack([read[i] if self._boxes[i] is None else self._boxes[i] for i in idx])
 
-    def drop(self, idx) -> None:
+    def _drop(self, idx) -> None:
         """Forget the kept boxes of vesicles `idx` (their profiles stay)."""
         for i in idx:
             if self._boxes[i] is not None:
@@ -326,14 +326,12 @@ def refine_batch(tomogram, centers_vox, radii_vox, params: RefineParams, *, extr
         zeros[idx] += np.all(np.round(step) == 0, axis=1)
         active[idx[too_far]] = False
         active[idx] &= zeros[idx] < 2
-        boxes.drop(idx[~active[idx]])
         idx = np.flatnonzero(active)
         if idx.size:
             est = estimate_radius(boxes.profiles(centers, box, idx), n_window_bins(box[idx], params.bin_width_vox),
                                   params)
             failed[idx[~est.ok]] = True
             active[idx[~est.ok]] = False
-            boxes.drop(idx[~est.ok])
             good = idx[est.ok]
             radius[good] = est.radius_vox[est.ok]
             box[good] = _box_radius(radius[good], extra[good], params)
