@@ -57,6 +57,7 @@ from cryoves.engine.job import (
     tile_plan,
 )
 from cryoves.engine.network.model import load_logit_fn, model_inference_params
+from cryoves.engine.network.rescale import network_shape
 from cryoves.engine.pipeline import SegmentParams, postprocess
 from cryoves.engine.stages.refine import RefineParams, refine_spheres
 from cryoves.engine.stages.threshold import ThresholdParams
@@ -76,7 +77,8 @@ from cryoves.kernels.radial import (
 from cryoves.kernels.render import render_spheres, render_spheres_reference
 from cryoves.kernels.shell import shell_sums, shell_sums_reference
 
-FINISH_GB = finish_memory_bytes(prod(TARGET_SHAPE), float("inf")) / 1e9
+FINISH_GB = finish_memory_bytes(prod(TARGET_SHAPE), prod(network_shape(TARGET_SHAPE, TARGET_VOXEL_SIZE_A)),
+                                float("inf")) / 1e9
 NOT_MEASURED = "not measured (no GPU in this session)"
 QUOTED_GPU_MVOXEL_S = 600.0
 """This network in float16 (PyTorch, channels-last) on one H200, as reported when the GPU path was

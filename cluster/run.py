@@ -51,6 +51,7 @@ from cryoves.engine.job import (
     batch_starts,
     finish,
     make_jobs,
+    network_grid,
     network_input,
     predict_tiles,
     prepare,
@@ -82,15 +83,17 @@ ACTOR_RESTARTS = 3
 CLUSTER_CHECK_S = 5.0
 """How often the driver checks that the cluster can still hold every inference actor."""
 FINISH_BASE_BYTES = 200_000_000
-FINISH_BYTES_PER_VOXEL = 11
-"""Memory a `_finish` task asks Ray for: the base and this per input voxel. Its resident memory grew by 9.7 bytes
-per voxel on 200x512x512 (float32 or int16 files) and 256x768x768 phantoms at 22 Å, 4.1 on 200x512x512 at 14.7 Å
-and 7 on 1024x1024x261 at 14.69 Å (benchmarks/RESULTS.md; the search runs on the coarser network grid there), and
-by 0.13 GB on 128x256x256 at 22 Å (the kernels and libraries it loads). Ray then runs no more post-processing
-tasks on a node than its memory holds."""
-FINISH_BYTES_PER_VOXEL_WITH_STAGES = 14
-"""The same when the earlier stages' labels are kept for `--stages` (12.5-12.8 bytes measured, 0.15 GB for
-128x256x256)."""
+FINISH_BYTES_PER_NETWORK_VOXEL = 9
+FINISH_BYTES_PER_VOXEL = 2
+"""Memory a `_finish` task asks Ray for: the base, this per voxel of the network grid (where the probability map,
+the search and the segments lie) and this per input voxel (the final labels). Its resident memory grew by 9.7 bytes
+per voxel on 200x512x512 phantoms at 22 Å (float32 or int16 files, where the two grids are one), 1.47 GB on
+256x768x768 at 22 Å, 0.22-0.25 GB on 200x512x512 at 14.7 Å (float32, int16), 0.89 GB on 1024x1024x261 at
+14.69 Å (the final labels and the probability map at the end), and by 0.13 GB on 128x256x256 at 22 Å (the kernels
+and libraries it loads). Ray then runs no more post-processing tasks on a node than its memory holds."""
+FINISH_BYTES_PER_VOXEL_WITH_STAGES = 8
+"""The same per input voxel when the earlier stages' labels are kept for `--stages` (three more label volumes on
+the input grid: 12.5-12.8 bytes per voxel measured at 22 Å, 0.51 GB for 200x512x512 at 14.7 Å)."""
 MIN_IN_FLIGHT = 4
 VESICLES_PER_TASK = 256
 """Sphere refinement of a tomogram with more vesicles than this is spread over tasks of this many."""
@@ -301,12 +304,13 @@ class PredictorPool:
             ray.kill(actor)
 
 
-def finish_memory_bytes(n_voxels: int, largest_node_bytes: float, stages: bool = False) -> int:
-    """Memory to reserve for post-processing a tomogram of `n_voxels` (keeping the earlier stages'
-    labels with `stages`), at most what the largest node offers (a larger request could never be
-    scheduled and would wait for ever)."""
+def finish_memory_bytes(n_voxels: int, n_network_voxels: int, largest_node_bytes: float, stages: bool = False) -> int:
+    """Memory to reserve for post-processing a tomogram of `n_voxels` whose network grid has `n_network_voxels`
+    (keeping the earlier stages' labels with `stages`), at most what the largest node offers (a larger request
+    could never be scheduled and would wait for ever)."""
     per_voxel = FINISH_BYTES_PER_VOXEL_WITH_STAGES if stages else FINISH_BYTES_PER_VOXEL
-    return int(min(FINISH_BASE_BYTES + per_voxel * n_voxels, largest_node_bytes))
+    needed = FINISH_BASE_BYTES + FINISH_BYTES_PER_NETWORK_VOXEL * n_network_voxels + per_voxel * n_voxels
+    return int(min(needed, largest_node_bytes))
 
 
 def _largest_node_memory() -> float:
@@ -482,8 +486,9 @@ class _Batch:
         except CryovesError as exc:
             self._row(item, "error", str(exc))
             return
-        memory = finish_memory_bytes(int(np.prod(item.prepared.shape)), _largest_node_memory(),
-                                     self.settings.outputs.stages)
+        memory = finish_memory_bytes(int(np.prod(item.prepared.shape)),
+                                     int(np.prod(network_grid(item.prepared, self.settings.params.inference))),
+                                     _largest_node_memory(), self.settings.outputs.stages)
         item.finish_ref = _finish.options(memory=memory).remote(
             item.prepared_ref, self.settings, str(self.out_dir), self.vesicles_per_task, item.seconds_ref,
             *[batch for _, _, _, batch in item.calls])

@@ -295,11 +295,14 @@ def test_a_node_dies_during_the_batch_and_nothing_is_lost_or_duplicated(inputs, 
 
 def test_finish_asks_for_its_measured_memory_but_never_more_than_a_node_has():
     from cryoves.cluster.run import finish_memory_bytes
+    from cryoves.engine.network.rescale import network_shape
 
-    measured = {(128, 256, 256): (0.13e9, 0.15e9), (200, 512, 512): (0.51e9, 0.67e9),  # at 22 Å, cluster/run.py
-                (256, 768, 768): (1.47e9, 1.88e9), (261, 1024, 1024): (1.9e9, None)}  # 14.69 Å (RESULTS.md)
-    for shape, (plain, stages) in measured.items():
-        n = int(np.prod(shape))
-        assert plain < finish_memory_bytes(n, 1e12) < 2 * plain + 0.3e9
-        assert stages is None or stages < finish_memory_bytes(n, 1e12, stages=True) < 2 * stages + 0.3e9
-    assert finish_memory_bytes(1024 * 1024 * 261, 3e9) == 3 * 10**9
+    # resident growth of `_finish` with the report (cluster/run.py, RESULTS.md), plain and with --stages
+    measured = {((128, 256, 256), 22.0): (0.13e9, 0.15e9), ((200, 512, 512), 22.0): (0.51e9, 0.67e9),
+                ((256, 768, 768), 22.0): (1.47e9, 1.88e9), ((200, 512, 512), 14.7): (0.25e9, 0.51e9),
+                ((261, 1024, 1024), 14.69): (0.89e9, None)}
+    for (shape, voxel_size_a), (plain, stages) in measured.items():
+        n, n_network = int(np.prod(shape)), int(np.prod(network_shape(shape, voxel_size_a)))
+        assert plain < finish_memory_bytes(n, n_network, 1e12) < 2 * plain + 0.3e9
+        assert stages is None or stages < finish_memory_bytes(n, n_network, 1e12, stages=True) < 2 * stages + 0.3e9
+    assert finish_memory_bytes(1024 * 1024 * 261, 174 * 684 * 684, 1e9) == 10**9
