@@ -91,6 +91,9 @@ per voxel on 200x512x512 phantoms at 22 Å (float32 or int16 files, where the tw
 256x768x768 at 22 Å, 0.22-0.25 GB on 200x512x512 at 14.7 Å (float32, int16), 0.89 GB on 1024x1024x261 at
 14.69 Å (the final labels and the probability map at the end), and by 0.13 GB on 128x256x256 at 22 Å (the kernels
 and libraries it loads). Ray then runs no more post-processing tasks on a node than its memory holds."""
+FINISH_BYTES_PER_COPIED_VOXEL = 4
+"""The more per input voxel when post-processing works on a float32 copy of the tomogram (a 16-bit file, or
+--invert-contrast): 13.6-13.7 bytes per voxel measured at 22 Å with --invert-contrast, 0.44 GB at 14.7 Å."""
 FINISH_BYTES_PER_VOXEL_WITH_STAGES = 8
 """The same per input voxel when the earlier stages' labels are kept for `--stages` (three more label volumes on
 the input grid: 12.5-12.8 bytes per voxel measured at 22 Å, 0.51 GB for 200x512x512 at 14.7 Å)."""
@@ -304,11 +307,13 @@ class PredictorPool:
             ray.kill(actor)
 
 
-def finish_memory_bytes(n_voxels: int, n_network_voxels: int, largest_node_bytes: float, stages: bool = False) -> int:
+def finish_memory_bytes(n_voxels: int, n_network_voxels: int, largest_node_bytes: float, *, stages: bool = False,
+                        copied: bool = False) -> int:
     """Memory to reserve for post-processing a tomogram of `n_voxels` whose network grid has `n_network_voxels`
-    (keeping the earlier stages' labels with `stages`), at most what the largest node offers (a larger request
-    could never be scheduled and would wait for ever)."""
+    (keeping the earlier stages' labels with `stages`; on a float32 copy of it when `copied`), at most what the
+    largest node offers (a larger request could never be scheduled and would wait for ever)."""
     per_voxel = FINISH_BYTES_PER_VOXEL_WITH_STAGES if stages else FINISH_BYTES_PER_VOXEL
+    per_voxel += FINISH_BYTES_PER_COPIED_VOXEL if copied else 0
     needed = FINISH_BASE_BYTES + FINISH_BYTES_PER_NETWORK_VOXEL * n_network_voxels + per_voxel * n_voxels
     return int(min(needed, largest_node_bytes))
 
@@ -486,9 +491,11 @@ class _Batch:
         except CryovesError as exc:
             self._row(item, "error", str(exc))
             return
+        params = self.settings.params
         memory = finish_memory_bytes(int(np.prod(item.prepared.shape)),
-                                     int(np.prod(network_grid(item.prepared, self.settings.params.inference))),
-                                     _largest_node_memory(), self.settings.outputs.stages)
+                                     int(np.prod(network_grid(item.prepared, params.inference))),
+                                     _largest_node_memory(), stages=self.settings.outputs.stages,
+                                     copied=np.dtype(item.prepared.dtype) != np.float32 or params.invert_contrast)
         item.finish_ref = _finish.options(memory=memory).remote(
             item.prepared_ref, self.settings, str(self.out_dir), self.vesicles_per_task, item.seconds_ref,
             *[batch for _, _, _, batch in item.calls])

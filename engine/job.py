@@ -173,6 +173,7 @@ class Prepared:
     job: Job
     identity: Identity
     shape: tuple[int, int, int]
+    dtype: str       # of the file's voxels (`numpy.dtype.str`)
     done: bool       # outputs complete and current: nothing to do
     seconds: float   # reading, validating and checksumming
 
@@ -217,8 +218,8 @@ def prepare(job: Job, settings: Settings, out_dir) -> Prepared:
     if not done:
         check_network_memory(job.path, volume.data.shape, volume.voxel_size_a, settings.params.inference)
         check_out_dir(out_dir)
-    prepared = Prepared(job=job, identity=identity, shape=tuple(volume.data.shape), done=done,
-                        seconds=time.perf_counter() - start)
+    prepared = Prepared(job=job, identity=identity, shape=tuple(volume.data.shape), dtype=volume.data.dtype.str,
+                        done=done, seconds=time.perf_counter() - start)
     prepared.__dict__["volume"] = volume  # the mapped file, so that `volume` does not map it again here
     return prepared
 

@@ -68,10 +68,27 @@ class Segmentation:
 Progress = Callable[[str], None]
 
 
+_ORIENT_PART_BYTES = 1 << 25
+
+
 def oriented(tomogram: np.ndarray, params: SegmentParams) -> np.ndarray:
-    """The tomogram as float32 with dark membranes: negated when `params.invert_contrast`."""
-    tomogram = np.asarray(tomogram, dtype=np.float32)
-    return np.negative(tomogram) if params.invert_contrast else tomogram
+    """The tomogram as float32 with dark membranes: negated when `params.invert_contrast`.
+
+    A mapped file that needs a copy (16-bit, or negated) is copied by parts of z-sections of `_ORIENT_PART_BYTES`,
+    its pages released after each: the whole file stayed resident beside the copy (`_finish` grew 17.6 instead of
+    9.7 bytes per voxel with --invert-contrast)."""
+    if not is_mapped(tomogram) or tomogram.ndim != 3 or (tomogram.dtype == np.float32 and not params.invert_contrast):
+        tomogram = np.asarray(tomogram, dtype=np.float32)
+        return np.negative(tomogram) if params.invert_contrast else tomogram
+    out = np.empty(tomogram.shape, np.float32)
+    step = max(1, _ORIENT_PART_BYTES // max(1, tomogram[:1].nbytes))
+    for z in range(0, tomogram.shape[0], step):
+        if params.invert_contrast:
+            np.negative(tomogram[z:z + step], out=out[z:z + step], dtype=np.float32)
+        else:
+            np.copyto(out[z:z + step], tomogram[z:z + step])
+        release_pages(tomogram)
+    return out
 
 
 def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params: SegmentParams,

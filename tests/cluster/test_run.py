@@ -305,4 +305,7 @@ def test_finish_asks_for_its_measured_memory_but_never_more_than_a_node_has():
         n, n_network = int(np.prod(shape)), int(np.prod(network_shape(shape, voxel_size_a)))
         assert plain < finish_memory_bytes(n, n_network, 1e12) < 2 * plain + 0.3e9
         assert stages is None or stages < finish_memory_bytes(n, n_network, 1e12, stages=True) < 2 * stages + 0.3e9
+    for (shape, voxel_size_a), copied in {((200, 512, 512), 22.0): 0.72e9, ((200, 512, 512), 14.7): 0.44e9}.items():
+        n, n_network = int(np.prod(shape)), int(np.prod(network_shape(shape, voxel_size_a)))  # --invert-contrast
+        assert copied < finish_memory_bytes(n, n_network, 1e12, copied=True) < 2 * copied + 0.3e9
     assert finish_memory_bytes(1024 * 1024 * 261, 174 * 684 * 684, 1e9) == 10**9

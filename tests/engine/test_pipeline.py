@@ -1,5 +1,6 @@
 """Post-processing end to end on phantoms with exact ground truth, from a probability map made from it."""
 
+import mrcfile
 import numpy as np
 import pytest
 
@@ -116,6 +117,26 @@ def test_inverted_contrast_is_flagged_and_undone(scene, result):
     # --invert-contrast gives back the tomogram itself, so the result without warnings of `result`
     np.testing.assert_array_equal(oriented(inverted, SegmentParams(invert_contrast=True)), phantom.tomogram)
     assert result.warnings == ()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_a_mapped_tomogram_is_oriented_by_parts(tmp_path, dtype, resident_mb, monkeypatch):
+    """A mapped 16-bit or negated tomogram is copied to float32 by parts of sections, the file's pages released
+    after each: the same numbers, and only the copy (16 MB) stays resident, not the file beside it too."""
+    monkeypatch.setattr(pipeline, "_ORIENT_PART_BYTES", 1 << 20)
+    data = (np.random.default_rng(2).standard_normal((64, 256, 256)) * 100).astype(dtype)
+    path = tmp_path / "tomo.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        mrc.voxel_size = 10.0
+    mapped = read_volume(path).data
+    assert mapped.dtype == dtype
+    for invert in (True, False):
+        before = resident_mb()
+        out = oriented(mapped, SegmentParams(invert_contrast=invert))
+        assert resident_mb() - before < out.nbytes / 1e6 + 4 or out is mapped
+        np.testing.assert_array_equal(out, -data.astype(np.float32) if invert else data.astype(np.float32))
+        del out
 
 
 def test_a_network_grid_map_finds_the_vesicles_that_its_input_grid_resampling_finds(probability_from_truth):
