@@ -115,7 +115,7 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     map the threshold's shell criterion reads the tomogram resampled to the map (benchmarks/ACCURACY.md: the
     same vesicles, the search 2-21 times faster at 7-15 Å). `tomogram` is already `oriented` (dark membranes).
     A tomogram mapped from its file (`read_volume`) is read by parts, its pages released after each (`release_pages`:
-    the threshold's resample to a coarser map, refinement in bands of vesicles, the polarity check).
+    the threshold's resample at the coarser map's shells, refinement in bands of vesicles, the polarity check).
     `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8). `refiner`:
     see `refine.Refiner`. Without `keep_stages` only the final labels are returned, and each earlier label
     volume is released as soon as the next stage has used it (a third less memory at the peak).
@@ -132,7 +132,7 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         probability = np.where(inside, probability, np.float32(0))
     seconds: dict[str, float] = {}
     with _timed("threshold", seconds, progress):
-        search = global_threshold(resample_to_shape(tomogram, grid), probability, params.threshold)
+        search = global_threshold(tomogram, probability, params.threshold)
         threshold = search.threshold
     release_pages(tomogram)  # a mapped file's: every later stage reads parts of it
     with _timed("label", seconds, progress):

@@ -51,8 +51,8 @@ def _scene() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def _warm_detection() -> None:
-    """The kernels up to localisation: resampling, threshold shell sums, labelling, splitting (both ways). On the
-    tomogram's grid; the search on the network grid runs the same kernels on the same types."""
+    """The kernels up to localisation: resampling, threshold shell sums (with the tomogram resampled at the shells
+    of the network grid's map), labelling, splitting (both ways)."""
     from cryoves.engine.network.inference import probability_on_input_grid
     from cryoves.engine.pipeline import SegmentParams
     from cryoves.engine.stages.localize import label_segments, localize
@@ -61,7 +61,7 @@ def _warm_detection() -> None:
     tomogram, probability_net, _ = _scene()
     params = SegmentParams()
     probability = probability_on_input_grid(probability_net, _SHAPE)
-    threshold = global_threshold(tomogram, probability, params.threshold).threshold
+    threshold = global_threshold(tomogram, probability_net, params.threshold).threshold
     labels = label_segments(probability, threshold, params.localize.connectivity)
     localize(probability, labels, threshold, 22.0, params.localize)
 

@@ -19,7 +19,7 @@ from scipy import ndimage
 from cryoves.kernels.arrays import readonly
 from cryoves.kernels.threads import parallel_over, threads_for
 
-__all__ = ["resize_linear", "resize_linear_reference"]
+__all__ = ["resize_linear", "resize_linear_at", "resize_linear_reference"]
 
 _TRUNCATE = 4.0  # scipy's default for gaussian_filter, in σ
 
@@ -62,6 +62,68 @@ def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.
     with threads_for(out.size * n_taps // 2):
         parallel_over(_resize_slabs, -(-out.shape[0] // planes), source, taps, out, planes)
     return out
+
+
+def resize_linear_at(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox, indices: np.ndarray) -> np.ndarray:
+    """`resize_linear(volume, shape, sigma_vox).reshape(-1)[indices]` without the rest of the output: float32, the
+    same numbers bit for bit (each pass's sums taken in the same order and type), reading only the input sections
+    the indices' output sections need. For an output needed at a few voxels: the threshold search reads the
+    tomogram on the shells of the probability map (2.5 % of the network grid of a 1024x1024x261 tomogram), where
+    the whole resize took 0.8 s and 325 MB."""
+    volume = np.asarray(volume)
+    shape = tuple(int(n) for n in shape)
+    sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
+    if volume.ndim != 3 or len(shape) != 3 or min(shape) < 1 or volume.size == 0:
+        raise ValueError(f"need a non-empty 3-D volume and a 3-D shape of positive sizes, got {volume.shape} -> "
+                         f"{shape}")
+    indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+    if indices.size and (indices.min() < 0 or indices.max() >= np.prod(shape)):
+        raise ValueError(f"indices must lie in the output of {int(np.prod(shape))} voxels")
+    out = np.empty(indices.size, np.float32)
+    if not indices.size:
+        return out
+    (iz, wz), (iy, wy), (ix, wx) = (_taps(n_in, n_out, s) if n_in != n_out or _radius(s) else _identity(n_in)
+                                    for n_in, n_out, s in zip(volume.shape, shape, sigma))
+    needed = iz[indices.min() // (shape[1] * shape[2]):indices.max() // (shape[1] * shape[2]) + 1]
+    lo, hi = int(needed.min()), int(needed.max()) + 1  # the input sections read, as `resize_linear`'s `sections`
+    source = readonly(np.ascontiguousarray(volume[lo:hi], dtype=np.float32))
+    _resize_at(source, readonly(iz - lo), wz, iy, wy, ix, wx, shape[1], shape[2], readonly(indices), out)
+    return out
+
+
+def _identity(n: int):
+    """One tap of weight 1 per sample: the pass `resize_linear` skips, which changes no bit of a float32 value."""
+    return readonly(np.arange(n).reshape(n, 1)), readonly(np.ones((n, 1)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _resize_at(src, iz, wz, iy, wy, ix, wx, ny, nx, indices, out):
+    """Each output voxel (indices ascending) through the z, y and x passes of `_along_z`, `_along_y` and `_along_x`,
+    in their order and types; the z pass's values of the current output section and the y pass's of the current
+    output row are kept for the voxels after (neighbours share most of their taps), so each is summed once."""
+    z_pass = np.empty(src.shape[1:], np.float32)
+    z_done = np.full(src.shape[1:], -1, np.int32)  # the output section each z_pass value is of
+    y_pass = np.empty(src.shape[2], np.float32)
+    y_done = np.full(src.shape[2], -1, np.int32)  # the output row each y_pass value is of
+    for n in range(indices.size):
+        row, i = divmod(indices[n], nx)
+        k, j = divmod(row, ny)
+        acc = 0.0  # float64, as `_along_x`
+        for tx in range(ix.shape[1]):
+            x = ix[i, tx]
+            if y_done[x] != row:
+                line = np.float32(0.0)  # float32, as `_along_y`
+                for ty in range(iy.shape[1]):
+                    y = iy[j, ty]
+                    if z_done[y, x] != k:
+                        plane = np.float32(0.0)  # float32, as `_along_z`
+                        for tz in range(iz.shape[1]):
+                            plane += np.float32(wz[k, tz]) * src[iz[k, tz], y, x]
+                        z_pass[y, x], z_done[y, x] = plane, k
+                    line += np.float32(wy[j, ty]) * z_pass[y, x]
+                y_pass[x], y_done[x] = line, row
+            acc += wx[i, tx] * y_pass[x]
+        out[n] = acc
 
 
 _SLAB_BYTES = 1 << 22

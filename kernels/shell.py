@@ -32,16 +32,48 @@ def shell_sums(intensity, probability, thresholds):
     counts : int64[n_t]
     """
     intensity, probability, thresholds = _validate(intensity, probability, thresholds)
+    indices = shell_voxels(probability, thresholds)
+    return shell_sums_at(intensity.reshape(-1)[indices], indices, probability, thresholds)
+
+
+def shell_voxels(probability, thresholds) -> np.ndarray:
+    """Flat indices (ascending) of the voxels in the shell of ``{probability > t}`` for at least one ``t``: the
+    only voxels whose intensity `shell_sums` reads (2.5 % of a 1024x1024x261 tomogram's network grid)."""
+    probability, thresholds = _validate_map(probability, thresholds)
+    if thresholds.shape[0] == 0 or probability.size == 0:
+        return np.zeros(0, np.int64)
+    starts = _chunk_rows(probability)
+    counts = _shell_count(readonly(probability), readonly(thresholds), readonly(starts))
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    indices = np.empty(int(offsets[-1]), np.int64)
+    _shell_fill(readonly(probability), readonly(thresholds), readonly(starts), readonly(offsets), indices)
+    return indices
+
+
+def shell_sums_at(values, indices, probability, thresholds):
+    """`shell_sums` of an intensity given only at `shell_voxels`' `indices` (ascending; `values` in their order), the
+    same numbers bit for bit: each chunk of rows sums its voxels in the same order."""
+    probability, thresholds = _validate_map(probability, thresholds)
+    values = np.ascontiguousarray(values)
+    indices = np.ascontiguousarray(indices, dtype=np.int64)
+    if values.shape != indices.shape or values.ndim != 1:
+        raise ValueError(f"values {values.shape} and indices {indices.shape} must be 1-D of one length")
     n_t = thresholds.shape[0]
     if n_t == 0 or probability.size == 0:
         return np.zeros(n_t, np.float64), np.zeros(n_t, np.int64)
+    starts = _chunk_rows(probability)
+    bounds = np.searchsorted(indices, starts * probability.shape[2])
+    sums_diff, counts_diff = _shell_sums(readonly(values), readonly(indices), readonly(probability),
+                                         readonly(thresholds), readonly(bounds))
+    return np.cumsum(sums_diff.sum(axis=0))[:n_t], np.cumsum(counts_diff.sum(axis=0))[:n_t]
+
+
+def _chunk_rows(probability) -> np.ndarray:
+    """First (z, y) row of each chunk, and the end: a few chunks per thread balance the uneven foreground, and each
+    owns its accumulator row."""
     n_rows = probability.shape[0] * probability.shape[1]
-    # A few chunks per thread balance the uneven foreground; each chunk owns its accumulator row.
     n_chunks = max(1, min(n_rows, 4 * numba.get_num_threads()))
-    sums_diff, counts_diff = _shell_sums(readonly(intensity), readonly(probability), readonly(thresholds), n_chunks)
-    sums = np.cumsum(sums_diff.sum(axis=0))[:n_t]
-    counts = np.cumsum(counts_diff.sum(axis=0))[:n_t]
-    return sums, counts
+    return np.arange(n_chunks + 1) * n_rows // n_chunks
 
 
 def shell_sums_reference(intensity, probability, thresholds):
@@ -65,19 +97,29 @@ def shell_sums_reference(intensity, probability, thresholds):
 
 def _validate(intensity, probability, thresholds):
     intensity = np.asarray(intensity)
-    probability = np.asarray(probability)
-    if probability.ndim != 3:
-        raise ValueError(f"probability must be 3-D (z, y, x), got shape {probability.shape}")
+    probability, thresholds = _validate_map(probability, thresholds)
     if intensity.shape != probability.shape:
         raise ValueError(
             f"intensity shape {intensity.shape} differs from probability shape {probability.shape}"
         )
-    if not np.issubdtype(probability.dtype, np.floating):
-        raise ValueError(f"probability must be float32 or float64, got {probability.dtype}")
     if intensity.dtype == np.bool_ or not (
         np.issubdtype(intensity.dtype, np.integer) or np.issubdtype(intensity.dtype, np.floating)
     ):
         raise ValueError(f"intensity must be a real numeric array, got {intensity.dtype}")
+    # Numba wants native byte order (MRC files may be big-endian) and a C layout.
+    if not intensity.dtype.isnative:
+        intensity = intensity.astype(intensity.dtype.newbyteorder("="))
+    if intensity.dtype == np.float16:
+        intensity = intensity.astype(np.float32)
+    return np.ascontiguousarray(intensity), probability, thresholds
+
+
+def _validate_map(probability, thresholds):
+    probability = np.asarray(probability)
+    if probability.ndim != 3:
+        raise ValueError(f"probability must be 3-D (z, y, x), got shape {probability.shape}")
+    if not np.issubdtype(probability.dtype, np.floating):
+        raise ValueError(f"probability must be float32 or float64, got {probability.dtype}")
     thresholds = np.asarray(thresholds, dtype=np.float64)
     if thresholds.ndim != 1:
         raise ValueError(f"thresholds must be 1-D, got shape {thresholds.shape}")
@@ -85,16 +127,11 @@ def _validate(intensity, probability, thresholds):
         raise ValueError("thresholds must be finite")
     if np.any(np.diff(thresholds) < 0):
         raise ValueError("thresholds must be sorted ascending")
-    # Numba wants native byte order (MRC files may be big-endian) and a C layout.
     if not probability.dtype.isnative:
         probability = probability.astype(probability.dtype.newbyteorder("="))
-    if not intensity.dtype.isnative:
-        intensity = intensity.astype(intensity.dtype.newbyteorder("="))
     if probability.dtype == np.float16:
         probability = probability.astype(np.float32)
-    if intensity.dtype == np.float16:
-        intensity = intensity.astype(np.float32)
-    return np.ascontiguousarray(intensity), np.ascontiguousarray(probability), thresholds
+    return np.ascontiguousarray(probability), thresholds
 
 
 @numba.njit(cache=True)
@@ -121,46 +158,76 @@ def _first_at_least(thresholds, v):
     return lo
 
 
-@numba.njit(parallel=True, cache=True)
-def _shell_sums(intensity, probability, thresholds, n_chunks):
+@numba.njit(cache=True, inline="always")
+def _shell_bins(probability, z, y, x, thresholds):
+    """Threshold bins [lo, hi) whose shell holds voxel (z, y, x): every t with min6 <= t < P; lo >= hi for none."""
     nz, ny, nx = probability.shape
+    p = np.float64(probability[z, y, x])
+    if not p > thresholds[0]:  # below every threshold (or NaN): in no mask
+        return 0, 0
+    m = np.inf
+    if z > 0:
+        m = _lower(m, np.float64(probability[z - 1, y, x]))
+    if z < nz - 1:
+        m = _lower(m, np.float64(probability[z + 1, y, x]))
+    if y > 0:
+        m = _lower(m, np.float64(probability[z, y - 1, x]))
+    if y < ny - 1:
+        m = _lower(m, np.float64(probability[z, y + 1, x]))
+    if x > 0:
+        m = _lower(m, np.float64(probability[z, y, x - 1]))
+    if x < nx - 1:
+        m = _lower(m, np.float64(probability[z, y, x + 1]))
+    if m >= p:
+        return 0, 0
+    return _first_at_least(thresholds, m), _first_at_least(thresholds, p)
+
+
+@numba.njit(parallel=True, cache=True)
+def _shell_count(probability, thresholds, starts):
+    ny, nx = probability.shape[1], probability.shape[2]
+    counts = np.zeros(starts.size - 1, np.int64)
+    for c in numba.prange(starts.size - 1):
+        n = 0
+        for r in range(starts[c], starts[c + 1]):
+            z, y = divmod(r, ny)
+            for x in range(nx):
+                lo, hi = _shell_bins(probability, z, y, x, thresholds)
+                n += lo < hi
+        counts[c] = n
+    return counts
+
+
+@numba.njit(parallel=True, cache=True)
+def _shell_fill(probability, thresholds, starts, offsets, indices):
+    ny, nx = probability.shape[1], probability.shape[2]
+    for c in numba.prange(starts.size - 1):
+        n = offsets[c]
+        for r in range(starts[c], starts[c + 1]):
+            z, y = divmod(r, ny)
+            for x in range(nx):
+                lo, hi = _shell_bins(probability, z, y, x, thresholds)
+                if lo < hi:
+                    indices[n] = r * nx + x
+                    n += 1
+
+
+@numba.njit(parallel=True, cache=True)
+def _shell_sums(values, indices, probability, thresholds, bounds):
+    ny, nx = probability.shape[1], probability.shape[2]
     n_t = thresholds.shape[0]
-    n_rows = nz * ny
-    t_first = thresholds[0]
+    n_chunks = bounds.size - 1
     sums = np.zeros((n_chunks, n_t + 1), np.float64)
     counts = np.zeros((n_chunks, n_t + 1), np.int64)
     for c in numba.prange(n_chunks):  # row c of the accumulators is written by chunk c only
-        r0 = c * n_rows // n_chunks
-        r1 = (c + 1) * n_rows // n_chunks
-        for r in range(r0, r1):
-            z = r // ny
-            y = r - z * ny
-            for x in range(nx):
-                p = np.float64(probability[z, y, x])
-                if not p > t_first:  # below every threshold (or NaN): in no mask
-                    continue
-                m = np.inf
-                if z > 0:
-                    m = _lower(m, np.float64(probability[z - 1, y, x]))
-                if z < nz - 1:
-                    m = _lower(m, np.float64(probability[z + 1, y, x]))
-                if y > 0:
-                    m = _lower(m, np.float64(probability[z, y - 1, x]))
-                if y < ny - 1:
-                    m = _lower(m, np.float64(probability[z, y + 1, x]))
-                if x > 0:
-                    m = _lower(m, np.float64(probability[z, y, x - 1]))
-                if x < nx - 1:
-                    m = _lower(m, np.float64(probability[z, y, x + 1]))
-                if m >= p:
-                    continue
-                # shell for every t with m <= t < p: bins [lo, hi)
-                lo = _first_at_least(thresholds, m)
-                hi = _first_at_least(thresholds, p)
-                if lo < hi:
-                    v = np.float64(intensity[z, y, x])
-                    sums[c, lo] += v
-                    sums[c, hi] -= v
-                    counts[c, lo] += 1
-                    counts[c, hi] -= 1
+        for j in range(bounds[c], bounds[c + 1]):
+            r, x = divmod(indices[j], nx)
+            z, y = divmod(r, ny)
+            lo, hi = _shell_bins(probability, z, y, x, thresholds)
+            if lo < hi:
+                v = np.float64(values[j])
+                sums[c, lo] += v
+                sums[c, hi] -= v
+                counts[c, lo] += 1
+                counts[c, hi] -= 1
     return sums, counts

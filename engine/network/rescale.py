@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.pages import is_mapped, read_box, release_pages
-from cryoves.kernels.resize import resize_linear
+from cryoves.kernels.resize import resize_linear, resize_linear_at
 
 NETWORK_VOXEL_SIZE_A = 22.0
 _SLAB_VOXELS = 1 << 22
@@ -50,6 +50,28 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         k1 = min(k0 + step, shape[0])
         resize_linear(volume, shape, sigma, sections=(k0, k1), out=out[k0:k1])
         release_pages(volume)
+    return out
+
+
+def resample_at(volume: np.ndarray, shape: tuple[int, ...], indices: np.ndarray) -> np.ndarray:
+    """`resample_to_shape(volume, shape).reshape(-1)[indices]` (flat indices, ascending), the same numbers, computed
+    only there; a memory-mapped tomogram is read by parts of output z-sections, its pages released after each."""
+    shape = tuple(int(n) for n in shape)
+    if volume.ndim != len(shape) or len(shape) != 3:
+        raise ValueError(f"need a 3-D volume and shape, got {volume.shape} and {shape}")
+    indices = np.asarray(indices, dtype=np.int64)
+    if tuple(volume.shape) == shape:
+        return np.asarray(volume.reshape(-1)[indices], dtype=np.float32)
+    sigma = [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(volume.shape, shape)]
+    if not is_mapped(volume) or volume.nbytes <= _MAPPED_PART_BYTES:
+        return resize_linear_at(volume, shape, sigma, indices)
+    out = np.empty(indices.size, np.float32)
+    step = max(1, _MAPPED_PART_BYTES * shape[0] // volume.nbytes)
+    bounds = np.searchsorted(indices, np.arange(0, shape[0] + step, step) * (shape[1] * shape[2]))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if a < b:
+            out[a:b] = resize_linear_at(volume, shape, sigma, indices[a:b])
+            release_pages(volume)
     return out
 
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from cryoves.engine.errors import CryovesError
-from cryoves.kernels.shell import shell_sums
+from cryoves.engine.network.rescale import resample_at
+from cryoves.kernels.shell import shell_sums_at, shell_voxels
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,6 +68,8 @@ def global_threshold(tomogram: np.ndarray, probability: np.ndarray,
                      params: ThresholdParams) -> ThresholdResult:
     """Choose t* = argmin over t of the mean tomogram intensity on the inner shell of ``{P > t}``.
 
+    ``tomogram`` lies on the probability's grid or a finer one over the same field of view: it is resampled to the
+    probability's grid (`resample_to_shape`) only at the shells' voxels, the only ones read.
     Ties go to the first (lowest) threshold; thresholds with an empty shell are ignored. If every
     shell is empty, the returned threshold has nothing above it (an empty result, not an error).
     """
@@ -76,13 +79,14 @@ def global_threshold(tomogram: np.ndarray, probability: np.ndarray,
     probability = np.asarray(probability)
     if probability.ndim != 3:
         raise CryovesError(f"probability map must be 3-D (z, y, x), got shape {probability.shape}")
-    if tomogram.shape != probability.shape:
+    if tomogram.ndim != 3 or any(n < m for n, m in zip(tomogram.shape, probability.shape)):
         raise CryovesError(
-            f"tomogram shape {tomogram.shape} differs from probability map shape {probability.shape}; "
-            "resample the probability map to the tomogram grid first"
+            f"tomogram shape {tomogram.shape} is coarser than the probability map's {probability.shape}; "
+            "the map must lie on the tomogram's grid or a coarser one"
         )
     thresholds = params.thresholds()
-    sums, counts = shell_sums(tomogram, probability, thresholds)
+    shells = shell_voxels(probability, thresholds)
+    sums, counts = shell_sums_at(resample_at(tomogram, probability.shape, shells), shells, probability, thresholds)
     mean = np.divide(sums, counts, out=np.full(sums.shape, np.nan), where=counts > 0)
     if np.any(counts > 0):
         chosen = float(thresholds[np.nanargmin(mean)])  # nanargmin returns the first minimum

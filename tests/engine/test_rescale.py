@@ -9,7 +9,14 @@ from skimage.transform import resize
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.mrc import read_volume, write_volume
 from cryoves.engine.network import rescale
-from cryoves.engine.network.rescale import gaussian_prefilter, mean_std, network_shape, resample_to_shape, zscore
+from cryoves.engine.network.rescale import (
+    gaussian_prefilter,
+    mean_std,
+    network_shape,
+    resample_at,
+    resample_to_shape,
+    zscore,
+)
 
 
 def test_network_shape_example_from_method():
@@ -196,3 +203,18 @@ def test_a_mapped_tomogram_is_resampled_by_parts_that_leave_resident_memory(tmp_
     out = resample_to_shape(mapped, (29, 116, 116))  # 1.6 MB
     assert resident_mb() - before < 8
     npt.assert_array_equal(out, resample_to_shape(data, (29, 116, 116)))
+
+
+def test_resample_at_is_the_resample_there_also_by_parts_of_a_mapped_tomogram(tmp_path, rng, monkeypatch, resident_mb):
+    """`resample_at` equals `resample_to_shape` at the voxels asked for (a finer grid, the same one, a mapped file
+    read by parts of sections whose pages are released after each: the 16.8 MB file does not stay resident)."""
+    data = rng.normal(size=(64, 256, 256)).astype(np.float32)
+    mapped = read_volume(write_volume(tmp_path / "tomo.mrc", data, 10.0)).data
+    monkeypatch.setattr(rescale, "_MAPPED_PART_BYTES", 1 << 21)
+    for shape in ((29, 116, 116), (64, 256, 256)):
+        whole = resample_to_shape(data, shape).reshape(-1)
+        indices = np.sort(rng.choice(whole.size, 20_000, replace=False))
+        npt.assert_array_equal(resample_at(data, shape, indices), whole[indices])
+        before = resident_mb()
+        npt.assert_array_equal(resample_at(mapped, shape, indices), whole[indices])
+        assert shape == data.shape or resident_mb() - before < 6

@@ -94,8 +94,8 @@ def test_user_threshold_is_used_directly():
 
 
 def test_shape_mismatch_is_user_error():
-    with pytest.raises(CryovesError, match="differs from probability map shape"):
-        global_threshold(np.zeros((2, 2, 3)), np.zeros((2, 2, 2)), ThresholdParams())
+    with pytest.raises(CryovesError, match="coarser than the probability map"):
+        global_threshold(np.zeros((2, 2, 3)), np.zeros((2, 3, 2)), ThresholdParams())
 
 
 def test_default_thresholds_are_exact():
@@ -140,3 +140,18 @@ def test_threshold_label_localize_pipeline():
     nearest = np.linalg.norm(found[:, None] - expected[None], axis=2).argmin(axis=0)
     assert sorted(nearest) == list(range(5))
     npt.assert_allclose(found[nearest], expected, atol=0.05)  # watershed halves of the merged pair
+
+
+def test_the_search_on_a_coarser_map_reads_the_tomogram_resampled_there():
+    """A tomogram finer than the map is resampled to the map's grid at the shells only: the same curve, bit for bit,
+    as on the whole resampled tomogram."""
+    from cryoves.engine.network.rescale import resample_to_shape
+
+    rng = np.random.default_rng(5)
+    probability = np.clip(rng.normal(0.9, 0.08, (12, 20, 24)), 0, 1).astype(np.float32)
+    tomogram = rng.normal(size=(18, 30, 36)).astype(np.float32)
+    finer = global_threshold(tomogram, probability, ThresholdParams())
+    whole = global_threshold(resample_to_shape(tomogram, probability.shape), probability, ThresholdParams())
+    assert finer.threshold == whole.threshold
+    np.testing.assert_array_equal(finer.mean_intensity, whole.mean_intensity)
+    np.testing.assert_array_equal(finer.n_shell_vox, whole.n_shell_vox)

@@ -4,7 +4,7 @@ import numpy as np
 import numpy.testing as npt
 import pytest
 
-from cryoves.kernels.resize import resize_linear, resize_linear_reference
+from cryoves.kernels.resize import resize_linear, resize_linear_at, resize_linear_reference
 
 
 @pytest.mark.parametrize("shape", [(30, 41, 52), (9, 13, 17), (31, 20, 52), (20, 27, 35), (1, 27, 35)])
@@ -60,3 +60,21 @@ def test_sections_are_those_of_the_whole_resize(rng, shape, sections):
 def test_sections_outside_the_output_are_refused(sections):
     with pytest.raises(ValueError, match="sections"):
         resize_linear(np.zeros((4, 5, 6), np.float32), (13, 5, 6), sections=sections)
+
+
+@pytest.mark.parametrize("shape", [(13, 18, 23), (20, 14, 50), (41, 27, 35), (20, 27, 35)])  # z shrinks, stays, grows
+@pytest.mark.parametrize("dtype", [np.float32, np.int16])
+def test_at_some_voxels_is_bit_for_bit_the_whole_resize(rng, shape, dtype):
+    """`resize_linear_at` gives the whole resize's values at the voxels asked for, in their order, bit for bit: with
+    and without the anti-alias, every axis shrinking, kept or growing, for all voxels, a few, or those of a few
+    sections (read from only the input sections they need)."""
+    volume = (rng.normal(size=(20, 27, 35)) * 300).astype(dtype)
+    section = shape[1] * shape[2]
+    for sigma in ((0.7, 0.0, 0.4), (0.0, 0.0, 0.0), (0.25, 1.3, 0.25)):
+        whole = resize_linear(volume, shape, sigma).reshape(-1)
+        for indices in (np.arange(whole.size), np.sort(rng.choice(whole.size, 300, replace=False)),
+                        np.arange(3 * section, 5 * section, 7), np.array([whole.size - 1, 0])):
+            npt.assert_array_equal(resize_linear_at(volume, shape, sigma, indices), whole[indices])
+    assert resize_linear_at(volume, shape, 0.0, np.zeros(0, np.int64)).shape == (0,)
+    with pytest.raises(ValueError, match="indices"):
+        resize_linear_at(volume, shape, 0.0, [np.prod(shape)])

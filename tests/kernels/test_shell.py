@@ -4,7 +4,7 @@ import numpy as np
 import numpy.testing as npt
 import pytest
 
-from cryoves.kernels.shell import shell_sums, shell_sums_reference
+from cryoves.kernels.shell import shell_sums, shell_sums_at, shell_sums_reference, shell_voxels
 
 SHAPES = [(1, 1, 1), (1, 1, 5), (3, 5, 7), (2, 9, 4), (7, 3, 1), (11, 13, 17)]
 THRESHOLDS = np.round(0.80 + 0.01 * np.arange(20), 12)
@@ -124,3 +124,23 @@ def test_no_thresholds_and_empty_volume():
 def test_invalid_inputs(intensity, probability, thresholds, match):
     with pytest.raises(ValueError, match=match):
         shell_sums(intensity, probability, thresholds)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_shell_voxels_are_those_of_some_shell_and_their_sums_are_shell_sums(rng, shape):
+    """`shell_voxels` are the voxels in the reference's shell of at least one threshold, ascending; the intensity
+    given at them only (`shell_sums_at`) sums to `shell_sums`' numbers, bit for bit."""
+    from scipy import ndimage
+
+    intensity, p, thresholds = _random_inputs(rng, shape, np.float32, np.float32)
+    cross = ndimage.generate_binary_structure(3, 1)
+    in_some = np.zeros(shape, bool)
+    for t in thresholds:
+        mask = p.astype(np.float64) > t
+        in_some |= mask & ~ndimage.binary_erosion(mask, structure=cross, border_value=1)
+    indices = shell_voxels(p, thresholds)
+    npt.assert_array_equal(indices, np.flatnonzero(in_some))
+    sums, counts = shell_sums(intensity, p, thresholds)
+    at_sums, at_counts = shell_sums_at(intensity.reshape(-1)[indices], indices, p, thresholds)
+    npt.assert_array_equal(at_sums, sums)
+    npt.assert_array_equal(at_counts, counts)
