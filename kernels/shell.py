@@ -43,11 +43,11 @@ def shell_voxels(probability, thresholds) -> np.ndarray:
     if thresholds.shape[0] == 0 or probability.size == 0:
         return np.zeros(0, np.int64)
     starts = _chunk_rows(probability)
-    counts = _shell_count(readonly(probability), readonly(thresholds), readonly(starts))
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+    # room for every voxel above the lowest threshold, counted cheaply; each chunk fills its own part
+    offsets = np.concatenate([[0], np.cumsum(_count_above(readonly(probability), thresholds[0], readonly(starts)))])
     indices = np.empty(int(offsets[-1]), np.int64)
-    _shell_fill(readonly(probability), readonly(thresholds), readonly(starts), readonly(offsets), indices)
-    return indices
+    filled = _shell_fill(readonly(probability), readonly(thresholds), readonly(starts), readonly(offsets), indices)
+    return np.concatenate([indices[a:a + n] for a, n in zip(offsets[:-1], filled)])
 
 
 def shell_sums_at(values, indices, probability, thresholds):
@@ -184,23 +184,25 @@ def _shell_bins(probability, z, y, x, thresholds):
 
 
 @numba.njit(parallel=True, cache=True)
-def _shell_count(probability, thresholds, starts):
+def _count_above(probability, t, starts):
+    """Voxels with P > t per chunk of rows."""
     ny, nx = probability.shape[1], probability.shape[2]
     counts = np.zeros(starts.size - 1, np.int64)
     for c in numba.prange(starts.size - 1):
         n = 0
         for r in range(starts[c], starts[c + 1]):
-            z, y = divmod(r, ny)
+            row = probability[r // ny, r % ny]
             for x in range(nx):
-                lo, hi = _shell_bins(probability, z, y, x, thresholds)
-                n += lo < hi
+                n += np.float64(row[x]) > t
         counts[c] = n
     return counts
 
 
 @numba.njit(parallel=True, cache=True)
 def _shell_fill(probability, thresholds, starts, offsets, indices):
+    """Each chunk's shell voxels from its offset on; how many each found."""
     ny, nx = probability.shape[1], probability.shape[2]
+    filled = np.zeros(starts.size - 1, np.int64)
     for c in numba.prange(starts.size - 1):
         n = offsets[c]
         for r in range(starts[c], starts[c + 1]):
@@ -210,6 +212,8 @@ def _shell_fill(probability, thresholds, starts, offsets, indices):
                 if lo < hi:
                     indices[n] = r * nx + x
                     n += 1
+        filled[c] = n - offsets[c]
+    return filled
 
 
 @numba.njit(parallel=True, cache=True)
