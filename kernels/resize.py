@@ -30,14 +30,7 @@ def resize_linear(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox=(0.
     trilinearly to `shape`; float32, a new array or `out` (C-contiguous float32 of the sections' shape). `sections`
     (k0, k1): only output z-sections k0 to k1 - 1, from only the input sections they need (a mapped volume can then
     be read by parts, straight into the parts of one output)."""
-    volume = np.asarray(volume)
-    shape = tuple(int(n) for n in shape)
-    sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
-    if volume.ndim != 3 or len(shape) != 3 or min(shape) < 1 or volume.size == 0:
-        raise ValueError(f"need a non-empty 3-D volume and a 3-D shape of positive sizes, got {volume.shape} -> "
-                         f"{shape}")
-    if np.any(sigma < 0):
-        raise ValueError(f"sigma_vox must be >= 0, got {sigma_vox}")
+    volume, shape, sigma = _checked(volume, shape, sigma_vox)
     k0, k1 = (0, shape[0]) if sections is None else (int(sections[0]), int(sections[1]))
     if not 0 <= k0 < k1 <= shape[0]:
         raise ValueError(f"sections must be (k0, k1) with 0 <= k0 < k1 <= {shape[0]}, got {sections}")
@@ -70,12 +63,7 @@ def resize_linear_at(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox,
     the indices' output sections need. For an output needed at a few voxels: the threshold search reads the
     tomogram on the shells of the probability map (2.5 % of the network grid of a 1024x1024x261 tomogram), where
     the whole resize took 0.8 s and 325 MB."""
-    volume = np.asarray(volume)
-    shape = tuple(int(n) for n in shape)
-    sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
-    if volume.ndim != 3 or len(shape) != 3 or min(shape) < 1 or volume.size == 0:
-        raise ValueError(f"need a non-empty 3-D volume and a 3-D shape of positive sizes, got {volume.shape} -> "
-                         f"{shape}")
+    volume, shape, sigma = _checked(volume, shape, sigma_vox)
     indices = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
     if indices.size and (indices.min() < 0 or indices.max() >= np.prod(shape)):
         raise ValueError(f"indices must lie in the output of {int(np.prod(shape))} voxels")
@@ -89,6 +77,19 @@ def resize_linear_at(volume: np.ndarray, shape: tuple[int, int, int], sigma_vox,
     source = readonly(np.ascontiguousarray(volume[lo:hi], dtype=np.float32))
     _resize_at(source, readonly(iz - lo), wz, iy, wy, ix, wx, shape[1], shape[2], readonly(indices), out)
     return out
+
+
+def _checked(volume, shape, sigma_vox):
+    """(volume as an array, shape as ints, σ per axis), or a ValueError for what `resize_linear` cannot take."""
+    volume = np.asarray(volume)
+    shape = tuple(int(n) for n in shape)
+    sigma = np.broadcast_to(np.asarray(sigma_vox, dtype=np.float64), (3,))
+    if volume.ndim != 3 or len(shape) != 3 or min(shape) < 1 or volume.size == 0:
+        raise ValueError(f"need a non-empty 3-D volume and a 3-D shape of positive sizes, got {volume.shape} -> "
+                         f"{shape}")
+    if np.any(sigma < 0):
+        raise ValueError(f"sigma_vox must be >= 0, got {sigma_vox}")
+    return volume, shape, sigma
 
 
 def _identity(n: int):
