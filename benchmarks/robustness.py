@@ -116,7 +116,7 @@ def score(phantom, logit_fn, inference: InferenceParams, invert_contrast: bool =
     result = postprocess(tomogram, probability, phantom.voxel_size_a, params, keep_stages=False)
     found = found_spheres(result.vesicles)
     m = match_vesicles(*found, *truth_spheres(phantom), phantom.voxel_size_a)
-    return Score(m.f1, m.precision, m.recall, dice(result.labels["final"], phantom.labels), m.diameter_error,
+    return Score(m.f1, m.precision, m.recall, dice(result.final_labels(), phantom.labels), m.diameter_error,
                  m.center_residual_nm, len(found[0]))
 
 

@@ -421,7 +421,7 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
     if outputs.pyto:
         _, centers, radii = rendered_spheres(result.vesicles)
         region_model = job.region if job.region.suffix.lower() == ".mod" else None
-        paths |= write_pyto(out_dir, job.name, volume, result.labels["final"], centers, radii, mask,
+        paths |= write_pyto(out_dir, job.name, volume, result.final_labels(), centers, radii, mask,
                             region_model, outputs.active_zone)
     if job.truth is not None:
         paths["metrics"] = write_metrics(out_dir, job.name, paths["labels"], job.truth)

@@ -57,12 +57,18 @@ class SegmentParams:
 class Segmentation:
     """The result for one tomogram, its label volumes on the input grid."""
 
+    shape: tuple[int, int, int]      # the input grid's
     probability: np.ndarray          # float32, on the grid of the segments' search: the network's or the input's
     threshold: float                 # the global threshold t*
-    labels: dict[str, np.ndarray]    # "global", "local", "sphere" (unless not kept), "final"
+    labels: dict[str, np.ndarray]    # the earlier stages' labels: "global", "local", "sphere" (unless not kept)
     vesicles: pa.Table               # one row per fitted sphere; final label k = k-th kept/repaired row
     seconds: dict[str, float]        # wall time per stage
     warnings: tuple[str, ...] = ()   # what a user should check (also in the run record)
+
+    def final_labels(self) -> np.ndarray:
+        """The final labels: the kept and repaired spheres rendered on the input grid (`render_labels`), made when
+        asked for (a label file is written from them by slabs, `label_slabs`: 547 MB at 1024x1024x261)."""
+        return render_labels(self.shape, self.vesicles)
 
 
 Progress = Callable[[str], None]
@@ -117,8 +123,9 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     A tomogram mapped from its file (`read_volume`) is read by parts, its pages released after each (`release_pages`:
     the threshold's resample at the coarser map's shells, refinement in bands of vesicles, the polarity check).
     `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8). `refiner`:
-    see `refine.Refiner`. Without `keep_stages` only the final labels are returned, and each earlier label
-    volume is released as soon as the next stage has used it (a third less memory at the peak).
+    see `refine.Refiner`. Without `keep_stages` no earlier stage's labels are returned, and each earlier label
+    volume is released as soon as the next stage has used it (a third less memory at the peak). The final labels
+    are the table's spheres, rendered when asked for (`Segmentation.final_labels`).
     """
     if probability.ndim != 3 or tomogram.ndim != 3:
         raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must be 3-D")
@@ -152,13 +159,12 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
         checked = detect_outliers(tomogram, spheres, voxel_size_a, params.outliers, params.refine)
     with _timed("overlap", seconds, progress):
         final = resolve_overlaps(checked, voxel_size_a, params.overlap)
-        final_labels = render_labels(tomogram.shape, final)
     vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
     warnings = quality_warnings(tomogram, probability, search, vesicles, search_voxel_size_a,
                                 params.overlap.min_radius_nm)
     for message in warnings:
         log.warning(message)
-    return Segmentation(probability, float(threshold), stages | {"final": final_labels}, vesicles, seconds, warnings)
+    return Segmentation(tuple(tomogram.shape), probability, float(threshold), stages, vesicles, seconds, warnings)
 
 
 CHECK = ("check the voxel size, the contrast (--invert-contrast), the pre-filter (--prefilter-sigma) "

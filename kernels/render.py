@@ -36,25 +36,32 @@ def _check(shape, centers_vox, radii_vox, ids):
     return shape, centers, radii, ids.astype(np.uint32)
 
 
-def render_spheres(shape, centers_vox, radii_vox, ids):
+def render_spheres(shape, centers_vox, radii_vox, ids, *, sections: tuple[int, int] | None = None):
     """Label volume (`label_dtype` of the largest id) with ball i painted as ``ids[i]``; overlaps go to
-    the smallest power."""
+    the smallest power. `sections` (k0, k1): only z-sections k0 to k1 - 1 of it, the same labels (a volume
+    written by parts never exists whole)."""
     shape, centers, radii, ids = _check(shape, centers_vox, radii_vox, ids)
+    k0, k1 = (0, shape[0]) if sections is None else (int(sections[0]), int(sections[1]))
+    if not 0 <= k0 <= k1 <= shape[0]:
+        raise ValueError(f"sections must be (k0, k1) with 0 <= k0 <= k1 <= {shape[0]}, got {sections}")
     n = centers.shape[0]
-    index = np.zeros(shape, dtype=label_dtype(n))  # 1 + ball index; mapped to ids below unless they are 1..n
+    index = np.zeros((k1 - k0, *shape[1:]), dtype=label_dtype(n))  # 1 + ball index; mapped to ids below unless 1..n
     if n:
         with threads_for(index.size):
-            _render(index, readonly(centers), readonly(radii))
+            _render(index, readonly(centers), readonly(radii), k0)
     if np.array_equal(ids, np.arange(1, n + 1)):  # as `render_labels` numbers them: no second pass
         return index
     return relabel(index, np.concatenate([[0], ids]).astype(label_dtype(ids.max() if ids.size else 0)))
 
 
 @numba.njit(parallel=True, cache=True)
-def _render(index, centers, radii):
+def _render(index, centers, radii, first):
+    """Sections `first`.. of the volume into `index` (its first section is section `first`)."""
     nz, ny, nx = index.shape
     n = centers.shape[0]
-    for z in numba.prange(nz):  # slice z is written by iteration z only: no races
+    for k in numba.prange(nz):  # slice k is written by iteration k only: no races
+        z = k + first
+        labels = index[k]
         for i in range(n):
             cz, cy, cx = centers[i, 0], centers[i, 1], centers[i, 2]
             r2 = radii[i] * radii[i]
@@ -73,20 +80,22 @@ def _render(index, centers, radii):
                     d2 = dzy + dx * dx
                     if d2 > r2:
                         continue
-                    owner = index[z, y, x]
+                    owner = labels[y, x]
                     if owner == 0:
-                        index[z, y, x] = i + 1
+                        labels[y, x] = i + 1
                         continue
                     j = np.int64(owner) - 1
                     ez = z - centers[j, 0]
                     ey = y - centers[j, 1]
                     ex = x - centers[j, 2]
                     if d2 - r2 < (ez * ez + ey * ey + ex * ex) - radii[j] * radii[j]:
-                        index[z, y, x] = i + 1
+                        labels[y, x] = i + 1
 
 
-def render_spheres_reference(shape, centers_vox, radii_vox, ids):
+def render_spheres_reference(shape, centers_vox, radii_vox, ids, *, sections: tuple[int, int] | None = None):
     """Plain NumPy version of :func:`render_spheres` (whole-volume distances per ball), for tests."""
+    if sections is not None:
+        return render_spheres_reference(shape, centers_vox, radii_vox, ids)[sections[0]:sections[1]]
     shape, centers, radii, ids = _check(shape, centers_vox, radii_vox, ids)
     labels = np.zeros(shape, dtype=label_dtype(ids.max() if ids.size else 0))
     best = np.full(shape, np.inf)

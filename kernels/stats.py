@@ -14,7 +14,8 @@ import numpy as np
 from cryoves.kernels.arrays import readonly
 from cryoves.kernels.threads import parallel_over, threads_for
 
-__all__ = ["VolumeStats", "volume_stats", "volume_stats_reference"]
+__all__ = ["SectionStats", "VolumeStats", "combine_sections", "section_stats", "volume_stats",
+           "volume_stats_reference"]
 
 _KERNEL_DTYPES = (np.float32, np.float64, np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32)
 _SLAB_SECTIONS = 64  # sections converted at a time for a type the kernel does not take (float16)
@@ -29,13 +30,29 @@ class VolumeStats(NamedTuple):
     std: float  # population standard deviation
 
 
+class SectionStats(NamedTuple):
+    """Per z-section of the finite voxels: count, min, max, mean and M2 (the sum of squared deviations)."""
+
+    count: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+
 def volume_stats(volume: np.ndarray) -> VolumeStats:
     """`VolumeStats` of a 3-D volume of any real (or bool) dtype, each section read once (parallel over sections)."""
+    return combine_sections([section_stats(volume)])
+
+
+def section_stats(volume: np.ndarray) -> SectionStats:
+    """`SectionStats` of each z-section of a 3-D volume: a volume written by parts (z-slabs) combines its parts'
+    (`combine_sections`) into the numbers `volume_stats` gives for the whole, bit for bit."""
     volume = np.asarray(volume)
     if volume.ndim != 3 or volume.dtype.kind not in "buif":
         raise ValueError(f"volume must be 3-D (z, y, x) and real, got shape {volume.shape} and dtype {volume.dtype}")
     nz = volume.shape[0]
-    count, low, high, mean, m2 = (np.empty(nz, dtype) for dtype in (np.int64, *(np.float64,) * 4))
+    parts = SectionStats(*(np.empty(nz, dtype) for dtype in (np.int64, *(np.float64,) * 4)))
     native = volume.dtype.isnative and volume.dtype.type in _KERNEL_DTYPES
     step = max(1, nz if native else _SLAB_SECTIONS)
     with threads_for(volume.size):
@@ -43,8 +60,13 @@ def volume_stats(volume: np.ndarray) -> VolumeStats:
             z1 = min(z0 + step, nz)
             slab = volume[z0:z1] if native else volume[z0:z1].astype(np.float64)
             parallel_over(_section_stats, z1 - z0, readonly(np.ascontiguousarray(slab)),
-                          *(part[z0:z1] for part in (count, low, high, mean, m2)))
-    return _combine(count, low, high, mean, m2)
+                          *(part[z0:z1] for part in parts))
+    return parts
+
+
+def combine_sections(parts: list[SectionStats]) -> VolumeStats:
+    """`VolumeStats` of the sections of `parts` together."""
+    return _combine(*(np.concatenate(field) for field in zip(*parts)))
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "nsz"})  # sums in any order: vectorised, 2x faster

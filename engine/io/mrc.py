@@ -5,6 +5,7 @@ implausible is refused unless the user states it; nothing is ever computed on a 
 """
 
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.pages import release_pages
 from cryoves.engine.network.rescale import z_slabs
-from cryoves.kernels.stats import VolumeStats, volume_stats
+from cryoves.kernels.stats import VolumeStats, combine_sections, section_stats, volume_stats
 
 MIN_VOXEL_SIZE_A = 1.0
 MAX_VOXEL_SIZE_A = 100.0
@@ -118,14 +119,45 @@ def write_labels(path, labels: np.ndarray, voxel_size_a: float, origin_a=(0.0, 0
     labels are stored as float32, which represents every integer label exactly up to 2**24.
     """
     labels = np.asarray(labels)
-    stats = volume_stats(labels)
-    if labels.size and stats.min < 0:
-        raise ValueError("labels must be non-negative")
-    top = int(stats.max) if labels.size else 0
-    if top > 2**24:
-        raise CryovesError(f"{path}: {top} labels cannot be stored exactly in an MRC file")
-    dtype = np.uint16 if top <= np.iinfo(np.uint16).max else np.float32
-    return _write(Path(path), labels.astype(dtype, copy=False), voxel_size_a, origin_a, stats)
+    if labels.ndim != 3:
+        raise ValueError(f"volume must be 3-D (z, y, x), got shape {labels.shape}")
+    small = labels.dtype.kind == "b" or (labels.dtype.kind == "u" and labels.dtype.itemsize <= 2)
+    top = np.iinfo(np.uint16).max if small or not labels.size else int(labels.max())
+    return write_label_sections(path, labels.shape, top, z_slabs(labels, _LABEL_SLAB_VOXELS), voxel_size_a, origin_a)
+
+
+_LABEL_SLAB_VOXELS = 1 << 24
+
+
+def write_label_sections(path, shape: tuple[int, int, int], max_label: int, sections: Iterable[np.ndarray],
+                         voxel_size_a: float, origin_a=(0.0, 0.0, 0.0)) -> Path:
+    """`write_labels` of a volume of `shape` given as its consecutive z-slabs (`sections`), whose labels are at most
+    `max_label`: it never exists whole (the final labels of a 1024x1024x261 tomogram: 547 MB). The data is written
+    with the file's writes (a full disk is an error, not a crash), the header with its statistics after it."""
+    if max_label > 2**24:
+        raise CryovesError(f"{path}: {max_label} labels cannot be stored exactly in an MRC file")
+    dtype = np.dtype(np.uint16 if max_label <= np.iinfo(np.uint16).max else np.float32)
+    path = Path(path)
+    with atomic_output(path) as tmp:
+        with mrcfile.new_mmap(tmp, tuple(shape), mrc_mode=6 if dtype == np.uint16 else 2, overwrite=True) as mrc:
+            parts, written = [], 0
+            with open(tmp, "r+b") as handle:
+                handle.seek(mrc.header.nbytes + mrc.extended_header.nbytes)
+                for slab in sections:
+                    if slab.ndim != 3 or slab.shape[1:] != tuple(shape[1:]):
+                        raise ValueError(f"a slab of shape {slab.shape} is not z-sections of {tuple(shape)}")
+                    parts.append(section_stats(slab))
+                    if slab.size and parts[-1].low.min() < 0:
+                        raise ValueError("labels must be non-negative")
+                    handle.write(memoryview(np.ascontiguousarray(slab, dtype)).cast("B"))
+                    written += slab.shape[0]
+            if written != shape[0]:
+                raise ValueError(f"the sections of {path} cover {written} of its {shape[0]} z-sections")
+            _header_stats(mrc, combine_sections(parts) if written else None)
+            mrc.voxel_size = float(voxel_size_a)
+            z, y, x = (float(v) for v in origin_a)
+            mrc.header.origin = (x, y, z)
+    return path
 
 
 def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a, stats: VolumeStats | None = None) -> Path:

@@ -30,10 +30,10 @@ import pyarrow.parquet as pq
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import remove_stale_parts
 from cryoves.engine.io.imod import write_vesicle_model
-from cryoves.engine.io.mrc import Volume, write_labels, write_volume
+from cryoves.engine.io.mrc import Volume, write_label_sections, write_labels, write_volume
 from cryoves.engine.io.tables import vesicle_table, write_table
 from cryoves.engine.network.inference import probability_on_input_grid
-from cryoves.engine.stages.overlaps import rendered_spheres
+from cryoves.engine.stages.overlaps import label_slabs, rendered_spheres
 
 STAGE_LABELS = ("global", "local", "sphere")
 """The label volumes of the earlier stages, written as NAME.STAGE.mrc when asked for."""
@@ -164,15 +164,17 @@ def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bo
     out_dir = Path(out_dir)
     files = {kind: out_dir / relative
              for kind, relative in output_files(name, probability=probability, stages=stages).items()}
-    paths = {"labels": write_labels(files["labels"], result.labels["final"], volume.voxel_size_a, volume.origin_a)}
+    vesicles = number_vesicles(result.vesicles)
+    _, centers, radii = rendered_spheres(vesicles)
+    shape = volume.data.shape
+    paths = {"labels": write_label_sections(files["labels"], shape, len(radii), label_slabs(shape, vesicles),
+                                            volume.voxel_size_a, volume.origin_a)}
     if probability:
-        on_input_grid = probability_on_input_grid(result.probability, volume.data.shape)
+        on_input_grid = probability_on_input_grid(result.probability, shape)
         paths["probability"] = write_volume(files["probability"], on_input_grid, volume.voxel_size_a, volume.origin_a)
     for stage in STAGE_LABELS if stages else ():
         paths[stage] = write_labels(files[stage], result.labels[stage], volume.voxel_size_a, volume.origin_a)
-    vesicles = number_vesicles(result.vesicles)
     table = vesicle_table(vesicles, name, volume.voxel_size_a, volume.origin_a)
-    _, centers, radii = rendered_spheres(vesicles)
     paths["model"] = write_vesicle_model(files["model"], centers, radii, volume.data.shape, volume.voxel_size_a)
     paths["vesicles"] = write_table(files["vesicles"], table,
                                     {"voxel_size_a": volume.voxel_size_a, "origin_a": list(volume.origin_a)})

@@ -24,7 +24,7 @@ from cryoves.engine.io.tables import active_mask, centers_vox, radii_vox
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.render import render_spheres
 
-__all__ = ["OverlapParams", "resolve_overlaps", "render_labels", "rendered_spheres"]
+__all__ = ["OverlapParams", "label_slabs", "resolve_overlaps", "render_labels", "rendered_spheres"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,11 +118,19 @@ def rendered_spheres(table: pa.Table) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return active, centers_vox(table)[active], radii_vox(table)[active]
 
 
-def render_labels(shape, table: pa.Table) -> np.ndarray:
-    """Labels (`label_dtype`) of the kept and repaired spheres, numbered 1..n in table order (0: background).
+def render_labels(shape, table: pa.Table, *, sections: tuple[int, int] | None = None) -> np.ndarray:
+    """Labels (`label_dtype`) of the kept and repaired spheres, numbered 1..n in table order (0: background);
+    only z-sections k0 to k1 - 1 with `sections` (k0, k1).
 
     Label k is the k-th kept/repaired row, not its ``id``; shared voxels go to the nearer centre
     relative to the radius (kernels/render.py).
     """
     _, centers, radii = rendered_spheres(table)
-    return render_spheres(shape, centers, radii, np.arange(1, len(radii) + 1))
+    return render_spheres(shape, centers, radii, np.arange(1, len(radii) + 1), sections=sections)
+
+
+def label_slabs(shape, table: pa.Table, max_voxels: int = 1 << 24):
+    """`render_labels` by z-slabs of about `max_voxels`, in order: what a label file is written from, never whole."""
+    step = max(1, max_voxels // max(1, int(shape[1]) * int(shape[2])))
+    for k0 in range(0, int(shape[0]), step):
+        yield render_labels(shape, table, sections=(k0, min(k0 + step, int(shape[0]))))

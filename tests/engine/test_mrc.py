@@ -251,3 +251,26 @@ def test_the_nan_check_leaves_a_mapped_tomogram_out_of_resident_memory(tmp_path,
         mrc_file.data[40, 3, 5] = np.nan
     with pytest.raises(CryovesError, match="1 voxels are NaN or Inf"):
         read_volume(path)
+
+
+def test_labels_written_by_slabs_equal_labels_written_whole(tmp_path, rng):
+    """A label file written from z-slabs (the final labels are never whole in memory) holds the same voxels and
+    header statistics as the volume written whole; slabs that do not cover it, or negative labels, are refused and
+    leave no file."""
+    import mrcfile
+
+    from cryoves.engine.io.mrc import write_label_sections
+
+    labels = rng.integers(0, 300, size=(23, 17, 19)).astype(np.uint16)
+    whole = write_labels(tmp_path / "whole.mrc", labels, 14.7, (1.0, 2.0, 3.0))
+    slabs = write_label_sections(tmp_path / "slabs.mrc", labels.shape, 299, (labels[k:k + 5] for k in range(0, 23, 5)),
+                                 14.7, (1.0, 2.0, 3.0))
+    with mrcfile.open(whole) as a, mrcfile.open(slabs) as b:
+        np.testing.assert_array_equal(b.data, a.data)
+        for field in ("mode", "dmin", "dmax", "dmean", "rms", "cella", "origin"):
+            assert a.header[field] == b.header[field], field
+    with pytest.raises(ValueError, match="cover 10 of its 23"):
+        write_label_sections(tmp_path / "short.mrc", labels.shape, 299, [labels[:10]], 14.7)
+    with pytest.raises(ValueError, match="non-negative"):
+        write_label_sections(tmp_path / "negative.mrc", (2, 2, 2), 3, [-np.ones((2, 2, 2), np.int32)], 14.7)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["slabs.mrc", "whole.mrc"]

@@ -48,7 +48,7 @@ def test_volumes_align_with_the_input(written):
         back = read_volume(paths[key])
         assert back.data.shape == volume.data.shape
         assert back.voxel_size_a == pytest.approx(20.0) and back.origin_a == volume.origin_a
-    np.testing.assert_array_equal(read_volume(paths["labels"]).data, result.labels["final"])
+    np.testing.assert_array_equal(read_volume(paths["labels"]).data, result.final_labels())
     np.testing.assert_array_equal(read_volume(paths["local"]).data, result.labels["local"])
 
 

@@ -42,8 +42,8 @@ def test_accuracy_from_a_truth_derived_map(scene, result):
     assert m.center_residual_nm <= 1.5 and m.diameter_error <= 0.05, m.as_row()
     assert 0.8 <= result.threshold < 1.0
     assert list(result.seconds) == list(STAGES[1:])
-    assert {"global", "local", "sphere", "final"} == set(result.labels)
-    for volume in result.labels.values():
+    assert {"global", "local", "sphere"} == set(result.labels)
+    for volume in (*result.labels.values(), result.final_labels()):
         assert volume.shape == phantom.tomogram.shape
     # merged touching vesicles are split: more local segments than global ones
     assert result.labels["local"].max() > result.labels["global"].max()
@@ -52,8 +52,8 @@ def test_accuracy_from_a_truth_derived_map(scene, result):
 def test_without_kept_stages_only_the_final_labels_come_back_and_nothing_else_changes(scene, result):
     phantom, probability = scene
     lean = postprocess(phantom.tomogram, probability, 22.0, SegmentParams(), keep_stages=False)
-    assert set(lean.labels) == {"final"}
-    np.testing.assert_array_equal(lean.labels["final"], result.labels["final"])
+    assert not lean.labels
+    np.testing.assert_array_equal(lean.final_labels(), result.final_labels())
     np.testing.assert_equal(lean.vesicles.to_pydict(), result.vesicles.to_pydict())  # NaN == NaN
 
 
@@ -69,7 +69,7 @@ def test_a_mapped_tomogram_refined_in_bands_gives_the_same_result(scene, result,
     monkeypatch.setattr(pipeline, "_BAND_BYTES", mapped.nbytes // 5)
     lean = postprocess(mapped, probability, 22.0, SegmentParams(), keep_stages=False)
     assert len(bands) == 5 and sum(bands) == result.labels["local"].max()
-    np.testing.assert_array_equal(lean.labels["final"], result.labels["final"])
+    np.testing.assert_array_equal(lean.final_labels(), result.final_labels())
     np.testing.assert_equal(lean.vesicles.to_pydict(), result.vesicles.to_pydict())  # NaN == NaN
     assert lean.warnings == result.warnings
     polarity = pipeline.membrane_polarity(phantom.tomogram, result.vesicles)
@@ -77,7 +77,7 @@ def test_a_mapped_tomogram_refined_in_bands_gives_the_same_result(scene, result,
 
 
 def test_final_labels_are_the_kept_spheres_in_table_order(result):
-    assert result.labels["final"].max() == np.count_nonzero(active_mask(result.vesicles))
+    assert result.final_labels().max() == np.count_nonzero(active_mask(result.vesicles))
     stages = set(result.vesicles.column("stage").to_pylist())
     assert stages <= {"refine", "outliers", "overlap", "final"}
 
@@ -86,7 +86,7 @@ def test_nothing_above_threshold_gives_an_empty_result():
     phantom = make_phantom((32, 64, 64), 22.0, seed=1)
     result = postprocess(phantom.tomogram, np.zeros(phantom.tomogram.shape, np.float32), 22.0, SegmentParams())
     assert result.vesicles.num_rows == 0
-    assert not result.labels["final"].any()
+    assert not result.final_labels().any()
 
 
 def test_region_restricts_detection(scene):
@@ -160,7 +160,8 @@ def test_a_network_grid_map_finds_the_vesicles_that_its_input_grid_resampling_fi
     assert same.f1 == 1.0 and same.center_residual_nm <= 0.5, same.as_row()
     assert coarse.probability.shape == net_grid
     assert {name: labels.shape for name, labels in coarse.labels.items()} == dict.fromkeys(
-        ("global", "local", "sphere", "final"), phantom.tomogram.shape)
+        ("global", "local", "sphere"), phantom.tomogram.shape)
+    assert coarse.final_labels().shape == phantom.tomogram.shape
     region = np.zeros(phantom.tomogram.shape, bool)
     region[:, :, :80] = True
     inside = postprocess(phantom.tomogram, probability, 11.0, SegmentParams(), region=region, keep_stages=False)

@@ -24,7 +24,7 @@ def phantom():
 def test_pure_noise_says_it_found_nothing_and_what_to_check(bundled):
     noise = np.random.default_rng(0).standard_normal((48, 128, 128)).astype(np.float32)
     result = segment(noise, 22.0, bundled, SegmentParams(), keep_stages=False)
-    assert np.count_nonzero(result.labels["final"]) == 0
+    assert np.count_nonzero(result.final_labels()) == 0
     assert any("almost no vesicle" in w for w in result.warnings)
     assert any(w.startswith("no vesicles found") and "--prefilter-sigma" in w and "--invert-contrast" in w
                for w in result.warnings)

@@ -68,3 +68,18 @@ def test_ids_above_uint16_are_kept_exactly():
     labels = render_spheres((9, 9, 9), [[4, 4, 4]], [2], [70_000])
     assert labels.dtype == np.uint32 and labels[4, 4, 4] == 70_000
     npt.assert_array_equal(labels, render_spheres_reference((9, 9, 9), [[4, 4, 4]], [2], [70_000]))
+
+
+def test_sections_are_those_of_the_whole_volume(rng):
+    """Sections k0..k1 of the volume, rendered alone (a label file is written by slabs), are the whole's bit for bit,
+    balls that cross the slab faces and overlaps included."""
+    shape = (40, 33, 29)
+    centers = rng.uniform(0, 1, (60, 3)) * shape
+    radii = rng.uniform(1.5, 7.0, 60)
+    ids = np.arange(1, 61)
+    whole = render_spheres(shape, centers, radii, ids)
+    for sections in ((0, 40), (0, 1), (7, 19), (39, 40), (12, 12)):
+        npt.assert_array_equal(render_spheres(shape, centers, radii, ids, sections=sections),
+                               whole[sections[0]:sections[1]])
+    with pytest.raises(ValueError, match="sections"):
+        render_spheres(shape, centers, radii, ids, sections=(5, 41))

@@ -47,7 +47,7 @@ tomogram = np.load("{tmp_path / 'tomogram.npy'}", mmap_mode="r")  # read-only, a
 probability = probability_on_input_grid(np.load("{tmp_path / 'network.npy'}"), tomogram.shape)
 result = postprocess(tomogram, probability, 22.0, SegmentParams())
 assert (result.vesicles.column("outcome").to_numpy(zero_copy_only=False) == "kept").sum() >= 4
-write_labels("{tmp_path / 'labels.mrc'}", result.labels["final"], 22.0)
+write_labels("{tmp_path / 'labels.mrc'}", result.final_labels(), 22.0)
 write_volume("{tmp_path / 'probability.mrc'}", probability, 22.0)
 new = {{name: sigs - warm[name] for name, sigs in signatures().items() if sigs - warm[name]}}
 assert not new, new
