@@ -84,19 +84,20 @@ CLUSTER_CHECK_S = 5.0
 """How often the driver checks that the cluster can still hold every inference actor."""
 FINISH_BASE_BYTES = 200_000_000
 FINISH_BYTES_PER_NETWORK_VOXEL = 9
-FINISH_BYTES_PER_VOXEL = 2
+FINISH_BYTES_PER_VOXEL = 1
 """Memory a `_finish` task asks Ray for: the base, this per voxel of the network grid (where the probability map,
-the search and the segments lie) and this per input voxel (the final labels). Its resident memory grew by 9.7 bytes
-per voxel on 200x512x512 phantoms at 22 Å (float32 or int16 files, where the two grids are one), 1.47 GB on
-256x768x768 at 22 Å, 0.22-0.25 GB on 200x512x512 at 14.7 Å (float32, int16), 0.89 GB on 1024x1024x261 at
-14.69 Å (the final labels and the probability map at the end), and by 0.13 GB on 128x256x256 at 22 Å (the kernels
-and libraries it loads). Ray then runs no more post-processing tasks on a node than its memory holds."""
+the search and the segments lie) and this per input voxel (the label file's slabs, the report's parts: no volume on
+the input grid is held whole). Its resident memory grew by 10.0 bytes per voxel on 200x512x512 at 22 Å (float32 or
+int16 files, where the two grids are one), 1.47 GB on 256x768x768 at 22 Å, 0.19 GB on 200x512x512 at 14.7 Å
+(float32 or int16), 0.87 GB on 1024x1024x261 at 14.69 Å (with the probability map's assembly), and by 0.13 GB on
+128x256x256 at 22 Å (the kernels and libraries it loads). Ray then runs no more post-processing tasks on a node
+than its memory holds."""
 FINISH_BYTES_PER_COPIED_VOXEL = 4
 """The more per input voxel when post-processing works on a float32 copy of the tomogram (a 16-bit file, or
---invert-contrast): 13.6-13.7 bytes per voxel measured at 22 Å with --invert-contrast, 0.44 GB at 14.7 Å."""
-FINISH_BYTES_PER_VOXEL_WITH_STAGES = 8
-"""The same per input voxel when the earlier stages' labels are kept for `--stages` (three more label volumes on
-the input grid: 12.5-12.8 bytes per voxel measured at 22 Å, 0.51 GB for 200x512x512 at 14.7 Å)."""
+--invert-contrast): 13.9 bytes per voxel measured at 22 Å with --invert-contrast, 0.41 GB at 14.7 Å."""
+FINISH_BYTES_PER_VOXEL_WITH_STAGES = 7
+"""The same per input voxel when the earlier stages' labels are kept for `--stages` (three label volumes on the
+input grid: 11.9 bytes per voxel measured at 22 Å, 0.43 GB for 200x512x512 at 14.7 Å)."""
 MIN_IN_FLIGHT = 4
 VESICLES_PER_TASK = 256
 """Sphere refinement of a tomogram with more vesicles than this is spread over tasks of this many."""
