@@ -110,7 +110,7 @@ def main() -> None:
                       f"{dice(on_input_grid, phantom.labels):.3f} | {stage_f1[0]:.3f} | {stage_f1[1]:.3f} | "
                       f"{m.f1:.3f} | "
                       f"{m.precision:.3f} | {m.recall:.3f} | {m.diameter_error:.3f} | {m.center_residual_nm:.2f} | "
-                      f"{dice(result.labels['final'], phantom.labels):.3f} | {network_s:.1f} | "
+                      f"{dice(result.final_labels(), phantom.labels):.3f} | {network_s:.1f} | "
                       f"{sum(result.seconds.values()):.2f} |", flush=True)
     print(f"\n## Method variants, development set (seeds from {DEV_SEED}; final stage)\n")
     print("| family | phantom | model | variant | F1 | precision | recall | δ_d | Δ_c nm |")
@@ -135,7 +135,7 @@ def main() -> None:
             result = postprocess(phantom.tomogram, searched, phantom.voxel_size_a,
                                  SegmentParams(inference=inference), keep_stages=False)
             m = match_vesicles(*found_spheres(result.vesicles), *truth, phantom.voxel_size_a)
-            cells.append(f"{m.f1:.3f} / {dice(result.labels['final'], phantom.labels):.2f} / "
+            cells.append(f"{m.f1:.3f} / {dice(result.final_labels(), phantom.labels):.2f} / "
                          f"{m.diameter_error:.3f} / {m.center_residual_nm:.2f}")
             seconds.append(sum(result.seconds[stage] for stage in ("threshold", "label", "localize")))
         print(f"| {condition.imaging} | {condition.name} | {model_name} | {cells[0]} | {cells[1]} | "

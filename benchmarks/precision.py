@@ -57,7 +57,7 @@ def main() -> None:
                     result = postprocess(tomogram, maps[precision], phantom.voxel_size_a, params, keep_stages=False)
                     m = match_vesicles(*found_spheres(result.vesicles), *truth_spheres(phantom),
                                        phantom.voxel_size_a)
-                    cells[precision] = (f"{m.f1:.3f} / {dice(result.labels['final'], phantom.labels):.2f} / "
+                    cells[precision] = (f"{m.f1:.3f} / {dice(result.final_labels(), phantom.labels):.2f} / "
                                         f"{m.diameter_error:.3f} / {m.center_residual_nm:.2f}")
                     if m.f1 < worst[name, precision][0]:
                         worst[name, precision] = (m.f1, f"{imaging}: {condition.name}")
