@@ -175,7 +175,7 @@ def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bo
     for stage in STAGE_LABELS if stages else ():
         paths[stage] = write_labels(files[stage], result.labels[stage], volume.voxel_size_a, volume.origin_a)
     table = vesicle_table(vesicles, name, volume.voxel_size_a, volume.origin_a)
-    paths["model"] = write_vesicle_model(files["model"], centers, radii, volume.data.shape, volume.voxel_size_a)
+    paths["model"] = write_vesicle_model(files["model"], centers, radii, shape, volume.voxel_size_a)
     paths["vesicles"] = write_table(files["vesicles"], table,
                                     {"voxel_size_a": volume.voxel_size_a, "origin_a": list(volume.origin_a)})
     return paths

@@ -39,7 +39,7 @@ def resample_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     shape = tuple(int(n) for n in shape)
     if tuple(volume.shape) == shape:
         return volume.astype(np.float32, copy=False)
-    sigma = [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(volume.shape, shape)]
+    sigma = _antialias_sigma(volume.shape, shape)
     if not is_mapped(volume) or volume.nbytes <= _MAPPED_PART_BYTES:
         return resize_linear(volume, shape, sigma)  # the anti-alias folded into the interpolation taps
     # a mapped tomogram by parts of output z-sections, its pages released after each (`release_pages`): all
@@ -62,7 +62,7 @@ def resample_at(volume: np.ndarray, shape: tuple[int, ...], indices: np.ndarray)
     indices = np.asarray(indices, dtype=np.int64)
     if tuple(volume.shape) == shape:
         return np.asarray(volume.reshape(-1)[indices], dtype=np.float32)
-    sigma = [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(volume.shape, shape)]
+    sigma = _antialias_sigma(volume.shape, shape)
     if not is_mapped(volume) or volume.nbytes <= _MAPPED_PART_BYTES:
         return resize_linear_at(volume, shape, sigma, indices)
     out = np.empty(indices.size, np.float32)
@@ -73,6 +73,11 @@ def resample_at(volume: np.ndarray, shape: tuple[int, ...], indices: np.ndarray)
             out[a:b] = resize_linear_at(volume, shape, sigma, indices[a:b])
             release_pages(volume)
     return out
+
+
+def _antialias_sigma(in_shape, out_shape) -> list[float]:
+    """σ = (N_in/N_out − 1)/2 input voxels on each axis that shrinks, 0 on the others (`resample_to_shape`)."""
+    return [max(0.0, (n_in / n_out - 1.0) / 2.0) for n_in, n_out in zip(in_shape, out_shape)]
 
 
 def nearest_to_shape(volume: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

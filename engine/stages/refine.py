@@ -194,8 +194,9 @@ class _Boxes:
         stale = idx[(self._box[idx] != box[idx]) | np.any(self._centers[idx] != centers[idx], axis=1)]
         same = np.array([self._boxes[i] is not None for i in stale], dtype=bool) & (self._box[stale] == box[stale])
         same &= np.all(np.floor(self._centers[stale] + 0.5) == np.floor(centers[stale] + 0.5), axis=1)
-        for r in np.unique(box[stale[same]]):
-            part = stale[same][box[stale[same]] == r]
+        kept = stale[same]
+        for r in np.unique(box[kept]):
+            part = kept[box[kept] == r]
             self._profile(part, centers, box, np.stack([self._boxes[i] for i in part]))
         moved = stale[~same]
         for rows, boxes in boxes_by_radius(self._tomogram, centers[moved], box[moved]):

@@ -123,7 +123,7 @@ def test_inverted_contrast_is_flagged_and_undone(scene, result):
 def test_a_mapped_tomogram_is_oriented_by_parts(tmp_path, dtype, resident_mb, monkeypatch):
     """A mapped 16-bit or negated tomogram is copied to float32 by parts of sections, the file's pages released
     after each: the same numbers, and only the copy (16 MB) stays resident, not the file beside it too."""
-    monkeypatch.setattr(pipeline, "_ORIENT_PART_BYTES", 1 << 20)
+    monkeypatch.setattr(pipeline, "_ORIENT_PART_VOXELS", 1 << 18)
     data = (np.random.default_rng(2).standard_normal((64, 256, 256)) * 100).astype(dtype)
     path = tmp_path / "tomo.mrc"
     with mrcfile.new(path) as mrc:
