@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from cryoves.engine.io.atomic import atomic_output
 from cryoves.engine.io.tables import active_mask
-from cryoves.engine.report.tomogram import OUTCOME_COLORS, REPORT_DIR, outcomes, stage_counts
+from cryoves.engine.report.tomogram import OUTCOME_COLORS, REPORT_DIR, outcomes, save_png, stage_counts
 
 COUNT_RATIO = 2.0
 """A tomogram whose vesicle count is more than this factor from the run's median is flagged."""
@@ -154,8 +154,7 @@ def _write_run_figure(out_dir: Path, rows: list[IndexRow], path: Path) -> None:
         ax.set_ylabel("vesicles")
     axes[1].legend(fontsize=8)
     figure.suptitle(f"{len(ok)} of {len(rows)} tomograms segmented, {sum(counts)} vesicles", fontsize=11)
-    with atomic_output(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=80)
+    save_png(figure, path, dpi=80)
 
 
 _COLUMNS = (("tomogram", "text"), ("vesicles", "num"), ("repaired", "num"), ("removed", "num"),
