@@ -111,7 +111,7 @@ def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...], sigma_vox:
     shrinking = [axis for axis in range(volume.ndim) if shape[axis] < volume.shape[axis]]
     out = volume.astype(np.float32, copy=False)
     if shrinking:
-        # the axis that shrinks most first, so later transforms run on less data
+        # of the axes cropped together, the one that shrinks most first: the next transforms run on less data
         out = _dct_shrink_axes(out, shape, sorted(shrinking, key=lambda a: shape[a] / volume.shape[a]), sigma_vox)
     out = resample_to_shape(out, shape)
     for axis in (a for a in range(out.ndim) if sigma_vox > 0 and a not in shrinking):
