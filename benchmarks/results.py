@@ -238,8 +238,8 @@ def work_outside_network() -> dict:
     `_prepare`'s engine calls (`prepare`, `network_input`) and `_finish`'s (`probability_map` of the
     tile batches, `finish` without optional outputs) each run in a fresh process with one numba thread (the
     fastest of `OUTSIDE_REPEATS` processes), on a phantom of the target size itself and the bundled network's
-    tile batches (computed here, untimed): seconds, and the peak growth of the process's resident memory over
-    the work, which is what `cryoves run` asks Ray for per tomogram.
+    tile batches (computed here, untimed): CPU seconds of the process (core-seconds), its wall seconds, and the
+    peak growth of its resident memory over the work, which is what `cryoves run` asks Ray for per tomogram.
     """
     import multiprocessing
     from unittest.mock import patch as patch_env
@@ -265,6 +265,7 @@ def work_outside_network() -> dict:
     (prepare_step, finish_step), (prepare_touched, finish_touched) = steps[False], steps[True]
     return {"prepare_s": prepare_step["seconds"], "finish_s": finish_step["seconds"],
             "core_seconds": prepare_step["seconds"] + finish_step["seconds"],
+            "wall_s": prepare_step["wall_s"] + finish_step["wall_s"],
             "prepare_touched_s": prepare_touched["seconds"], "finish_touched_s": finish_touched["seconds"],
             "core_seconds_touched": prepare_touched["seconds"] + finish_touched["seconds"],
             "prepare_peak_gb": prepare_step["peak_gb"], "finish_peak_gb": finish_step["peak_gb"],
@@ -302,7 +303,9 @@ def first_touch() -> dict:
 def _one_core_step(tmp: str, step: str, settings: Settings, pretouch: bool = False) -> dict:
     """`_prepare`'s or `_finish`'s calls of `work_outside_network`, in a fresh process after a small warm-up
     (every kernel, as `cryoves` warms them, so that no compilation is timed); with `pretouch` (and
-    `PRETOUCHED_HEAP` in the environment) after touching `PRETOUCH_GB` of memory the work reuses."""
+    `PRETOUCHED_HEAP` in the environment) after touching `PRETOUCH_GB` of memory the work reuses. `seconds` is the
+    process's CPU time over the work (every thread: core-seconds, whatever a library's threads do), `wall_s` its
+    wall time."""
     if pretouch:
         np.ones(PRETOUCH_GB << 28, np.float32)
     warm_kernels()
@@ -317,14 +320,14 @@ def _one_core_step(tmp: str, step: str, settings: Settings, pretouch: bool = Fal
         prepared = pickle.loads(pickle.dumps(prepare(target, settings, tmp)))
     n_vesicles = None
     with ResidentGrowth() as growth:
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         if step == "prepare":
             network_input(prepare(target, settings, tmp), settings.params)
         else:
             probability = probability_map(prepared, 0.0, batches, settings.params)
             n_vesicles = finish(prepared, probability, settings, tmp).n_vesicles
-        seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_gb": growth.peak_bytes / 1e9, "n_vesicles": n_vesicles}
+        seconds, wall = time.process_time() - start_cpu, time.perf_counter() - start
+    return {"seconds": seconds, "wall_s": wall, "peak_gb": growth.peak_bytes / 1e9, "n_vesicles": n_vesicles}
 
 
 class ResidentGrowth:
@@ -499,9 +502,10 @@ def main() -> None:
         f"`cryoves warmup` at install, else in the background while the network runs (the rows above show what "
         f"each leaves); later processes load them in {first_use['cached_seconds']:.1f} s | — | — "
         f"| ≤ 2 s of waiting |")
-    out(f"| outside the network, {TARGET}, one core | {outside['core_seconds']:.0f} core-s (`_prepare` "
-        f"{outside['prepare_s']:.1f} s + `_finish` {outside['finish_s']:.1f} s, {outside['n_vesicles']} vesicles); "
-        f"{outside['core_seconds_touched']:.0f} core-s ({outside['prepare_touched_s']:.1f} + "
+    out(f"| outside the network, {TARGET}, one numba thread, CPU time of the process | "
+        f"{outside['core_seconds']:.1f} core-s (`_prepare` {outside['prepare_s']:.1f} s + `_finish` "
+        f"{outside['finish_s']:.1f} s, {outside['n_vesicles']} vesicles; wall {outside['wall_s']:.1f} s); "
+        f"{outside['core_seconds_touched']:.1f} core-s ({outside['prepare_touched_s']:.1f} + "
         f"{outside['finish_touched_s']:.1f} s) in a process whose memory was touched before: this machine writes "
         f"fresh memory at {touch['fresh_s_per_gb']:.2f} s/GB, touched memory at {touch['again_s_per_gb']:.2f} s/GB "
         "(a virtual machine whose host takes freed memory back) | — | — | ≤ 15 core-s |")

@@ -20,7 +20,7 @@ import numpy as np
 import scipy.fft
 
 from cryoves.kernels.arrays import readonly
-from cryoves.kernels.threads import PARALLEL_MIN_VOXELS, threads_for
+from cryoves.kernels.threads import fft_workers, threads_for
 
 _BATCH_VOXELS = 1 << 22
 """Box voxels read at a time by `boxes_by_radius` (16 MiB of float32)."""
@@ -415,7 +415,7 @@ def xcorr_shift(boxes, models, *, subvoxel=True):
     """
     a, b = _check_pair(boxes, models)
     axes = (1, 2, 3)
-    workers = -1 if a.size >= PARALLEL_MIN_VOXELS else 1  # all cores, as the numba kernels use
+    workers = fft_workers(a.size)
     spec = scipy.fft.rfftn(a, axes=axes, workers=workers) * np.conj(scipy.fft.rfftn(b, axes=axes, workers=workers))
     cc = scipy.fft.irfftn(spec, s=a.shape[1:], axes=axes, workers=workers)
     return _peak_shifts(cc, subvoxel)

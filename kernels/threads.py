@@ -32,6 +32,12 @@ def threads_for(n_voxels: int):
         numba.set_num_threads(previous)
 
 
+def fft_workers(n_voxels: int) -> int:
+    """Threads for a scipy.fft call over `n_voxels`: the kernels' count (`threads_for`), so that one setting (numba's
+    thread count) bounds every thread cryoves starts; `workers=-1` took every core of the machine whatever it was."""
+    return numba.get_num_threads() if n_voxels >= PARALLEL_MIN_VOXELS else 1
+
+
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 """One pool per thread count, so that a call never runs on more threads than it was given."""
 

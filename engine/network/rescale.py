@@ -11,6 +11,7 @@ from scipy import ndimage
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.pages import is_mapped, read_box, release_pages
 from cryoves.kernels.resize import resize_linear, resize_linear_at
+from cryoves.kernels.threads import fft_workers
 
 NETWORK_VOXEL_SIZE_A = 22.0
 _SLAB_VOXELS = 1 << 22
@@ -156,21 +157,23 @@ def _dct_crop_slabs(volume: np.ndarray, out: np.ndarray, axes: list[int], across
         step = max(1, _DCT_SLAB_VOXELS * volume.shape[across] // max(1, volume.size))
         slabs = [(slice(None),) * across + (slice(start, start + step),)
                  for start in range(0, volume.shape[across], step)]
+    workers = fft_workers(volume.size)
     for slab, part in _read_slabs(volume, slabs, across):
         for axis in axes:
-            part = _dct_crop(part, out.shape[axis], axis, sigma_vox)
+            part = _dct_crop(part, out.shape[axis], axis, sigma_vox, workers)
         out[slab] = part
 
 
-def _dct_crop(volume: np.ndarray, n_out: int, axis: int, sigma_vox: float) -> np.ndarray:
+def _dct_crop(volume: np.ndarray, n_out: int, axis: int, sigma_vox: float, workers: int = 1) -> np.ndarray:
     """`volume` with `axis` cropped to `n_out` samples: its DCT-II spectrum cut to the first `n_out` coefficients,
-    weighted by the pre-filter's response, transformed back (orthonormal: scaled to keep the values)."""
+    weighted by the pre-filter's response, transformed back (orthonormal: scaled to keep the values); on `workers`
+    threads."""
     keep = [slice(None)] * volume.ndim
     keep[axis] = slice(0, n_out)
     weights = (np.sqrt(n_out / volume.shape[axis]) * _gaussian_response(sigma_vox, n_out)).astype(np.float32)
     weights = weights.reshape([-1 if a == axis else 1 for a in range(volume.ndim)])
-    spectrum = scipy.fft.dct(volume, type=2, norm="ortho", axis=axis, workers=-1)
-    return scipy.fft.idct(spectrum[tuple(keep)] * weights, type=2, norm="ortho", axis=axis, workers=-1)
+    spectrum = scipy.fft.dct(volume, type=2, norm="ortho", axis=axis, workers=workers)
+    return scipy.fft.idct(spectrum[tuple(keep)] * weights, type=2, norm="ortho", axis=axis, workers=workers)
 
 
 def _read_slabs(volume: np.ndarray, slabs: list[tuple], across: int | None):
