@@ -30,11 +30,11 @@ from cryoves.engine.io.tables import CENTER_COLUMNS
 from cryoves.engine.units import vox_to_nm
 from cryoves.kernels.labels import present_labels
 from cryoves.kernels.radial import back_project, box_offsets, box_profiles, boxes_by_radius, extract_boxes, xcorr_shift
+from cryoves.kernels.threads import fft_batch_voxels
 
 __all__ = ["RefineParams", "RadiusEstimate", "RefineResult", "estimate_radius", "measure_spheres", "refine_batch",
            "refine_spheres", "segment_spheres", "profile_correlation", "build_table", "TABLE_SCHEMA"]
 
-_BATCH_VOXELS = 1 << 22  # voxels per FFT batch (about 32 MiB per float64 stack)
 _KEPT_BOX_BYTES = 1 << 26  # boxes of raw data kept between a profile and the correlation that reads them again
 
 TABLE_SCHEMA = pa.schema([
@@ -239,7 +239,7 @@ def _shifts(boxes: _Boxes, centers, profiles, box_radius, idx, params):
     offsets = box_offsets(centers[idx])
     for r in np.unique(box_radius):
         rows = np.flatnonzero(box_radius == r)
-        step = max(1, _BATCH_VOXELS // (2 * int(r) + 1) ** 3)
+        step = max(1, fft_batch_voxels() // (2 * int(r) + 1) ** 3)
         for start in range(0, rows.size, step):
             part = rows[start:start + step]
             models = back_project(profiles[part], int(r), offsets[part], bin_width_vox=params.bin_width_vox)
