@@ -364,14 +364,19 @@ def _centred(boxes):
     plain unnormalised correlation (the reference) is otherwise identical.
     """
     boxes = np.array(boxes, dtype=np.float32)  # a copy, in single precision: half the FFT time, the same peaks
-    missing = ~np.isfinite(boxes)
     axes = tuple(range(1, boxes.ndim))
-    n_finite = int(np.prod(boxes.shape[1:])) - missing.sum(axis=axes)
-    boxes[missing] = 0.0
+    n_finite = np.full(boxes.shape[0], int(np.prod(boxes.shape[1:])))
+    missing = ~np.isfinite(boxes)
+    if missing.any():  # boxes past the volume's faces; the masks' passes are a third of the time
+        n_finite -= missing.sum(axis=axes)
+        boxes[missing] = 0.0
+    else:
+        missing = None
     sums = boxes.sum(axis=axes, dtype=np.float64)
     means = np.divide(sums, n_finite, out=np.zeros_like(sums), where=n_finite > 0).astype(np.float32)
     boxes -= means.reshape((-1,) + (1,) * (boxes.ndim - 1))
-    boxes[missing] = 0.0
+    if missing is not None:
+        boxes[missing] = 0.0
     return boxes
 
 
@@ -383,11 +388,11 @@ def _peak_shifts(cc, subvoxel):
     peak = np.argmax(flat, axis=1)
     idx = np.stack(np.unravel_index(peak, cc.shape[1:]), axis=1)
     shifts = np.where(idx > e // 2, idx - e, idx).astype(np.float64)
-    # a flat correlation (empty or constant box) has no peak: no shift
-    flat_cc = flat.max(axis=1) - flat.min(axis=1) <= 1e-6 * np.maximum(np.abs(flat).max(axis=1), 1e-30)
+    # a flat correlation (empty or constant box) has no peak: no shift (the largest |cc| is |max| or |min|)
+    rows = np.arange(n)
+    c0, low = flat[rows, peak], flat.min(axis=1)
+    flat_cc = c0 - low <= 1e-6 * np.maximum(np.maximum(np.abs(c0), np.abs(low)), 1e-30)
     if subvoxel:
-        rows = np.arange(n)
-        c0 = flat[rows, peak]
         for axis in range(3):
             lo, hi = idx.copy(), idx.copy()
             lo[:, axis] = (idx[:, axis] - 1) % e[axis]
