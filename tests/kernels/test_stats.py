@@ -38,3 +38,15 @@ def test_not_a_volume():
         volume_stats(np.zeros((4, 4)))
     with pytest.raises(ValueError, match="real"):
         volume_stats(np.zeros((2, 2, 2), complex))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int8, np.uint8])
+def test_small_integers_over_their_whole_range(rng, dtype):
+    """8- and 16-bit volumes take exact int64 sums of values and squares: extremes of the type, a section of one value
+    (M2 = 0), and a section of 2^20 voxels at the type's maximum (the sums' worst case) match NumPy in float64."""
+    info = np.iinfo(dtype)
+    volume = rng.integers(info.min, int(info.max) + 1, (3, 1024, 1024)).astype(dtype)
+    volume[1] = info.max
+    volume[2, :2] = info.min
+    np.testing.assert_allclose(volume_stats(volume), volume_stats_reference(volume), rtol=1e-12)
+    assert volume_stats(volume[1:2]).std == 0.0
