@@ -168,8 +168,10 @@ def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:
     if thresholds.size == 0:
         return np.zeros(0, np.int64)
     descending = np.argsort(-thresholds, kind="stable")
-    _, *forest = _from_the_top(values, thresholds.min())
-    counts = _counts(*forest, readonly(thresholds[descending]), float(min_size))
+    _, order, levels, size_padded, neighbours = _from_the_top(values, thresholds.min())
+    index = np.int32 if size_padded < np.iinfo(np.int32).max else np.int64  # int32: half the union-find's memory
+    counts = _counts(order, levels, np.full(size_padded, -1, index), np.zeros(size_padded, index), neighbours,
+                     readonly(thresholds[descending]), float(min_size))
     out = np.empty(thresholds.size, np.int64)
     out[descending] = counts
     return out
@@ -228,10 +230,9 @@ def _from_the_top(values, floor: float):
 
 
 @numba.njit(cache=True)
-def _counts(order, levels, size_padded, neighbours, thresholds_descending, min_size):
-    """`component_counts` of the voxels `order` (padded indices, `_from_the_top`) at `levels`, highest first."""
-    parent = np.full(size_padded, -1, np.int64)  # -1: not yet above the level
-    size = np.zeros(size_padded, np.int64)
+def _counts(order, levels, parent, size, neighbours, thresholds_descending, min_size):
+    """`component_counts` of the voxels `order` (padded indices, `_from_the_top`) at `levels`, highest first; `parent`
+    (all -1: not yet above the level) and `size` (zeros) span the padded volume."""
     counts = np.zeros(thresholds_descending.size, np.int64)
     large = 0
     k = 0
@@ -244,19 +245,22 @@ def _counts(order, levels, size_padded, neighbours, thresholds_descending, min_s
             size[v] = 1
             if 1 >= min_size:
                 large += 1
+            root = v  # the root of v's component, kept across its neighbours
             for m in range(neighbours.size):
                 u = v + neighbours[m]
                 if parent[u] < 0:
                     continue
-                a, b = _find(parent, u), _find(parent, v)
-                if a == b:
+                a = _find(parent, u)
+                if a == root:
                     continue
+                b = root
                 before = (size[a] >= min_size) + (size[b] >= min_size)
                 if size[a] < size[b]:
                     a, b = b, a
                 parent[b] = a
                 size[a] += size[b]
                 large += (size[a] >= min_size) - before
+                root = a
         counts[j] = large
     return counts
 
