@@ -112,8 +112,7 @@ def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...], sigma_vox:
     shrinking = [axis for axis in range(volume.ndim) if shape[axis] < volume.shape[axis]]
     out = volume.astype(np.float32, copy=False)
     if shrinking:
-        # of the axes cropped together, the one that shrinks most first: the next transforms run on less data
-        out = _dct_shrink_axes(out, shape, sorted(shrinking, key=lambda a: shape[a] / volume.shape[a]), sigma_vox)
+        out = _dct_shrink_axes(out, shape, shrinking, sigma_vox)
     out = resample_to_shape(out, shape)
     for axis in (a for a in range(out.ndim) if sigma_vox > 0 and a not in shrinking):
         out = ndimage.gaussian_filter1d(out, sigma_vox, axis=axis, mode="nearest", truncate=4.0, output=np.float32)
@@ -122,13 +121,16 @@ def resample_band_limited(volume: np.ndarray, shape: tuple[int, ...], sigma_vox:
 
 def _dct_shrink_axes(volume: np.ndarray, shape: tuple[int, ...], axes: list[int], sigma_vox: float) -> np.ndarray:
     """`volume` with each of `axes` cropped to its length in `shape`, in one new buffer. On a 3-D volume the crops of
-    z and x run slab by slab across y, both on each slab as it is read (a mapped tomogram is read once), into a buffer
+    x and z run slab by slab across y, both on each slab as it is read (a mapped tomogram is read once), into a buffer
     of the result with y still whole; y's crop then overwrites the buffer from its start, slab by slab across z (an
     output slab never reaches a slab not yet read), and the buffer is cut to the result's size (numpy's resize:
     realloc, the rest given back). For the 1024x1024x261 tomogram the buffer holds 487 MB, where a crop of z alone
     first held 730 MB of fresh memory, and the transforms along y (strided, the slowest) run on the smaller data."""
     later = [1] if volume.ndim == 3 and 1 in axes else []
-    first = [axis for axis in axes if axis not in later]
+    # x first where it shrinks: transforms along the contiguous axis cost half as much per sample, so they take the
+    # largest data (3.4-3.8 -> 2.8-2.9 s for 1024x1024x261); the others by how much they shrink
+    last = volume.ndim - 1
+    first = sorted((axis for axis in axes if axis not in later), key=lambda a: (a != last, shape[a] / volume.shape[a]))
     across = 1 if volume.ndim == 3 else None
     sizes = [list(volume.shape)]
     for axis in first + later:
