@@ -160,20 +160,25 @@ def _dct_crop_slabs(volume: np.ndarray, out: np.ndarray, axes: list[int], across
         slabs = [(slice(None),) * across + (slice(start, start + step),)
                  for start in range(0, volume.shape[across], step)]
     workers = fft_workers(volume.size)
+    weights = {axis: _crop_weights(volume.shape[axis], out.shape[axis], sigma_vox, axis, volume.ndim) for axis in axes}
     for slab, part in _read_slabs(volume, slabs, across):
         for axis in axes:
-            part = _dct_crop(part, out.shape[axis], axis, sigma_vox, workers)
+            part = _dct_crop(part, axis, weights[axis], workers)
         out[slab] = part
 
 
-def _dct_crop(volume: np.ndarray, n_out: int, axis: int, sigma_vox: float, workers: int = 1) -> np.ndarray:
-    """`volume` with `axis` cropped to `n_out` samples: its DCT-II spectrum cut to the first `n_out` coefficients,
-    weighted by the pre-filter's response, transformed back (orthonormal: scaled to keep the values); on `workers`
-    threads."""
+def _crop_weights(n_in: int, n_out: int, sigma_vox: float, axis: int, ndim: int) -> np.ndarray:
+    """The kept DCT coefficients' weights of a crop of `axis` from `n_in` to `n_out` samples: the pre-filter's
+    response, and √(n_out/n_in) to keep the values (orthonormal transforms), shaped to broadcast along `axis`."""
+    weights = (np.sqrt(n_out / n_in) * _gaussian_response(sigma_vox, n_out)).astype(np.float32)
+    return weights.reshape([-1 if a == axis else 1 for a in range(ndim)])
+
+
+def _dct_crop(volume: np.ndarray, axis: int, weights: np.ndarray, workers: int = 1) -> np.ndarray:
+    """`volume` with `axis` cropped to the length of `weights` (`_crop_weights`): its DCT-II spectrum cut to the first
+    coefficients, weighted, transformed back; on `workers` threads."""
     keep = [slice(None)] * volume.ndim
-    keep[axis] = slice(0, n_out)
-    weights = (np.sqrt(n_out / volume.shape[axis]) * _gaussian_response(sigma_vox, n_out)).astype(np.float32)
-    weights = weights.reshape([-1 if a == axis else 1 for a in range(volume.ndim)])
+    keep[axis] = slice(0, weights.shape[axis])
     spectrum = scipy.fft.dct(volume, type=2, norm="ortho", axis=axis, workers=workers)
     return scipy.fft.idct(spectrum[tuple(keep)] * weights, type=2, norm="ortho", axis=axis, workers=workers)
 
