@@ -4,6 +4,7 @@ Wrong pixel-size headers are the most common failure in cryo-ET, so a voxel size
 implausible is refused unless the user states it; nothing is ever computed on a guessed voxel size.
 """
 
+import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -133,7 +134,9 @@ def write_label_sections(path, shape: tuple[int, int, int], max_label: int, sect
                          voxel_size_a: float, origin_a=(0.0, 0.0, 0.0)) -> Path:
     """`write_labels` of a volume of `shape` given as its consecutive z-slabs (`sections`), whose labels are at most
     `max_label`: it never exists whole (the final labels of a 1024x1024x261 tomogram: 547 MB). The data is written
-    with the file's writes (a full disk is an error, not a crash), the header with its statistics after it."""
+    with the file's writes (a full disk is an error, not a crash), the header with its statistics after it. Only the
+    blocks that hold a label are written: the new file's others stay holes, which read as zeros and take neither
+    disk nor page cache (`_write_nonzero_blocks`)."""
     if max_label > 2**24:
         raise CryovesError(f"{path}: {max_label} labels cannot be stored exactly in an MRC file")
     dtype = np.dtype(np.uint16 if max_label <= np.iinfo(np.uint16).max else np.float32)
@@ -141,15 +144,17 @@ def write_label_sections(path, shape: tuple[int, int, int], max_label: int, sect
     with atomic_output(path) as tmp:
         with mrcfile.new_mmap(tmp, tuple(shape), mrc_mode=6 if dtype == np.uint16 else 2, overwrite=True) as mrc:
             parts, written = [], 0
-            with open(tmp, "r+b") as handle:
-                handle.seek(mrc.header.nbytes + mrc.extended_header.nbytes)
+            offset = mrc.header.nbytes + mrc.extended_header.nbytes
+            with open(tmp, "r+b", buffering=0) as handle:
                 for slab in sections:
                     if slab.ndim != 3 or slab.shape[1:] != tuple(shape[1:]):
                         raise ValueError(f"a slab of shape {slab.shape} is not z-sections of {tuple(shape)}")
                     parts.append(section_stats(slab))
                     if slab.size and parts[-1].low.min() < 0:
                         raise ValueError("labels must be non-negative")
-                    handle.write(memoryview(np.ascontiguousarray(slab, dtype)).cast("B"))
+                    data = np.ascontiguousarray(slab, dtype).reshape(-1).view(np.uint8)
+                    _write_nonzero_blocks(handle, offset, data)
+                    offset += data.size
                     written += slab.shape[0]
             if written != shape[0]:
                 raise ValueError(f"the sections of {path} cover {written} of its {shape[0]} z-sections")
@@ -158,6 +163,26 @@ def write_label_sections(path, shape: tuple[int, int, int], max_label: int, sect
             z, y, x = (float(v) for v in origin_a)
             mrc.header.origin = (x, y, z)
     return path
+
+
+_FILE_BLOCK_BYTES = 4096
+
+
+def _write_nonzero_blocks(handle, offset: int, data: np.ndarray) -> None:
+    """Write the bytes `data` at `offset` of a new file (holes: zeros), in runs of the file's 4 KB blocks that hold a
+    nonzero byte. A block of background is left a hole: 27 % of the 1024x1024x261 phantom's crowded label file, whose
+    fresh page cache was most of `write`'s time."""
+    head = min(data.size, (-offset) % _FILE_BLOCK_BYTES)  # the bytes before the file's first block boundary
+    n_blocks = (data.size - head) // _FILE_BLOCK_BYTES
+    tail = head + n_blocks * _FILE_BLOCK_BYTES
+    pieces = np.r_[data[:head].any(), data[head:tail].reshape(n_blocks, _FILE_BLOCK_BYTES).any(axis=1), data[tail:].any()]
+    bounds = np.r_[0, head + _FILE_BLOCK_BYTES * np.arange(n_blocks + 1), data.size]  # piece i: bounds[i:i + 2]
+    edges = np.flatnonzero(np.diff(np.r_[False, pieces, False].astype(np.int8)))
+    for first, end in zip(edges[::2], edges[1::2]):  # each run of pieces that hold a label
+        run = memoryview(data[bounds[first]:bounds[end]])
+        done = 0
+        while done < run.nbytes:  # a raw file may write less than it is given
+            done += os.pwrite(handle.fileno(), run[done:], offset + int(bounds[first]) + done)
 
 
 def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a, stats: VolumeStats | None = None) -> Path:

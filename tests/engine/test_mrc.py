@@ -274,3 +274,26 @@ def test_labels_written_by_slabs_equal_labels_written_whole(tmp_path, rng):
     with pytest.raises(ValueError, match="non-negative"):
         write_label_sections(tmp_path / "negative.mrc", (2, 2, 2), 3, [-np.ones((2, 2, 2), np.int32)], 14.7)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["slabs.mrc", "whole.mrc"]
+
+
+@pytest.mark.parametrize("slab_sections", [1, 3, 40])
+def test_label_files_leave_background_blocks_as_holes(tmp_path, slab_sections):
+    """Only the file's 4 KB blocks that hold a label are written: a few small spheres (one at a corner, one at the
+    far corner: the first and last bytes, in pieces shorter than a block) read back voxel for voxel, and the file
+    takes a fraction of its size on disk; an all-background volume takes almost none."""
+    from cryoves.engine.io.mrc import write_label_sections
+
+    z, y, x = np.ogrid[:40, :96, :128]
+    labels = np.zeros((40, 96, 128), np.uint16)
+    for k, (cz, cy, cx) in enumerate([(0, 0, 0), (20, 50, 60), (39, 95, 127)], start=1):
+        labels[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 <= 16] = k
+    sections = (labels[k:k + slab_sections] for k in range(0, 40, slab_sections))
+    path = write_label_sections(tmp_path / "sparse.mrc", labels.shape, 3, sections, 14.7)
+    with mrcfile.open(path) as mrc:
+        np.testing.assert_array_equal(mrc.data, labels)
+        assert (mrc.header.dmin, mrc.header.dmax) == (0, 3)
+    assert path.stat().st_blocks * 512 < 0.3 * path.stat().st_size
+    empty = write_label_sections(tmp_path / "empty.mrc", labels.shape, 0, [np.zeros_like(labels)], 14.7)
+    assert empty.stat().st_blocks * 512 <= 8192 and empty.stat().st_size == path.stat().st_size
+    with mrcfile.open(empty) as mrc:
+        assert not mrc.data.any()
