@@ -175,7 +175,8 @@ def _write_nonzero_blocks(handle, offset: int, data: np.ndarray) -> None:
     head = min(data.size, (-offset) % _FILE_BLOCK_BYTES)  # the bytes before the file's first block boundary
     n_blocks = (data.size - head) // _FILE_BLOCK_BYTES
     tail = head + n_blocks * _FILE_BLOCK_BYTES
-    pieces = np.r_[data[:head].any(), data[head:tail].reshape(n_blocks, _FILE_BLOCK_BYTES).any(axis=1), data[tail:].any()]
+    blocks = data[head:tail].reshape(n_blocks, _FILE_BLOCK_BYTES)
+    pieces = np.r_[data[:head].any(), blocks.any(axis=1), data[tail:].any()]
     bounds = np.r_[0, head + _FILE_BLOCK_BYTES * np.arange(n_blocks + 1), data.size]  # piece i: bounds[i:i + 2]
     edges = np.flatnonzero(np.diff(np.r_[False, pieces, False].astype(np.int8)))
     for first, end in zip(edges[::2], edges[1::2]):  # each run of pieces that hold a label
