@@ -120,6 +120,22 @@ def score(phantom, logit_fn, inference: InferenceParams, invert_contrast: bool =
                  m.center_residual_nm, len(found[0]))
 
 
+def code_digest() -> str:
+    """A digest of cryoves' engine and kernels sources: a cached cell is reused only for the code that scored it (a
+    change that moves results by float rounding would otherwise keep the old cells)."""
+    import hashlib
+
+    import cryoves.engine
+    import cryoves.kernels
+
+    digest = hashlib.sha256()
+    for package in (cryoves.engine, cryoves.kernels):
+        root = Path(package.__path__[0])
+        for path in sorted(root.rglob("*.py")):
+            digest.update(str(path.relative_to(root.parent)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _cell(s: Score) -> str:
     return f"{s.f1:.3f} / {s.dice:.2f} / {s.diameter_error:.3f} / {s.center_residual_nm:.2f}"
 
@@ -136,11 +152,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=("bundled", "cryovesnet"), default=["bundled", "cryovesnet"],
                         help="columns of these models only (default: both)")
     parser.add_argument("--cache", default="/tmp/cryoves-robustness.json",
-                        help="JSON of scored cells, reused when model, parameters and phantom are the same")
+                        help="JSON of scored cells, reused when code, model, parameters and phantom are the same")
     args = parser.parse_args()
     first_seed = DEV_SEED if args.dev else VALIDATION_SEED
     paths = {"bundled": None, "cryovesnet": args.weights}
     checksums = {model: weights_sha256(path) for model, path in paths.items()}
+    code = code_digest()
     logit_fns = {}
     columns = {
         "bundled model": ("bundled", model_inference_params(None)),
@@ -176,7 +193,7 @@ def main() -> None:
                 phantom = None
                 for name, (model, params) in columns.items():
                     on_input_grid = params is REFERENCE
-                    key = (f"{imaging}|{condition}|{seed}|{checksums[model]}|{SegmentParams(inference=params)}|"
+                    key = (f"{code}|{imaging}|{condition}|{seed}|{checksums[model]}|{SegmentParams(inference=params)}|"
                            f"{'input grid' if on_input_grid else 'map grid'}")
                     if key not in cache:
                         phantom = phantom or make_condition(condition, seed)
