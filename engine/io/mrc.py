@@ -4,7 +4,6 @@ Wrong pixel-size headers are the most common failure in cryo-ET, so a voxel size
 implausible is refused unless the user states it; nothing is ever computed on a guessed voxel size.
 """
 
-import os
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -181,9 +180,10 @@ def _write_nonzero_blocks(handle, offset: int, data: np.ndarray) -> None:
     edges = np.flatnonzero(np.diff(np.r_[False, pieces, False].astype(np.int8)))
     for first, end in zip(edges[::2], edges[1::2]):  # each run of pieces that hold a label
         run = memoryview(data[bounds[first]:bounds[end]])
+        handle.seek(offset + int(bounds[first]))
         done = 0
-        while done < run.nbytes:  # a raw file may write less than it is given
-            done += os.pwrite(handle.fileno(), run[done:], offset + int(bounds[first]) + done)
+        while done < run.nbytes:  # a raw (unbuffered) file may write less than it is given
+            done += handle.write(run[done:])
 
 
 def _write(path: Path, data: np.ndarray, voxel_size_a: float, origin_a, stats: VolumeStats | None = None) -> Path:
