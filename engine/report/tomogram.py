@@ -125,8 +125,9 @@ def densest_point(centers_vox: np.ndarray, radii_vox: np.ndarray, shape) -> tupl
     return tuple(int(np.clip(np.rint(c), 0, n - 1)) for c, n in zip(centers[best], shape))
 
 
-_PART_BYTES = 1 << 25
-"""Bytes of a mapped volume's sections `slab` reads at a time."""
+_PART_BYTES = 1 << 24
+"""Bytes of a mapped volume's sections `slab` reads at a time (under glibc's 32 MB threshold for fresh maps: the
+parts' buffers are reused, see `overlaps.label_slabs`)."""
 
 
 def slab(volume: np.ndarray, axis: int, index: int, half_width: int) -> np.ndarray:

@@ -129,8 +129,10 @@ def render_labels(shape, table: pa.Table, *, sections: tuple[int, int] | None = 
     return render_spheres(shape, centers, radii, np.arange(1, len(radii) + 1), sections=sections)
 
 
-def label_slabs(shape, table: pa.Table, max_voxels: int = 1 << 24):
-    """`render_labels` by z-slabs of about `max_voxels`, in order: what a label file is written from, never whole."""
+def label_slabs(shape, table: pa.Table, max_voxels: int = 1 << 23):
+    """`render_labels` by z-slabs of about `max_voxels`, in order: what a label file is written from, never whole.
+    A slab (16 MB of uint16) stays under the 32 MB above which glibc maps every array afresh: a freed slab's memory
+    holds the next one (fresh pages cost up to 2.4 s/GB on a virtual machine; 32 MB slabs were 0.5 GB of them)."""
     step = max(1, max_voxels // max(1, int(shape[1]) * int(shape[2])))
     for k0 in range(0, int(shape[0]), step):
         yield render_labels(shape, table, sections=(k0, min(k0 + step, int(shape[0]))))
