@@ -282,10 +282,9 @@ def _legend_handle(outcome: str):
 def _draw_plane(ax, scene: _Scene, planes: dict[int, np.ndarray], axis: int, cmap: str,
                 limits: tuple[float, float] | None, *, title: bool = True) -> None:
     """One slice with the circles where the spheres cut it; vertical axis up, as in IMOD. The circles are one
-    collection: a patch each took 1 s for the 1069 circles of a 1024x1024x261 tomogram's report (each patch
-    updates the axes' data limits), and as long again to draw."""
-    from matplotlib.collections import PatchCollection
-    from matplotlib.patches import Circle
+    collection of ellipses in data units, without a patch object each: patches took 1 s for the 1069 circles of a
+    1024x1024x261 tomogram's report (each updates the axes' data limits and resolves its default colour)."""
+    from matplotlib.collections import EllipseCollection
 
     name, _, letter, (horizontal, vertical) = _PLANES[axis]
     image = planes[axis]
@@ -293,10 +292,10 @@ def _draw_plane(ax, scene: _Scene, planes: dict[int, np.ndarray], axis: int, cma
     ax.imshow(image, cmap=cmap, vmin=lo, vmax=hi if hi > lo else lo + 1, origin="lower", interpolation="nearest")
     rows, centers, radii = circles_in_plane(scene.centers_vox, scene.radii_vox, axis, scene.point[axis])
     outcomes = [scene.outcome[row] for row in rows]
-    ax.add_collection(PatchCollection([Circle((c, r), radius) for (r, c), radius in zip(centers, radii)],
-                                      facecolors="none", linewidths=1.1,
-                                      edgecolors=[OUTCOME_COLORS[outcome] for outcome in outcomes],
-                                      linestyles=["--" if outcome == "removed" else "-" for outcome in outcomes]),
+    ax.add_collection(EllipseCollection(2 * radii, 2 * radii, 0.0, units="xy", offsets=centers[:, ::-1],
+                                        offset_transform=ax.transData, facecolors="none", linewidths=1.1,
+                                        edgecolors=[OUTCOME_COLORS[outcome] for outcome in outcomes],
+                                        linestyles=["--" if outcome == "removed" else "-" for outcome in outcomes]),
                       autolim=False)
     ax.set_xlim(-0.5, image.shape[1] - 0.5)
     ax.set_ylim(-0.5, image.shape[0] - 0.5)

@@ -49,8 +49,9 @@ def test_a_plane_draws_its_circles_coloured_by_outcome():
     ax = Figure().subplots()
     _draw_plane(ax, scene, planes, 0, "gray", None)
     (circles,) = ax.collections
-    diameters = [path.vertices.max(axis=0) - path.vertices.min(axis=0) for path in circles.get_paths()]
-    npt.assert_allclose(diameters, [[6, 6], [2 * np.sqrt(15)] * 2], atol=1e-6)  # where z = 10 cuts them
+    npt.assert_allclose(circles.get_offsets(), [[6, 5], [20, 12]])  # (x, y): the image's column and row
+    npt.assert_allclose(circles.get_widths(), [6, 2 * np.sqrt(15)])  # where z = 10 cuts them
+    npt.assert_allclose(circles.get_heights(), circles.get_widths())
     npt.assert_allclose(circles.get_edgecolor(), [to_rgba(OUTCOME_COLORS[o]) for o in ("kept", "removed")])
     solid, dashed = circles.get_linestyle()
     assert solid[1] is None and dashed[1] is not None
