@@ -260,9 +260,12 @@ def _count_nonfinite(data: np.ndarray) -> int:
 
 
 def _value_range(data: np.ndarray) -> tuple[float, float]:
-    finite = [slab[np.isfinite(slab)] if slab.dtype.kind == "f" else slab
-              for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS)]
-    finite = [s for s in finite if s.size]
-    if not finite:
-        return float("nan"), float("nan")
-    return float(min(s.min() for s in finite)), float(max(s.max() for s in finite))
+    """The finite voxels' minimum and maximum (NaN when there are none), by z-slabs of statistics (`section_stats`),
+    a mapped file's pages released after each: no copy of the values (it held every finite voxel: 1.1 GB at
+    1024x1024x261)."""
+    parts = []
+    for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS):
+        parts.append(section_stats(slab))
+        release_pages(data)
+    stats = combine_sections(parts)
+    return stats.min, stats.max

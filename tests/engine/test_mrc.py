@@ -147,6 +147,23 @@ def test_inspect_reports_facts_and_verdict(write_mrc):
     assert facts["verdict"].startswith("refused:") and "looks unset" in facts["verdict"]
 
 
+def test_inspect_value_range_skips_non_finite_voxels_across_slabs(write_mrc, monkeypatch):
+    """The range is the finite voxels', combined over the z-slabs `info` reads in turn (here of one section)."""
+    import cryoves.engine.io.mrc as mrc
+
+    monkeypatch.setattr(mrc, "_NONFINITE_SLAB_VOXELS", 12)
+    data = np.arange(36, dtype=np.float32).reshape(3, 3, 4) - 10
+    data[0, 0, 0], data[2, 2, 3], data[1, 1, 1] = np.nan, np.inf, -np.inf
+    with pytest.warns(RuntimeWarning, match="NaN"):  # mrcfile's header statistics, when the test writes them
+        path, empty = write_mrc(data, (10.0, 10.0, 10.0)), write_mrc(np.full((2, 3, 4), np.nan, np.float32),
+                                                                     (10.0, 10.0, 10.0), name="nan.mrc")
+    facts = inspect_volume(path)
+    assert facts["value_range"] == (-9.0, 24.0)
+    assert facts["verdict"].startswith("refused:") and "NaN or Inf" in facts["verdict"]
+    nothing = inspect_volume(empty)
+    assert all(np.isnan(nothing["value_range"]))
+
+
 def test_outputs_get_ordinary_permissions(tmp_path):
     import os
 
