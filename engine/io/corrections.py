@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io import tables
 from cryoves.engine.io.imod import write_vesicle_model
-from cryoves.engine.io.mrc import Volume, read_volume, write_labels
-from cryoves.engine.io.outputs import number_vesicles, read_run_record, write_run_record
+from cryoves.engine.io.mrc import Volume, read_volume
+from cryoves.engine.io.outputs import number_vesicles, read_run_record, write_run_record, write_vesicle_labels
 from cryoves.engine.io.pyto import write_pyto
 from cryoves.engine.job import load_region
 from cryoves.engine.scoring.evaluate import write_metrics
@@ -134,18 +134,18 @@ def apply_corrections(out_dir, name: str, vesicle_ids, centers_vox, radii_vox, *
 
     vesicles, counts = corrected_table(pq.read_table(table_path), vesicle_ids, centers_vox, radii_vox,
                                        voxel_size_a, origin_a)
-    labels = render_labels(shape, vesicles)
     _, centers, radii = rendered_spheres(vesicles)
     n_vesicles = len(radii)
     table = tables.vesicle_table(vesicles, name, voxel_size_a, origin_a)
     write_run_record(out_dir, name, record | {
         "status": "error", "error": f"interrupted while saving corrections made in {tool}; segment it again"})
     paths = {
-        "labels": write_labels(labels_path, labels, voxel_size_a, origin_a),
+        "labels": write_vesicle_labels(labels_path, shape, vesicles, voxel_size_a, origin_a),
         "model": write_vesicle_model(out_dir / f"{name}.mod", centers, radii, shape, voxel_size_a),
         "vesicles": tables.write_table(table_path, table, metadata),
     }
-    if region is not None:
+    if region is not None:  # Pyto's files are drawn from the whole label volume
+        labels = render_labels(shape, vesicles)
         region_model = Path(record["region"]) if record["region"].lower().endswith(".mod") else None
         paths |= write_pyto(out_dir, name, Volume(labels, voxel_size_a, origin_a), labels, centers, radii, region,
                             region_model, outputs.get("active_zone"))

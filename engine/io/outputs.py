@@ -169,8 +169,7 @@ def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bo
     vesicles = number_vesicles(result.vesicles)
     _, centers, radii = rendered_spheres(vesicles)
     shape = volume.data.shape
-    paths = {"labels": write_label_sections(files["labels"], shape, len(radii), label_slabs(shape, vesicles),
-                                            volume.voxel_size_a, volume.origin_a)}
+    paths = {"labels": write_vesicle_labels(files["labels"], shape, vesicles, volume.voxel_size_a, volume.origin_a)}
     if probability:
         on_input_grid = probability_on_input_grid(result.probability, shape)
         paths["probability"] = write_volume(files["probability"], on_input_grid, volume.voxel_size_a, volume.origin_a)
@@ -181,6 +180,13 @@ def write_outputs(out_dir, name: str, volume: Volume, result, *, probability: bo
     paths["vesicles"] = write_table(files["vesicles"], table,
                                     {"voxel_size_a": volume.voxel_size_a, "origin_a": list(volume.origin_a)})
     return paths
+
+
+def write_vesicle_labels(path, shape, vesicles: pa.Table, voxel_size_a: float, origin_a) -> Path:
+    """The label file of the kept and repaired `vesicles` (labels 1..n, `render_labels`), rendered and written by
+    z-slabs (`label_slabs`): the volume never exists whole."""
+    n_labels = len(rendered_spheres(vesicles)[2])
+    return write_label_sections(path, shape, n_labels, label_slabs(shape, vesicles), voxel_size_a, origin_a)
 
 
 def number_vesicles(vesicles: pa.Table) -> pa.Table:
