@@ -362,20 +362,13 @@ def probability_map(prepared: Prepared, network_seconds: float, batches: Iterabl
 
 def predict(prepared: Prepared, logit_fn: LogitFn, params: SegmentParams,
             progress: Progress | None = None) -> ProbabilityMap:
-    """The probability map of a prepared tomogram, batch after batch in this process, while the steps after the network
-    load beside it (`load_in_background`, joined before returning). The loading starts once the network input is made:
-    its kernels would otherwise run beside the loading's (Numba's workqueue threading layer, where OpenMP is missing,
-    aborts on parallel kernels run from two threads at once)."""
+    """The probability map of a prepared tomogram, batch after batch in this process."""
     if progress is not None:
         progress("network")
     network = network_input(prepared, params)
-    loads = load_in_background()
     starts = batch_starts(tile_plan(prepared, params.inference))
     batches = (predict_tiles(network.volume, first, logit_fn, params.inference) for first in starts)
-    try:
-        return probability_map(prepared, network.seconds, batches, params)
-    finally:
-        loads.join()
+    return probability_map(prepared, network.seconds, batches, params)
 
 
 # ----------------------------------------------------------------------------------------------- finish
@@ -462,9 +455,10 @@ def segment_job(prepared: Prepared, logit_fn: LogitFn, settings: Settings, out_d
                 progress: Progress | None = None) -> Finished:
     """`predict` then `finish` in this process: what `cryoves segment` does per tomogram. The kernels of
     finish compile (first run after an install), or load from Numba's cache, while the network runs."""
-    warmup = start_kernel_warmup()
+    warmup, loads = start_kernel_warmup(), load_in_background()
     probability = predict(prepared, logit_fn, settings.params, progress)
     warmup.join()
+    loads.join()
     return finish(prepared, probability, settings, out_dir, progress=progress)
 
 
