@@ -216,7 +216,7 @@ def _stage_bar(name: str, stages):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from cryoves.engine.warmup import start_kernel_warmup
+    from cryoves.engine.warmup import import_in_background, start_kernel_warmup
 
     start_kernel_warmup()  # on a first run, compiles beside the imports, TensorFlow's start and the network
 
@@ -231,6 +231,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     logit_fn = load_logit_fn(args.weights, args.device, settings.params.inference.precision)
+    import_in_background()
     for item in todo:
         bar, progress = _stage_bar(item.name, STEPS[1:])
         with bar:

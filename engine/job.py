@@ -57,7 +57,7 @@ from cryoves.engine.pipeline import STAGES, Progress, SegmentParams, oriented, p
 from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
 from cryoves.engine.stages.overlaps import rendered_spheres
 from cryoves.engine.stages.refine import Refiner
-from cryoves.engine.warmup import load_in_background, start_kernel_warmup
+from cryoves.engine.warmup import start_kernel_warmup
 
 log = logging.getLogger(__name__)
 
@@ -454,11 +454,10 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
 def segment_job(prepared: Prepared, logit_fn: LogitFn, settings: Settings, out_dir,
                 progress: Progress | None = None) -> Finished:
     """`predict` then `finish` in this process: what `cryoves segment` does per tomogram. The kernels of
-    finish compile (first run after an install), or load from Numba's cache, while the network runs."""
-    warmup, loads = start_kernel_warmup(), load_in_background()
+    finish compile (first run after an install) while the network runs."""
+    warmup = start_kernel_warmup()
     probability = predict(prepared, logit_fn, settings.params, progress)
     warmup.join()
-    loads.join()
     return finish(prepared, probability, settings, out_dir, progress=progress)
 
 

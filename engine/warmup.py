@@ -7,7 +7,6 @@ kernels (`PARTS`), so that they compile on two cores."""
 import functools
 import hashlib
 import importlib
-import logging
 import platform
 import subprocess
 import sys
@@ -24,29 +23,15 @@ _CENTRES = ((20.0, 16.0, 16.0), (20.0, 44.0, 20.0),
             (20.0, 44.0, 50.0), (20.0, 53.0, 59.0))   # one that only the neck cut splits: P = 1 through it
 _RADIUS_VOX = 8.0  # 17.6 nm at 22 Å: every vesicle passes every stage
 _WAIT_S = 600.0
-log = logging.getLogger(__name__)
 FINISH_IMPORTS = ("scipy.stats", "imodmodel.models")
 """Modules the steps after the network import where they first need them (together about 1 s)."""
 
 
-@functools.cache
-def load_in_background() -> threading.Thread:
-    """Import `FINISH_IMPORTS` and, where the install's warm-up left the kernels in Numba's cache, load them
-    (`warm_kernels` on small vesicles: about 1 s of one core) on a thread while this process runs the network, which
-    releases the GIL and leaves a sixth of the cores idle, so that the steps after it wait for neither; once per
-    process. Join it before those steps; if it fails, they load what they need themselves."""
-    cached = all(marker is not None and marker.exists() for marker in map(warm_marker, PARTS))
-
-    def load() -> None:
-        try:
-            for name in FINISH_IMPORTS:
-                importlib.import_module(name)
-            if cached:
-                warm_kernels()
-        except Exception as error:  # noqa: BLE001 - an optimisation only
-            log.debug("loading the finishing steps in the background failed: %s", error)
-
-    thread = threading.Thread(target=load, daemon=True, name="cryoves-loads")
+def import_in_background(modules=FINISH_IMPORTS) -> threading.Thread:
+    """Import `modules` on a daemon thread while this process runs the network, which releases the GIL, so that
+    the steps after it do not wait for the imports."""
+    thread = threading.Thread(target=lambda: [importlib.import_module(name) for name in modules], daemon=True,
+                              name="cryoves-imports")
     thread.start()
     return thread
 

@@ -254,7 +254,7 @@ def test_an_interrupted_write_leaves_a_record_that_is_redone(folder, tmp_path, p
 
 def test_the_finishing_imports_wait_for_their_first_use_or_the_network():
     """scipy.stats and imodmodel (pandas) take about 1 s to import: not on the way to the network, then on a
-    thread beside it (`load_in_background`), and the steps after it still work without that thread."""
+    thread beside it (`import_in_background`), and the steps after it still work without that thread."""
     import subprocess
     import sys
 
@@ -263,7 +263,7 @@ def test_the_finishing_imports_wait_for_their_first_use_or_the_network():
     heavy = (*FINISH_IMPORTS, "pandas")
     code = ("import sys; import cryoves.engine.job, cryoves.engine.network.model, cryoves.cluster.cli; "
             f"heavy = {heavy!r}; print(sorted(m for m in heavy if m in sys.modules)); "
-            "from cryoves.engine.warmup import load_in_background; load_in_background().join(); "
+            "from cryoves.engine.warmup import import_in_background; import_in_background().join(); "
             "print(sorted(m for m in heavy if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     before, after = done.stdout.strip().splitlines()
