@@ -144,7 +144,8 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     with _timed("label", seconds, progress):
         global_labels = label_segments(probability, threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
-        local_labels = localize(probability, global_labels, threshold, search_voxel_size_a, params.localize)
+        local_labels = localize(probability, global_labels, threshold, search_voxel_size_a, params.localize,
+                                overwrite=not keep_stages)
     stages = {"global": nearest_to_shape(global_labels, tomogram.shape)} if keep_stages else {}
     del global_labels
     with _timed("refine", seconds, progress):

@@ -132,17 +132,19 @@ def present_labels(labels: np.ndarray) -> LabelStats:
     return LabelStats(ids, volume, lo[ids], hi[ids], sums[ids] / volume[:, None])
 
 
-def relabel(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """``lut[labels]`` (dtype of `lut`), parallel over z; labels outside the table raise ValueError."""
+def relabel(labels: np.ndarray, lut: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+    """``lut[labels]`` (dtype of `lut`), parallel over z; labels outside the table raise ValueError. With `overwrite`,
+    written into `labels` itself where it has the table's dtype (each voxel is read before it is written)."""
     labels = check_labels(labels)
     lut = np.ascontiguousarray(lut)
     if lut.ndim != 1 or lut.size == 0:
         raise ValueError(f"lut must be a non-empty 1-D table, got shape {lut.shape}")
     if labels.size and labels.max() >= lut.size:
         raise ValueError(f"a label ({labels.max()}) has no entry in the table of {lut.size}")
-    out = np.empty(labels.shape, lut.dtype)
+    in_place = overwrite and labels.dtype == lut.dtype and labels.flags.writeable
+    out = labels if in_place else np.empty(labels.shape, lut.dtype)
     with threads_for(labels.size):
-        _relabel(readonly(labels), readonly(lut), out)
+        _relabel(labels if in_place else readonly(labels), readonly(lut), out)
     return out
 
 

@@ -210,6 +210,24 @@ def test_fresh_ids_beyond_the_labels_type_widen_the_working_labels():
     npt.assert_array_equal(found, expected)
 
 
+@pytest.mark.parametrize("widen", [False, True])
+def test_overwrite_gives_the_same_labels_in_the_caller_s_array(widen):
+    """With `overwrite` localize works in the labels it is given (split, grown, discarded, renumbered) and returns
+    that array, unless fresh ids outgrow its type; without, the caller's labels are left as they were."""
+    pairs = [(20, 12, 12), (20, 21, 21), (20, 60, 60), (20, 69, 69)]
+    p = union_probability(pairs + SINGLES)
+    labels = label_segments(p, T_STAR)
+    if widen:
+        labels = np.where(labels > 0, labels + (np.iinfo(np.uint16).max - labels.max()), 0).astype(np.uint16)
+    kept = labels.copy()
+    expected = localize(p, labels, T_STAR, VOXEL_SIZE_A, LocalizeParams())
+    npt.assert_array_equal(labels, kept)
+    found = localize(p, labels, T_STAR, VOXEL_SIZE_A, LocalizeParams(), overwrite=True)
+    assert found.max() == 7
+    npt.assert_array_equal(found, expected)
+    assert (found is labels) is not widen  # ids past 65,535 move the work to a uint32 copy
+
+
 def test_regrown_pieces_keep_every_voxel_of_the_merged_segment():
     pair = [(20, 40, 40), (20, 49, 49)]
     labels, local = run(union_probability(pair + SINGLES))

@@ -47,6 +47,19 @@ def test_relabel_equals_the_gather(labels, rng, lut_dtype):
     npt.assert_array_equal(out, relabel_reference(labels, lut))
 
 
+def test_relabel_overwrites_labels_of_the_table_s_dtype_only(labels, rng):
+    lut = rng.integers(0, 1000, size=int(labels.max()) + 1).astype(np.uint16)
+    expected = relabel_reference(labels, lut)
+    mine = labels.astype(np.uint16)
+    assert relabel(mine, lut, overwrite=True) is mine
+    npt.assert_array_equal(mine, expected)
+    wide, before = labels.astype(np.uint32), labels.astype(np.uint32)
+    out = relabel(wide, lut, overwrite=True)  # another dtype: a new array, the labels left as they were
+    assert out is not wide and out.dtype == np.uint16
+    npt.assert_array_equal(out, expected)
+    npt.assert_array_equal(wide, before)
+
+
 def test_relabel_refuses_labels_outside_the_table(labels):
     with pytest.raises(ValueError, match="no entry"):
         relabel(labels, np.arange(int(labels.max()), dtype=np.uint32))
