@@ -204,7 +204,7 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     """
     messages = []
     v_min = 4 / 3 * np.pi * float(nm_to_vox(min_radius_nm, voxel_size_a)) ** 3
-    n_above = int(np.count_nonzero(probability > 0.5))
+    n_above = sum(int(np.count_nonzero(slab > 0.5)) for slab in z_slabs(probability))  # no whole-map mask
     if n_above < v_min:
         messages.append(f"the probability map holds almost no vesicle ({n_above} voxels above 0.5, less than one "
                         f"{min_radius_nm:g} nm vesicle): {CHECK}")
