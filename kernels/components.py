@@ -168,7 +168,7 @@ def component_counts(values, thresholds, min_size: float = 0.0) -> np.ndarray:
     if thresholds.size == 0:
         return np.zeros(0, np.int64)
     descending = np.argsort(-thresholds, kind="stable")
-    _, order, levels, size_padded, neighbours = _from_the_top(values, thresholds.min())
+    order, levels, size_padded, neighbours = _by_threshold(values, thresholds[descending])
     index = np.int32 if size_padded < np.iinfo(np.int32).max else np.int64  # int32: half the union-find's memory
     counts = _counts(order, levels, np.full(size_padded, -1, index), np.zeros(size_padded, index), neighbours,
                      readonly(thresholds[descending]), float(min_size))
@@ -215,24 +215,42 @@ def _from_the_top(values, floor: float):
     highest first (ties: the lower index first): their flat indices; the same in the volume padded by one voxel on
     every face, where a voxel's 26 neighbours lie at fixed offsets and the padding never enters the forest (no
     bounds to check); their values (float64); the padded size; the neighbours' offsets (z, y, x ascending)."""
-    nz, ny, nx = values.shape
     flat = values.reshape(-1)
     candidates = np.flatnonzero(flat > np.float64(floor))  # no copy
     order = candidates[np.argsort(-flat[candidates], kind="stable")]
+    return order, *_padded(values.shape, order, flat[order].astype(np.float64))
+
+
+def _by_threshold(values, descending):
+    """`_from_the_top`'s hand-off (less the flat indices) for `component_counts` at the thresholds `descending`: the
+    voxels grouped by the first threshold they exceed, in that order, each group in index order (the counts at the
+    thresholds do not depend on the order within a group): no sort of the values (a fifth of the split's time)."""
+    flat = values.reshape(-1)
+    candidates = np.flatnonzero(flat > descending[-1])
+    levels = flat[candidates].astype(np.float64)
+    group = np.searchsorted(-descending, -levels, side="right")  # how many thresholds are >= the value
+    order = np.argsort(group.astype(np.uint16 if descending.size < 1 << 16 else np.int64), kind="stable")
+    return _padded(values.shape, candidates[order], levels[order])
+
+
+def _padded(shape, order, levels):
+    """(indices `order` in the volume of `shape` padded by one voxel on every face, `levels`, the padded size, the
+    26 neighbours' offsets in it)."""
+    nz, ny, nx = shape
     z, rest = np.divmod(order, ny * nx)
     y, x = np.divmod(rest, nx)
     plane, row = (ny + 2) * (nx + 2), nx + 2
     step = np.array([-1, 0, 1])
     neighbours = (step[:, None, None] * plane + step[None, :, None] * row + step[None, None, :]).ravel()
     padded = (z + 1) * plane + (y + 1) * row + (x + 1)
-    return (order, readonly(padded), readonly(flat[order].astype(np.float64)), (nz + 2) * plane,
-            readonly(neighbours[neighbours != 0]))
+    return readonly(padded), readonly(levels), (nz + 2) * plane, readonly(neighbours[neighbours != 0])
 
 
 @numba.njit(cache=True)
 def _counts(order, levels, parent, size, neighbours, thresholds_descending, min_size):
-    """`component_counts` of the voxels `order` (padded indices, `_from_the_top`) at `levels`, highest first; `parent`
-    (all -1: not yet above the level) and `size` (zeros) span the padded volume."""
+    """`component_counts` of the voxels `order` (padded indices, `_by_threshold`) at `levels`, grouped by the first
+    threshold they exceed, highest first; `parent` (all -1: not yet above the level) and `size` (zeros) span the
+    padded volume."""
     counts = np.zeros(thresholds_descending.size, np.int64)
     large = 0
     k = 0
