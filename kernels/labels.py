@@ -143,8 +143,8 @@ def relabel(labels: np.ndarray, lut: np.ndarray, *, overwrite: bool = False) -> 
         raise ValueError(f"a label ({labels.max()}) has no entry in the table of {lut.size}")
     in_place = overwrite and labels.dtype == lut.dtype and labels.flags.writeable
     out = labels if in_place else np.empty(labels.shape, lut.dtype)
-    with threads_for(labels.size):
-        _relabel(labels if in_place else readonly(labels), readonly(lut), out)
+    with threads_for(labels.size):  # in place, `out` is `labels` itself: one compiled signature for both
+        _relabel(readonly(labels), readonly(lut), out)
     return out
 
 
