@@ -23,8 +23,8 @@ _CENTRES = ((20.0, 16.0, 16.0), (20.0, 44.0, 20.0),
             (20.0, 44.0, 50.0), (20.0, 53.0, 59.0))   # one that only the neck cut splits: P = 1 through it
 _RADIUS_VOX = 8.0  # 17.6 nm at 22 Å: every vesicle passes every stage
 _WAIT_S = 600.0
-FINISH_IMPORTS = ("scipy.stats", "imodmodel.models")
-"""Modules the steps after the network import where they first need them (together about 1 s)."""
+FINISH_IMPORTS = ("imodmodel.models",)
+"""Modules the steps after the network import where they first need them (imodmodel imports pandas: 0.5 s)."""
 
 
 def import_in_background(modules=FINISH_IMPORTS) -> threading.Thread:

@@ -253,8 +253,8 @@ def test_an_interrupted_write_leaves_a_record_that_is_redone(folder, tmp_path, p
 
 
 def test_the_finishing_imports_wait_for_their_first_use_or_the_network():
-    """scipy.stats and imodmodel (pandas) take about 1 s to import: not on the way to the network, then on a
-    thread beside it (`import_in_background`), and the steps after it still work without that thread."""
+    """imodmodel (pandas) takes about 0.5 s to import: not on the way to the network, then on a thread beside it
+    (`import_in_background`), and the steps after it still work without that thread."""
     import subprocess
     import sys
 

@@ -5,7 +5,14 @@ import numpy.testing as npt
 import pytest
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.stages.refine import RefineParams, estimate_radius, refine_spheres, segment_spheres
+from cryoves.engine.stages.refine import (
+    RefineParams,
+    average_ranks,
+    estimate_radius,
+    profile_correlation,
+    refine_spheres,
+    segment_spheres,
+)
 
 VOXEL_A = 12.0
 
@@ -192,3 +199,19 @@ def test_boxes_read_again_past_the_kept_bytes_give_the_same_table(scene, kept_by
     whole = refine_spheres(scene, labels, VOXEL_A).to_pydict()
     monkeypatch.setattr(refine, "_KEPT_BOX_BYTES", kept_bytes)
     npt.assert_equal(refine_spheres(scene, labels, VOXEL_A).to_pydict(), whole)  # NaN == NaN
+
+
+def test_ranks_and_correlation_match_scipy_stats():
+    from scipy.stats import rankdata, spearmanr
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(300, 100)).round(1)  # many ties; more rows than one ranked part
+    npt.assert_array_equal(average_ranks(rows), rankdata(rows, axis=1))
+    npt.assert_array_equal(average_ranks([2.0, 1.0, 2.0, 2.0]), [3.0, 1.0, 3.0, 3.0])
+    mean = rows.mean(axis=0)
+    expected = [spearmanr(row, mean).statistic for row in rows]
+    rows[7, 3] = np.nan
+    correlation = profile_correlation(rows, mean)
+    expected[7] = np.nan
+    npt.assert_allclose(correlation, expected, rtol=1e-12)
+    assert np.isnan(profile_correlation(rows[:2], np.full(100, np.nan))).all()
