@@ -414,9 +414,9 @@ def xcorr_shift(boxes, models, *, subvoxel=True):
     centre is ``c + d``. (The reference returns ``s = -d`` and updates ``C <- C - s``.) The integer
     argmax of the FFT cross-correlation (NaN and means handled by `_centred`) is refined to sub-voxel
     by a parabola through the peak and its two neighbours on each axis when ``subvoxel``.
-    All vesicles of the batch share one box size, so the FFT runs once over the stack. The boxes are not
-    padded to a fast FFT length (edges 2R + 1 are often prime, 3x the time per voxel): the zeros made the
-    correlation partly linear, and one vesicle of the crowded development phantoms was lost.
+    All vesicles of the batch share one box size, so the FFT runs once over the stack. Boxes are never padded
+    with zeros to a fast FFT length (the zeros made the correlation partly linear, and one vesicle of the crowded
+    development phantoms was lost); refine reads real data at such a length instead (`correlation_radius`).
     """
     a, b = _check_pair(boxes, models)
     axes = (1, 2, 3)

@@ -13,6 +13,9 @@ Differences from the reference, each behind :class:`RefineParams` where it matte
   climbed ``edge_level`` (0.4) of the way from the membrane minimum to the outer (Fresnel)
   maximum. The reference's radii come out 1-3 nm inside the outer edge that annotators draw;
 - the loop stops when the total shift exceeds half the diagonal of the initial box (paper);
+- the cross-correlation reads the box of the next edge >= 2R + 1 without a prime factor above 13
+  (`correlation_radius`: 31 -> 33, 41 -> 45; prime edges cost pocketfft 2-4x per voxel), the model
+  zero past the profile; the profile itself comes from the box of half-edge R;
 - features come from the final box (final centre *and* final radius), and the membrane density is
   the mean profile over ``[d_m - t_m/2, d_m + t_m/2]`` (paper), not the single minimum (code).
 """
@@ -173,12 +176,38 @@ def _profile_bins(box_radius, params) -> int:
     return int(n_window_bins(np.max(box_radius) + 1, params.bin_width_vox)) if len(box_radius) else 1
 
 
+_FFT_PRIMES = (2, 3, 5, 7, 11, 13)
+"""Prime factors that pocketfft transforms at full speed: an edge with a larger one (29, 31, 37, 41, 43, 47 ...) costs
+2-4 times as much per voxel (Bluestein)."""
+
+
+def correlation_radius(box_radius: int) -> int:
+    """The half-edge of the box the cross-correlation reads for a vesicle whose profile box has `box_radius`: the
+    smallest R >= it whose edge 2R + 1 has only prime factors in `_FFT_PRIMES` (31 -> 33, 41 -> 45)."""
+    edge = 2 * int(box_radius) + 1
+    while True:
+        rest = edge
+        for prime in _FFT_PRIMES:
+            while rest % prime == 0:
+                rest //= prime
+        if rest == 1:
+            return (edge - 1) // 2
+        edge += 2
+
+
+def _central(boxes: np.ndarray, r: int) -> np.ndarray:
+    """The central boxes of half-edge `r` of a stack of larger ones (a view)."""
+    d = (boxes.shape[1] - 1) // 2 - r
+    return boxes[:, d:boxes.shape[1] - d, d:boxes.shape[2] - d, d:boxes.shape[3] - d]
+
+
 class _Boxes:
-    """Each vesicle's box of raw data (`extract_boxes`) at its centre and box radius, kept until a new one replaces it
-    (at most `_KEPT_BOX_BYTES` of them), and the radial profile taken from it (`box_profiles`, the tomogram's own
-    profile bit for bit). A cycle's profile and correlation read the same box, and a box depends only on the voxel
-    nearest the centre (its anchor) and the box radius: the profile after a sub-voxel move, the next cycle's and the
-    final one are taken from the kept box unless it moved to another voxel, grew or shrank (half the reads of the
+    """Each vesicle's box of raw data (`extract_boxes`) at its centre, of the correlation's half-edge
+    (`correlation_radius` of its box radius), kept until a new one replaces it (at most `_KEPT_BOX_BYTES` of them),
+    and the radial profile taken from its central box of the box radius (`box_profiles`, the tomogram's own profile
+    bit for bit). A cycle's profile and correlation read the same box, and a box depends only on the voxel nearest
+    the centre (its anchor) and the box radius: the profile after a sub-voxel move, the next cycle's and the final
+    one are taken from the kept box unless it moved to another voxel, grew or shrank (half the reads of the
     1024x1024x261 tomogram). Row i depends on vesicle i alone, so a kept row is the row a new read would give."""
 
     def __init__(self, tomogram, n: int, params: RefineParams) -> None:
@@ -197,20 +226,23 @@ class _Boxes:
         kept = stale[same]
         for r in np.unique(box[kept]):
             part = kept[box[kept] == r]
-            self._profile(part, centers, box, np.stack([self._boxes[i] for i in part]))
+            self._profile(part, centers, box, _central(np.stack([self._boxes[i] for i in part]), int(r)))
         moved = stale[~same]
-        for rows, boxes in boxes_by_radius(self._tomogram, centers[moved], box[moved]):
-            part = moved[rows]
-            self._profile(part, centers, box, boxes)
-            self._drop(part)
-            for i, one in zip(part, boxes):
-                if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
-                    self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
+        for r in np.unique(box[moved]):
+            group = moved[box[moved] == r]
+            read_r = correlation_radius(r) if keep else int(r)
+            for rows, boxes in boxes_by_radius(self._tomogram, centers[group], np.full(group.size, read_r)):
+                part = group[rows]
+                self._profile(part, centers, box, _central(boxes, int(r)))
+                self._drop(part)
+                for i, one in zip(part, boxes):
+                    if keep and self._kept_bytes + one.nbytes <= _KEPT_BOX_BYTES:
+                        self._boxes[i], self._kept_bytes = one, self._kept_bytes + one.nbytes
         self._centers[stale], self._box[stale] = centers[stale], box[stale]
         return self._rows[idx, :_profile_bins(box[idx], self._params)]
 
     def _profile(self, part, centers, box, boxes) -> None:
-        """Store the profiles of vesicles `part` (one box radius) from their `boxes`."""
+        """Store the profiles of vesicles `part` (one box radius) from their `boxes` of that radius."""
         fresh = box_profiles(boxes, box_offsets(centers[part]), _profile_bins(box[part], self._params),
                              bin_width_vox=self._params.bin_width_vox)
         width = max(self._rows.shape[1], fresh.shape[1])  # bins past a box's reach are NaN
@@ -220,9 +252,11 @@ class _Boxes:
         self._rows[part, :fresh.shape[1]] = fresh
 
     def boxes(self, centers, r: int, idx) -> np.ndarray:
-        """The boxes of radius `r` of vesicles `idx` at `centers`, stacked: kept ones, the others read again."""
+        """The correlation boxes (half-edge `correlation_radius(r)`) of vesicles `idx` at `centers`, stacked: kept
+        ones, the others read again."""
         missing = [i for i in idx if self._boxes[i] is None]
-        read = dict(zip(missing, extract_boxes(self._tomogram, centers[missing], r))) if missing else {}
+        read = dict(zip(missing, extract_boxes(self._tomogram, centers[missing], correlation_radius(r)))) \
+            if missing else {}
         return np.stack([read[i] if self._boxes[i] is None else self._boxes[i] for i in idx])
 
     def _drop(self, idx) -> None:
@@ -234,15 +268,17 @@ class _Boxes:
 
 
 def _shifts(boxes: _Boxes, centers, profiles, box_radius, idx, params):
-    """Cross-correlation displacement of vesicles `idx` (their kept boxes), FFTs batched by box size."""
+    """Cross-correlation displacement of vesicles `idx` (their kept boxes), FFTs batched by box size: each box of
+    its `correlation_radius`, the model back-projected from the profile over the same box (zero past the profile)."""
     shifts = np.zeros((len(idx), 3))
     offsets = box_offsets(centers[idx])
     for r in np.unique(box_radius):
         rows = np.flatnonzero(box_radius == r)
-        step = max(1, fft_batch_voxels() // (2 * int(r) + 1) ** 3)
+        xr = correlation_radius(r)
+        step = max(1, fft_batch_voxels() // (2 * xr + 1) ** 3)
         for start in range(0, rows.size, step):
             part = rows[start:start + step]
-            models = back_project(profiles[part], int(r), offsets[part], bin_width_vox=params.bin_width_vox)
+            models = back_project(profiles[part], xr, offsets[part], bin_width_vox=params.bin_width_vox)
             shifts[part] = xcorr_shift(boxes.boxes(centers, int(r), idx[part]), models, subvoxel=params.subvoxel)
     return shifts
 

@@ -8,6 +8,7 @@ from cryoves.engine.errors import CryovesError
 from cryoves.engine.stages.refine import (
     RefineParams,
     average_ranks,
+    correlation_radius,
     estimate_radius,
     profile_correlation,
     refine_spheres,
@@ -215,3 +216,20 @@ def test_ranks_and_correlation_match_scipy_stats():
     expected[7] = np.nan
     npt.assert_allclose(correlation, expected, rtol=1e-12)
     assert np.isnan(profile_correlation(rows[:2], np.full(100, np.nan))).all()
+
+
+def test_correlation_boxes_have_the_next_edge_pocketfft_transforms_fast():
+    def largest_prime_factor(n):
+        factor, largest = 2, 1
+        while n > 1:
+            while n % factor == 0:
+                n, largest = n // factor, factor
+            factor += 1
+        return largest
+
+    edges = {2 * r + 1: 2 * correlation_radius(r) + 1 for r in range(1, 40)}
+    assert [edges[e] for e in (3, 25, 29, 31, 33, 37, 41, 43, 47, 53, 59, 61)] == \
+        [3, 25, 33, 33, 33, 39, 45, 45, 49, 55, 63, 63]
+    for edge, fast in edges.items():
+        assert largest_prime_factor(fast) <= 13
+        assert all(largest_prime_factor(e) > 13 for e in range(edge, fast, 2))
