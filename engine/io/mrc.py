@@ -63,10 +63,12 @@ def inspect_volume(path, voxel_size_a: float | None = None) -> dict:
             "voxel_size_a": header_voxel_a,
             "origin_a": origin_a,
         }
+        n_nonfinite = 0
         if data.ndim == 3 and data.dtype.kind in "iuf":
-            lo, hi = _value_range(data)
+            lo, hi, n_nonfinite = _value_range(data)
             facts["value_range"] = (lo, hi)
-        volume = read_volume(path, voxel_size_a)
+        volume = read_volume(path, voxel_size_a, scan=False)  # every voxel was read for the range: not twice
+        _refuse_nonfinite(path, n_nonfinite)
         facts["voxel_size_a"] = volume.voxel_size_a
         facts["verdict"] = "ok"
     except CryovesError as error:
@@ -244,9 +246,12 @@ def _check_data(path: Path, data: np.ndarray, scan: bool = True) -> None:
             f"{path}: unsupported data type {data.dtype}; convert to float32 or int16 (e.g. IMOD `newstack -mode 2`)"
         )
     if scan and data.dtype.kind == "f":
-        n_bad = _count_nonfinite(data)
-        if n_bad:
-            raise CryovesError(f"{path}: {n_bad} voxels are NaN or Inf; fix or mask them before segmenting")
+        _refuse_nonfinite(path, _count_nonfinite(data))
+
+
+def _refuse_nonfinite(path: Path, n_nonfinite: int) -> None:
+    if n_nonfinite:
+        raise CryovesError(f"{path}: {n_nonfinite} voxels are NaN or Inf; fix or mask them before segmenting")
 
 
 def _count_nonfinite(data: np.ndarray) -> int:
@@ -259,13 +264,13 @@ def _count_nonfinite(data: np.ndarray) -> int:
     return count
 
 
-def _value_range(data: np.ndarray) -> tuple[float, float]:
-    """The finite voxels' minimum and maximum (NaN when there are none), by z-slabs of statistics (`section_stats`),
-    a mapped file's pages released after each: no copy of the values (it held every finite voxel: 1.1 GB at
-    1024x1024x261)."""
+def _value_range(data: np.ndarray) -> tuple[float, float, int]:
+    """The finite voxels' minimum and maximum (NaN when there are none) and how many voxels are not finite, by
+    z-slabs of statistics (`section_stats`), a mapped file's pages released after each: no copy of the values (it
+    held every finite voxel: 1.1 GB at 1024x1024x261)."""
     parts = []
     for slab in z_slabs(data, _NONFINITE_SLAB_VOXELS):
         parts.append(section_stats(slab))
         release_pages(data)
     stats = combine_sections(parts)
-    return stats.min, stats.max
+    return stats.min, stats.max, data.size - sum(int(part.count.sum()) for part in parts)

@@ -148,7 +148,8 @@ def test_inspect_reports_facts_and_verdict(write_mrc):
 
 
 def test_inspect_value_range_skips_non_finite_voxels_across_slabs(write_mrc, monkeypatch):
-    """The range is the finite voxels', combined over the z-slabs `info` reads in turn (here of one section)."""
+    """The range is the finite voxels', combined over the z-slabs `info` reads in turn (here of one section), and the
+    same pass counts the others for the verdict."""
     import cryoves.engine.io.mrc as mrc
 
     monkeypatch.setattr(mrc, "_NONFINITE_SLAB_VOXELS", 12)
@@ -157,9 +158,10 @@ def test_inspect_value_range_skips_non_finite_voxels_across_slabs(write_mrc, mon
     with pytest.warns(RuntimeWarning, match="NaN"):  # mrcfile's header statistics, when the test writes them
         path, empty = write_mrc(data, (10.0, 10.0, 10.0)), write_mrc(np.full((2, 3, 4), np.nan, np.float32),
                                                                      (10.0, 10.0, 10.0), name="nan.mrc")
+    monkeypatch.setattr(mrc, "_count_nonfinite", None)  # `info` reads the voxels once, for the range and the count
     facts = inspect_volume(path)
     assert facts["value_range"] == (-9.0, 24.0)
-    assert facts["verdict"].startswith("refused:") and "NaN or Inf" in facts["verdict"]
+    assert facts["verdict"].startswith("refused:") and "3 voxels are NaN or Inf" in facts["verdict"]
     nothing = inspect_volume(empty)
     assert all(np.isnan(nothing["value_range"]))
 
