@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 
 from cryoves.engine.errors import CryovesError
+from cryoves.engine.io.checksum import file_sha256
 from cryoves.engine.io.imod import rasterise_region
-from cryoves.engine.io.mrc import Volume, read_volume
+from cryoves.engine.io.mrc import Volume, read_volume, read_volume_sha256
 from cryoves.engine.io.outputs import (
     begin_outputs,
     check_out_dir,
     companion_file,
-    file_sha256,
     output_files,
     package_versions,
     params_digest,
@@ -195,7 +195,7 @@ def prepare(job: Job, settings: Settings, out_dir) -> Prepared:
     whether the outputs in `out_dir` are already that result (never with `settings.force`); if not,
     check that the network step fits in memory and that `out_dir` can be written, before any work."""
     start = time.perf_counter()
-    volume = read_volume(job.path, settings.voxel_size_a)
+    volume, input_sha256 = read_volume_sha256(job.path, settings.voxel_size_a)
     for what, path in (("region", job.region), ("ground truth", job.truth)):
         if path is not None and not Path(path).is_file():
             raise CryovesError(f"{path}: {what} file not found")
@@ -206,7 +206,7 @@ def prepare(job: Job, settings: Settings, out_dir) -> Prepared:
         raise CryovesError(f"{outputs.active_zone}: active-zone model not found")
     identity = Identity(
         input=str(job.path.resolve()),
-        input_sha256=file_sha256(job.path),
+        input_sha256=input_sha256,
         region=str(job.region.resolve()) if job.region else "",
         region_sha256=file_sha256(job.region) if job.region else "",
         voxel_size_a=volume.voxel_size_a,

@@ -14,6 +14,7 @@ import numpy as np
 
 from cryoves.engine.errors import CryovesError
 from cryoves.engine.io.atomic import atomic_output
+from cryoves.engine.io.checksum import file_sha256
 from cryoves.engine.io.pages import release_pages
 from cryoves.engine.network.rescale import z_slabs
 from cryoves.kernels.stats import VolumeStats, combine_sections, section_stats, volume_stats
@@ -49,6 +50,32 @@ def read_volume(path, voxel_size_a: float | None = None, *, mmap: bool = True, s
     else:
         voxel = check_voxel_size_option(voxel_size_a)
     return Volume(data=data, voxel_size_a=voxel, origin_a=origin_a)
+
+
+def read_volume_sha256(path, voxel_size_a: float | None = None) -> tuple[Volume, str]:
+    """`read_volume` and the file's SHA-256 in one pass over the file: the check of every voxel (NaN or Inf) counts
+    the chunks that the checksum reads (a tomogram is read once, not twice: 0.1-0.3 s less for 1.1 GB from the page
+    cache here, a whole read less from a network filesystem)."""
+    volume = read_volume(path, voxel_size_a, scan=False)
+    data = volume.data
+    if data.dtype.kind != "f":
+        return volume, file_sha256(path)
+    start = getattr(data, "offset", None)
+    if start is None or start % data.dtype.itemsize:  # an extended header of odd length: chunks would split voxels
+        sha256 = file_sha256(path)
+        _refuse_nonfinite(Path(path), _count_nonfinite(data))
+        return volume, sha256
+    stop, n_finite = start + data.nbytes, 0
+
+    def count(offset: int, chunk: memoryview) -> None:
+        nonlocal n_finite
+        lo, hi = max(offset, start), min(offset + len(chunk), stop)
+        if lo < hi:
+            n_finite += int(np.count_nonzero(np.isfinite(np.frombuffer(chunk[lo - offset:hi - offset], data.dtype))))
+
+    sha256 = file_sha256(path, count)
+    _refuse_nonfinite(Path(path), data.size - n_finite)
+    return volume, sha256
 
 
 def inspect_volume(path, voxel_size_a: float | None = None) -> dict:

@@ -38,7 +38,6 @@ from cryoves.engine.stages.overlaps import label_slabs, rendered_spheres
 STAGE_LABELS = ("global", "local", "sphere")
 """The label volumes of the earlier stages, written as NAME.STAGE.mrc when asked for."""
 _PACKAGES = ("cryoves", "numpy", "scipy", "numba", "tensorflow", "keras", "pyarrow", "mrcfile")
-_CHUNK_BYTES = 1 << 24
 
 
 def tomogram_name(path) -> str:
@@ -53,17 +52,6 @@ def companion_file(folder, name: str, suffixes) -> Path | None:
         if candidate.is_file():
             return candidate
     return None
-
-
-def file_sha256(path) -> str:
-    """SHA-256 of a file, read in chunks into one buffer (a new 16 MB object per chunk is fresh memory each time)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(_CHUNK_BYTES)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as handle:
-        while n := handle.readinto(buffer):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def params_digest(params, voxel_size_a: float, weights_sha256: str) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.outputs import file_sha256
+from cryoves.engine.io.checksum import file_sha256
 
 BUNDLED = "bundled"
 CACHE_ENV = "CRYOVES_CACHE_DIR"

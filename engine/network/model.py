@@ -502,7 +502,7 @@ def load_logit_fn(weights=None, device: str = "cpu", precision: str = "float32")
 
 def weights_sha256(weights=None) -> str:
     """Checksum of the weights that `load_model(weights)` reads, for run records and resume."""
-    from cryoves.engine.io.outputs import file_sha256
+    from cryoves.engine.io.checksum import file_sha256
 
     path = bundled_model_dir() if weights is None else Path(weights)
     if path.is_dir():

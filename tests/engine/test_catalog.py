@@ -12,7 +12,7 @@ import pytest
 
 from cryoves.cluster import cli
 from cryoves.engine.errors import CryovesError
-from cryoves.engine.io.outputs import file_sha256
+from cryoves.engine.io.checksum import file_sha256
 from cryoves.engine.network import catalog
 from cryoves.engine.network.model import bundled_model_dir
 

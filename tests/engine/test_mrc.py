@@ -316,3 +316,40 @@ def test_label_files_leave_background_blocks_as_holes(tmp_path, slab_sections):
     assert empty.stat().st_blocks * 512 <= 8192 and empty.stat().st_size == path.stat().st_size
     with mrcfile.open(empty) as mrc:
         assert not mrc.data.any()
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # mrcfile's header statistics of NaN and Inf
+@pytest.mark.parametrize("extended_bytes", [0, 12, 2])  # 2: float32 voxels would straddle the chunks
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int16])
+def test_one_pass_gives_the_file_checksum_and_counts_every_nonfinite_voxel(tmp_path, rng, monkeypatch, dtype,
+                                                                          extended_bytes):
+    """`read_volume_sha256` reads the file once: its SHA-256 is the whole file's, and the voxels that are not finite
+    are counted across chunk boundaries (chunks of 4 KB here) exactly as `read_volume`'s scan counts them."""
+    import hashlib
+
+    from cryoves.engine.io import checksum
+    from cryoves.engine.io.mrc import read_volume_sha256
+
+    monkeypatch.setattr(checksum, "CHUNK_BYTES", 4096)
+    data = rng.normal(size=(6, 20, 21)).astype(dtype)
+    path = tmp_path / "t.mrc"
+    with mrcfile.new(path) as mrc:
+        mrc.set_data(data)
+        mrc.set_extended_header(np.zeros(extended_bytes, dtype="V1"))
+        mrc.voxel_size = 10.0
+    volume, sha256 = read_volume_sha256(path)
+    assert sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    np.testing.assert_array_equal(volume.data, data)
+    if dtype == np.int16:
+        return
+    flat = data.reshape(-1)
+    start = 1024 + extended_bytes
+    boundary = (4096 - start) // data.itemsize  # the first voxel of the second chunk
+    for index, value in ((0, np.nan), (boundary - 1, np.inf), (boundary, -np.inf), (flat.size - 1, np.nan)):
+        flat[index] = value
+    with mrcfile.new(path, overwrite=True) as mrc:
+        mrc.set_data(data)
+        mrc.set_extended_header(np.zeros(extended_bytes, dtype="V1"))
+        mrc.voxel_size = 10.0
+    with pytest.raises(CryovesError, match="4 voxels are NaN or Inf"):
+        read_volume_sha256(path)
