@@ -91,7 +91,8 @@ the input grid is held whole). Its resident memory grew by 10.0 bytes per voxel 
 int16 files, where the two grids are one), 1.47 GB on 256x768x768 at 22 Å, 0.19 GB on 200x512x512 at 14.7 Å
 (float32 or int16), 0.87 GB on 1024x1024x261 at 14.69 Å (with the probability map's assembly), and by 0.13 GB on
 128x256x256 at 22 Å (the kernels and libraries it loads). Ray then runs no more post-processing tasks on a node
-than its memory holds."""
+than its memory holds. Since `finish` frees the map after the segments' search, 1024x1024x261 grows by 0.50 GB
+(the other sizes not measured again): these figures are an upper bound."""
 FINISH_BYTES_PER_COPIED_VOXEL = 4
 """The more per input voxel when post-processing works on a float32 copy of the tomogram (a 16-bit file, or
 --invert-contrast): 13.9 bytes per voxel measured at 22 Å with --invert-contrast, 0.41 GB at 14.7 Å."""

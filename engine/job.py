@@ -53,7 +53,7 @@ from cryoves.engine.network.inference import (
 )
 from cryoves.engine.network.model import model_inference_params
 from cryoves.engine.network.rescale import network_shape
-from cryoves.engine.pipeline import STAGES, Progress, SegmentParams, oriented, postprocess
+from cryoves.engine.pipeline import STAGES, Progress, SegmentParams, fit_spheres, oriented, search_segments
 from cryoves.engine.scoring.evaluate import TRUTH_SUFFIXES, write_metrics
 from cryoves.engine.stages.overlaps import rendered_spheres
 from cryoves.engine.stages.refine import Refiner
@@ -297,13 +297,21 @@ class TileBatch:
     seconds: float
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False)
 class ProbabilityMap:
     """The vesicle probability on the network grid (float32), and the seconds of the whole network step:
-    network input, tile batches and assembly."""
+    network input, tile batches and assembly. `finish` takes the map out (`take`), so that it is freed after its
+    last use."""
 
-    probability: np.ndarray
+    probability: np.ndarray | None
     seconds: float
+
+    def take(self) -> np.ndarray:
+        """The map, which this hand-off then no longer holds."""
+        probability, self.probability = self.probability, None
+        if probability is None:
+            raise RuntimeError("the probability map was taken before")
+        return probability
 
 
 def network_input(prepared: Prepared, params: SegmentParams) -> NetworkInput:
@@ -402,14 +410,19 @@ def finish(prepared: Prepared, probability: ProbabilityMap, settings: Settings, 
     """Post-process (inside the job's region, if any), write every output, score it against the
     job's ground truth, and write the run record last, so that its presence means all is written.
 
-    `refiner`: where sphere refinement runs (`refine.Refiner`; None: here).
+    `refiner`: where sphere refinement runs (`refine.Refiner`; None: here). The map leaves `probability` (`take`)
+    and is freed after the segments' search unless it is written: the spheres' refinement, the peak of `finish`,
+    runs without it.
     """
     job, params, outputs = prepared.job, settings.params, settings.outputs
     volume = prepared.volume
     tomogram = oriented(volume.data, params)
     mask = None if job.region is None else load_region(job.region, prepared.shape, volume.voxel_size_a)
-    result = postprocess(tomogram, probability.probability, volume.voxel_size_a, params, mask, progress,
-                         refiner=refiner, keep_stages=outputs.stages)
+    segments = search_segments(tomogram, probability.take(), volume.voxel_size_a, params, mask, progress,
+                               keep_stages=outputs.stages, keep_probability=outputs.probability)
+    result = fit_spheres(tomogram, segments, volume.voxel_size_a, params, progress, refiner=refiner,
+                         keep_stages=outputs.stages)
+    del segments  # the segments' labels
     if progress is not None:
         progress("write")
     start = time.perf_counter()

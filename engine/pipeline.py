@@ -58,7 +58,8 @@ class Segmentation:
     """The result for one tomogram, its label volumes on the input grid."""
 
     shape: tuple[int, int, int]      # the input grid's
-    probability: np.ndarray          # float32, on the grid of the segments' search: the network's or the input's
+    probability: np.ndarray | None   # float32, on the grid of the segments' search (the network's or the input's),
+                                     # when kept (`search_segments`)
     threshold: float                 # the global threshold t*
     labels: dict[str, np.ndarray]    # the earlier stages' labels: "global", "local", "sphere" (unless not kept)
     vesicles: pa.Table               # one row per fitted sphere; final label k = k-th kept/repaired row
@@ -112,8 +113,30 @@ def segment(tomogram: np.ndarray, voxel_size_a: float, logit_fn: LogitFn, params
 def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: float, params: SegmentParams,
                 region: np.ndarray | None = None, progress: Progress | None = None, *,
                 refiner: Refiner | None = None, keep_stages: bool = True) -> Segmentation:
-    """All stages after the network: the segments' search (threshold, labels, splitting) on the grid of
-    `probability`, the spheres and everything after on the raw tomogram intensities.
+    """All stages after the network: the segments' search on the grid of `probability` (`search_segments`), then the
+    spheres on the raw tomogram intensities (`fit_spheres`); the result keeps the map."""
+    segments = search_segments(tomogram, probability, voxel_size_a, params, region, progress, keep_stages=keep_stages)
+    return fit_spheres(tomogram, segments, voxel_size_a, params, progress, refiner=refiner, keep_stages=keep_stages)
+
+
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """The segments' search, on the grid of its probability map: what the spheres are fitted from."""
+
+    labels: np.ndarray               # `localize`'s, on the search grid
+    search: ThresholdResult          # the global threshold's
+    voxel_size_a: float              # the search grid's spacing, up to rounding
+    n_above_half: int                # voxels of the map above 0.5 (`quality_warnings`)
+    probability: np.ndarray | None   # the map searched, when kept
+    stages: dict[str, np.ndarray]    # "global": the global labels on the input grid, when kept
+    seconds: dict[str, float]        # wall time per stage
+
+
+def search_segments(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: float, params: SegmentParams,
+                    region: np.ndarray | None = None, progress: Progress | None = None, *, keep_stages: bool = True,
+                    keep_probability: bool = True) -> Segments:
+    """Threshold, label and split the segments of `probability`; nothing after this reads the map, which the result
+    keeps only with `keep_probability` (`finish` lets it go here unless it writes it: 326 MB at 1024x1024x261).
 
     `probability` lies on the network grid or on the tomogram's (the same field of view, centres aligned). The
     search runs on the coarser of the two: a map finer than the tomogram is resampled to it, and on a coarser
@@ -121,10 +144,8 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     same vesicles, the search 2-21 times faster at 7-15 Å). `tomogram` is already `oriented` (dark membranes).
     A tomogram mapped from its file (`read_volume`) is read by parts, its pages released after each (`release_pages`:
     the threshold's resample at the coarser map's shells, refinement in bands of vesicles, the polarity check).
-    `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8). `refiner`:
-    see `refine.Refiner`. Without `keep_stages` no earlier stage's labels are returned, and each earlier label
-    volume is released as soon as the next stage has used it (a third less memory at the peak). The final labels
-    are the table's spheres, rendered when asked for (`Segmentation.final_labels`).
+    `region` (bool, input grid) restricts detection to the presynaptic cytoplasm (method.md §2.8). Without
+    `keep_stages` the global labels are not returned, and `localize` splits them in place.
     """
     if probability.ndim != 3 or tomogram.ndim != 3:
         raise ValueError(f"probability {probability.shape} and tomogram {tomogram.shape} must be 3-D")
@@ -139,32 +160,43 @@ def postprocess(tomogram: np.ndarray, probability: np.ndarray, voxel_size_a: flo
     seconds: dict[str, float] = {}
     with _timed("threshold", seconds, progress):
         search = global_threshold(tomogram, probability, params.threshold)
-        threshold = search.threshold
     release_pages(tomogram)  # a mapped file's: every later stage reads parts of it
     with _timed("label", seconds, progress):
-        global_labels = label_segments(probability, threshold, params.localize.connectivity)
+        global_labels = label_segments(probability, search.threshold, params.localize.connectivity)
     with _timed("localize", seconds, progress):
-        local_labels = localize(probability, global_labels, threshold, search_voxel_size_a, params.localize,
+        local_labels = localize(probability, global_labels, search.threshold, search_voxel_size_a, params.localize,
                                 overwrite=not keep_stages)
     stages = {"global": nearest_to_shape(global_labels, tomogram.shape)} if keep_stages else {}
-    del global_labels
+    n_above_half = sum(int(np.count_nonzero(slab > 0.5)) for slab in z_slabs(probability))  # no whole-map mask
+    return Segments(local_labels, search, search_voxel_size_a, n_above_half, probability if keep_probability else None,
+                    stages, seconds)
+
+
+def fit_spheres(tomogram: np.ndarray, segments: Segments, voxel_size_a: float, params: SegmentParams,
+                progress: Progress | None = None, *, refiner: Refiner | None = None,
+                keep_stages: bool = True) -> Segmentation:
+    """Spheres refined from the segments on the raw intensities, outliers, overlaps, and the warnings of the whole.
+    `refiner`: see `refine.Refiner`. Without `keep_stages` no earlier stage's labels are returned. The final labels
+    are the table's spheres, rendered when asked for (`Segmentation.final_labels`)."""
+    seconds = dict(segments.seconds)
+    stages = dict(segments.stages)
     with _timed("refine", seconds, progress):
-        spheres = refine_spheres(tomogram, local_labels, voxel_size_a, params.refine,
+        spheres = refine_spheres(tomogram, segments.labels, voxel_size_a, params.refine,
                                  refiner=refine_in_bands if refiner is None else refiner)
         if keep_stages:
-            stages |= {"local": nearest_to_shape(local_labels, tomogram.shape),
+            stages |= {"local": nearest_to_shape(segments.labels, tomogram.shape),
                        "sphere": render_labels(tomogram.shape, spheres)}
-    del local_labels
     with _timed("outliers", seconds, progress):
         checked = detect_outliers(tomogram, spheres, voxel_size_a, params.outliers, params.refine)
     with _timed("overlap", seconds, progress):
         final = resolve_overlaps(checked, voxel_size_a, params.overlap)
     vesicles = final.append_column("stage", pa.array(_deciding_stage(spheres, checked, final), pa.string()))
-    warnings = quality_warnings(tomogram, probability, search, vesicles, search_voxel_size_a,
+    warnings = quality_warnings(tomogram, segments.n_above_half, segments.search, vesicles, segments.voxel_size_a,
                                 params.overlap.min_radius_nm)
     for message in warnings:
         log.warning(message)
-    return Segmentation(tuple(tomogram.shape), probability, float(threshold), stages, vesicles, seconds, warnings)
+    return Segmentation(tuple(tomogram.shape), segments.probability, float(segments.search.threshold), stages,
+                        vesicles, seconds, warnings)
 
 
 CHECK = ("check the voxel size, the contrast (--invert-contrast), the pre-filter (--prefilter-sigma) "
@@ -191,10 +223,10 @@ def refine_in_bands(tomogram: np.ndarray, centers: np.ndarray, radii: np.ndarray
     return concat_refine_results(parts, order)
 
 
-def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: ThresholdResult, vesicles: pa.Table,
+def quality_warnings(tomogram: np.ndarray, n_above_half: int, search: ThresholdResult, vesicles: pa.Table,
                      voxel_size_a: float, min_radius_nm: float) -> tuple[str, ...]:
     """One line per sign that the result cannot be trusted, each saying what to check; never a silent empty result.
-    `voxel_size_a` is the spacing of `probability`'s grid.
+    `n_above_half` counts the voxels of the probability map above 0.5, `voxel_size_a` is the spacing of its grid.
 
     - the map holds less vesicle than one smallest vesicle (sphere of `min_radius_nm`): the network saw none;
     - the threshold search ends at the top of its range: the best boundary may lie beyond it (a very
@@ -204,9 +236,8 @@ def quality_warnings(tomogram: np.ndarray, probability: np.ndarray, search: Thre
     """
     messages = []
     v_min = 4 / 3 * np.pi * float(nm_to_vox(min_radius_nm, voxel_size_a)) ** 3
-    n_above = sum(int(np.count_nonzero(slab > 0.5)) for slab in z_slabs(probability))  # no whole-map mask
-    if n_above < v_min:
-        messages.append(f"the probability map holds almost no vesicle ({n_above} voxels above 0.5, less than one "
+    if n_above_half < v_min:
+        messages.append(f"the probability map holds almost no vesicle ({n_above_half} voxels above 0.5, less than one "
                         f"{min_radius_nm:g} nm vesicle): {CHECK}")
     if search.searched and search.thresholds.size > 1 and search.threshold >= search.thresholds[-1]:
         messages.append(f"the global threshold search ended at the top of its range ({search.threshold:.2f}); "

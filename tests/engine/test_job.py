@@ -229,14 +229,40 @@ def test_finish_removes_what_interrupted_writes_and_the_earlier_set_left(folder,
     assert sorted(result.paths) == ["labels", "model", "report", "run", "vesicles"]
 
 
+@pytest.mark.parametrize("written", [False, True])
+def test_finish_lets_the_probability_map_go_before_the_spheres_unless_it_writes_it(folder, tmp_path,
+                                                                                  probability_from_truth, written):
+    """The map (326 MB at 1024x1024x261) is freed after the segments' search: the spheres' refinement, the peak of
+    `finish`, runs without it; kept when NAME.prob.mrc is written."""
+    import weakref
+
+    from cryoves.engine.pipeline import refine_in_bands
+
+    probability = ProbabilityMap(probability_from_truth(np.asarray(read_volume(folder / "tomo.labels.mrc").data), 4),
+                                 0.0)
+    alive = weakref.ref(probability.probability)
+    at_refine = []
+
+    def refiner(*args):
+        at_refine.append(alive() is not None)
+        return refine_in_bands(*args)
+
+    settings = dataclasses.replace(SETTINGS, outputs=OutputOptions(probability=written, report=False))
+    done = finish(prepare(Job(path=folder / "tomo.mrc"), settings, tmp_path), probability, settings, tmp_path,
+                  refiner=refiner)
+    assert at_refine == [written] and probability.probability is None
+    assert ("probability" in done.paths) == written and done.n_vesicles > 0
+    with pytest.raises(RuntimeError, match="taken before"):
+        probability.take()
+
+
 def test_an_interrupted_write_leaves_a_record_that_is_redone(folder, tmp_path, probability_from_truth, monkeypatch):
     import cryoves.engine.job
 
     out = tmp_path / "out"
-    probability = ProbabilityMap(probability_from_truth(np.asarray(read_volume(folder / "tomo.labels.mrc").data),
-                                                        4), 0.0)
+    probability = probability_from_truth(np.asarray(read_volume(folder / "tomo.labels.mrc").data), 4)
     job = Job(path=folder / "tomo.mrc")
-    finish(prepare(job, SETTINGS, out), probability, SETTINGS, out)
+    finish(prepare(job, SETTINGS, out), ProbabilityMap(probability, 0.0), SETTINGS, out)
     assert prepare(job, SETTINGS, out).done
 
     def interrupted(*args, **kwargs):
@@ -245,8 +271,8 @@ def test_an_interrupted_write_leaves_a_record_that_is_redone(folder, tmp_path, p
     monkeypatch.setattr(cryoves.engine.job, "write_pyto", interrupted)  # after labels, model and table
     pyto = dataclasses.replace(SETTINGS, outputs=OutputOptions(pyto=True))
     with pytest.raises(KeyboardInterrupt):
-        finish(prepare(dataclasses.replace(job, region=folder / "tomo.region.mrc"), pyto, out), probability,
-               pyto, out)
+        finish(prepare(dataclasses.replace(job, region=folder / "tomo.region.mrc"), pyto, out),
+               ProbabilityMap(probability, 0.0), pyto, out)
     record = read_run_record(out, "tomo")
     assert record["status"] == "error" and "interrupted while its outputs were written" in record["error"]
     assert not prepare(job, SETTINGS, out).done
