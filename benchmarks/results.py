@@ -272,7 +272,7 @@ def work_outside_network() -> dict:
             "n_vesicles": finish_step["n_vesicles"]}
 
 
-OUTSIDE_REPEATS = 2
+OUTSIDE_REPEATS = 3
 """Processes per step of `work_outside_network`: the fastest counts (single runs here differed by up to 25 %)."""
 
 
