@@ -20,6 +20,7 @@ from cryoves.engine.job import (
     OutputOptions,
     ProbabilityMap,
     Settings,
+    TileBatch,
     batch_starts,
     finish,
     make_jobs,
@@ -96,6 +97,22 @@ def test_predict_equals_the_whole_volume_pass_and_batches_may_come_in_any_order(
     assert reversed_map.seconds >= 1.5 + sum(batch.seconds for batch in batches)
     with pytest.raises(RuntimeError, match="assembled 2 of 4 tiles"):
         probability_map(prepared, 0.0, batches[:1], params)
+
+
+def test_one_tile_that_is_the_whole_map_is_not_copied(folder):
+    """A plan of one tile: its contiguous probabilities are the map itself (Ray's object store hands them over
+    read-only; nothing writes into the map), any other array is copied into a new one."""
+    settings = dataclasses.replace(SETTINGS, params=SegmentParams(inference=InferenceParams(border_vox=0)))
+    prepared = prepare(Job(path=folder / "tomo.mrc"), settings, folder)
+    plan = tile_plan(prepared, settings.params.inference)
+    assert len(plan.tiles) == 1
+    whole = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
+    whole.flags.writeable = False
+    assert probability_map(prepared, 0.0, [TileBatch(0, [whole], 0.0)], settings.params).probability is whole
+    strided = np.pad(whole, 1)[1:-1, 1:-1, 1:-1]
+    copied = probability_map(prepared, 0.0, [TileBatch(0, [strided], 0.0)], settings.params).probability
+    assert copied is not strided and copied.flags.c_contiguous
+    np.testing.assert_array_equal(copied, whole)
 
 
 @pytest.fixture(scope="module")
