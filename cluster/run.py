@@ -91,8 +91,10 @@ the input grid is held whole). Its resident memory grew by 10.0 bytes per voxel 
 int16 files, where the two grids are one), 1.47 GB on 256x768x768 at 22 Å, 0.19 GB on 200x512x512 at 14.7 Å
 (float32 or int16), 0.87 GB on 1024x1024x261 at 14.69 Å (with the probability map's assembly), and by 0.13 GB on
 128x256x256 at 22 Å (the kernels and libraries it loads). Ray then runs no more post-processing tasks on a node
-than its memory holds. Since `finish` frees the map after the segments' search, 1024x1024x261 grows by 0.50 GB
-(the other sizes not measured again): these figures are an upper bound."""
+than its memory holds. Measured again since `finish` frees the map after the segments' search and no longer copies
+a map of one tile (2026-11-30, after the kernels' warm-up): 3.2-3.5 bytes per voxel at 22 Å with one tile, 7.2 with
+the map assembled from several (200x512x512, a 0.5 GB network budget), 0.09 GB on 200x512x512 at 14.7 Å, 0.49-0.50 GB
+on 1024x1024x261 at 14.69 Å: the request, fitted to the earlier figures, holds them with room to spare."""
 FINISH_BYTES_PER_COPIED_VOXEL = 4
 """The more per input voxel when post-processing works on a float32 copy of the tomogram (a 16-bit file, or
 --invert-contrast): 13.9 bytes per voxel measured at 22 Å with --invert-contrast, 0.41 GB at 14.7 Å."""
