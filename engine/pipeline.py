@@ -1,8 +1,9 @@
 """One tomogram array through the whole method: probability map, threshold, segments, spheres, outliers.
 
-`postprocess` is every stage after the network, which `cryoves.engine.job.finish` runs for `segment` and
-`run` alike; `segment` adds the network in-process, for arrays already in memory (benchmarks, tests).
-No state is kept between calls.
+`postprocess` is every stage after the network, in two halves that `cryoves.engine.job.finish` runs for `segment`
+and `run` alike: `search_segments` (threshold, labels, splitting, on the probability map's grid) and `fit_spheres`
+(refinement, outliers, overlaps, on the tomogram), the map free between them. `segment` adds the network
+in-process, for arrays already in memory (benchmarks, tests). No state is kept between calls.
 """
 
 import logging
